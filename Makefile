@@ -1,0 +1,56 @@
+# Isthmus — the README's commands. Each target does its own set-up on a fresh Debian 12 machine
+# (as root): apt packages, the wheel cache and .venv (image/lab/setup-host.sh), and the lab VM's
+# root filesystem (image/lab/build-rootfs.sh, cached under $(ISTHMUS_CACHE) by a hash of its inputs).
+
+SHELL := /bin/bash
+export ISTHMUS_CACHE ?= /var/cache/isthmus
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help setup lab-image test test-unit test-host test-lab demo lab bench clean distclean
+
+help:
+	@echo "make demo   - boot the lab and show an ESP tunnel between two namespaces carrying traffic"
+	@echo "make test   - every test tier: unit, host (network namespaces), lab (VM with a real IPsec kernel)"
+	@echo "make lab    - boot the lab with a shell, or run CMD='...' in it"
+	@echo "make bench  - benchmarks, printed as ratios against an anchor measured in the same run"
+	@echo "make clean  - remove build output and .venv (the cache in $(ISTHMUS_CACHE) stays)"
+
+setup:
+	@image/lab/setup-host.sh >/dev/null
+
+lab-image: setup
+	@$(PY) -m image.lab.runner build >/dev/null
+
+test: lab-image
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-host: setup
+	$(PY) -m pytest tests/unit tests/host $(PYTEST_ARGS)
+
+test-lab: lab-image
+	$(PY) -m pytest tests/lab $(PYTEST_ARGS)
+
+demo: lab-image
+	$(PY) -m image.lab.runner run -- sh image/lab/demo.sh
+
+lab: lab-image
+ifdef CMD
+	$(PY) -m image.lab.runner run -- '$(CMD)'
+else
+	$(PY) -m image.lab.runner shell
+endif
+
+bench: lab-image
+	@echo "no benchmarks yet"
+
+clean:
+	rm -rf build $(VENV) .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(ISTHMUS_CACHE)/lab $(ISTHMUS_CACHE)/wheels

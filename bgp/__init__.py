@@ -1,0 +1,1 @@
+"""The route manager: ExaBGP neighbors on tunnel interfaces, policy, best path, FIB writer."""
