@@ -45,8 +45,12 @@ else
 	$(PY) -m image.lab.runner shell
 endif
 
+# Benchmarks: tests/bench/host_*.py run on the host, tests/bench/lab_*.py in one lab boot. Each
+# prints its result as a ratio against an anchor it measures in the same run.
 bench: lab-image
-	@echo "no benchmarks yet"
+	@set -e; for b in tests/bench/host_*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PY) "$$b"; done
+	@labs=$$(ls tests/bench/lab_*.py 2>/dev/null | tr '\n' ' '); \
+	 if [ -n "$$labs" ]; then $(PY) -m image.lab.runner run -- "set -e; for b in $$labs; do echo \"== \$$b\"; python3 \$$b; done"; fi
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .hypothesis

@@ -96,11 +96,18 @@ def ensure_rootfs(log: Callable[[str], None] = print) -> Path:
         if r.returncode != 0:
             raise LabError(f"build-rootfs.sh failed with status {r.returncode}")
         log(f"lab: root filesystem built in {time.monotonic() - t0:.0f} s")
-        # Older keys are dead weight: keep only the newest.
-        for old in (CACHE / "lab").glob("rootfs-*"):
-            if old != out and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
+        _prune(CACHE / "lab", "rootfs-*", keep=3)
     return out
+
+
+def _prune(folder: Path, pattern: str, keep: int) -> None:
+    """Drop all but the `keep` most recently built cache entries (other checkouts may use older keys)."""
+    entries = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def _wheel_dir(lock: Path) -> Path:
@@ -131,9 +138,7 @@ def ensure_deps_disk(log: Callable[[str], None] = print) -> Path:
                             "--target", str(target), "-r", str(lock)], check=True)
             _mkfs(target, img.with_suffix(".tmp"), "isthmus-deps")
             os.replace(img.with_suffix(".tmp"), img)
-        for old in (CACHE / "lab").glob("deps-*.img"):
-            if old != img:
-                old.unlink(missing_ok=True)
+        _prune(CACHE / "lab", "deps-*.img", keep=3)
     return img
 
 
