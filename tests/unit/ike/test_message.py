@@ -17,8 +17,13 @@ from appliance.ike.constants import (
     ProtocolId,
     TransformType,
 )
+from appliance.ike.crypto import IntegrityError, SkCipher
+from appliance.ike.constants import EncrId
 from appliance.ike.proposals import Proposal, Transform
-from tests.unit.ike.sk_cipher_for_tests import sk_cipher_gcm
+
+
+def sk_cipher_gcm(keymat: bytes) -> SkCipher:
+    return SkCipher(EncrId.AES_GCM_16, 256, None, keymat)
 from tests.unit.ike.vectors_engine import VECTORS, log_hexdumps, read_pcap
 
 # strongSwan's abbreviations in "parsed ... [ ... ]" log lines -> our payload classes/notifies.
@@ -333,9 +338,8 @@ def test_tampered_sk_payload_fails_integrity():
     data = bytearray(M.encode_message(msg, cipher, bytes(8)))
     data[-1] ^= 1
     parsed, enc = M.parse_message(bytes(data))
-    with pytest.raises(Exception) as e:
+    with pytest.raises(IntegrityError):
         M.decrypt_message(bytes(data), parsed, enc, cipher)
-    assert not isinstance(e.value, M.ParseError)
 
 
 def test_auth_data_not_in_repr():
