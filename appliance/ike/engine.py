@@ -1,0 +1,454 @@
+"""The engine entry point: routes datagrams to IKE SAs and keeps every tunnel up (sans-IO).
+
+Drive it like aioquic's QuicConnection::
+
+    engine = IkeEngine([tunnel_config, ...], random=os.urandom)
+    engine.start(now)                                  # initiate the tunnels with start=True
+    engine.receive_datagram(data, src, dst, now)       # every UDP datagram (non-ESP marker removed)
+    engine.handle_timer(now)                           # when now >= engine.get_timer()
+    for d in engine.datagrams_to_send(): sock.sendto(d.data, d.dst)   # from d.src
+    while (e := engine.next_event()) is not None: ...  # events.py
+    engine.get_timer()                                 # absolute time of the next timer, or None
+
+`src`/`dst` are (address, port) pairs; `now` is any monotonic clock in seconds. Nothing here
+reads a clock, opens a socket or touches the kernel.
+
+Per tunnel the engine keeps exactly one IKE SA with one Child SA pair: it (re)initiates tunnels
+configured with start=True (with back-off after failures), re-creates a missing Child SA, and
+resolves duplicates that crossing initiations create (both peers initiating at once, libreswan
+#2184): of two IKE SAs (or two Child SAs) for one tunnel created concurrently, the one whose
+exchange holds the lowest nonce is deleted, the rule RFC 7296 §2.8.1 uses for rekey collisions,
+so both peers keep the same one. INITIAL_CONTACT (§2.4) replaces IKE SAs that were up before the
+new one started.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from appliance.ike import child_create, ike_init, ike_rekey, informational
+from appliance.ike import events as ev
+from appliance.ike.child import ChildSa
+from appliance.ike.constants import NotifyType
+from appliance.ike.message import ParseError, parse_header
+from appliance.ike.policy import Identity, TunnelConfig
+from appliance.ike.sa import Endpoint, IkeSa, IkeState
+
+log = logging.getLogger("isthmus.ike")
+
+ZERO_SPI = bytes(8)
+
+
+@dataclass(frozen=True)
+class Datagram:
+    """A datagram to send from `src` to `dst` (the runner adds the non-ESP marker on 4500)."""
+
+    data: bytes
+    src: Endpoint
+    dst: Endpoint
+
+
+@dataclass
+class _Tunnel:
+    config: TunnelConfig
+    reconnect_at: float | None = None
+    failures: int = 0
+    hold: bool = False                 # no automatic (re)initiation until connect()
+    child_retry_at: float | None = None
+    child_failures: int = 0
+
+
+class IkeEngine:
+    """All IKE SAs of one appliance. See the module docstring for how to drive it."""
+
+    #: Seconds we let the peer delete a pair/SA it should delete before we do it ourselves.
+    redundant_grace = 180.0
+
+    def __init__(self, tunnels: Iterable[TunnelConfig] = (), *, random: Callable[[int], bytes]) -> None:
+        self.random = random
+        self._tunnels: dict[str, _Tunnel] = {}
+        self._sas: dict[bytes, IkeSa] = {}                       # by our SPI
+        self._half_open: dict[tuple[bytes, Endpoint], IkeSa] = {}
+        self._child_spis: set[bytes] = set()
+        self._out: list[Datagram] = []
+        self._events: deque[ev.Event] = deque()
+        self._started = False
+        for t in tunnels:
+            self.add_tunnel(t)
+
+    # ------------------------------------------------------------------ configuration
+    def add_tunnel(self, config: TunnelConfig) -> None:
+        if config.name in self._tunnels:
+            raise ValueError(f"tunnel {config.name!r} already exists")
+        self._tunnels[config.name] = _Tunnel(config)
+
+    def remove_tunnel(self, name: str, now: float) -> None:
+        """Delete the tunnel's SAs (DELETE sent) and forget the tunnel."""
+        self.terminate(name, now)
+        t = self._tunnels.pop(name)
+        t.hold = True
+
+    def tunnels(self) -> list[TunnelConfig]:
+        return [t.config for t in self._tunnels.values()]
+
+    # ------------------------------------------------------------------ commands
+    def start(self, now: float) -> None:
+        """Initiate every tunnel configured with start=True."""
+        self._started = True
+        for t in self._tunnels.values():
+            if t.config.start and not self._alive_sas(t.config.name):
+                t.reconnect_at = now
+        self._maintain(now)
+
+    def connect(self, name: str, now: float) -> None:
+        """Bring a tunnel up now (also lifts a DPD clear/hold)."""
+        t = self._tunnels[name]
+        t.hold = False
+        t.failures = 0
+        if not self._alive_sas(name):
+            self._initiate(t, now)
+
+    def terminate(self, name: str, now: float) -> None:
+        """Delete the tunnel's IKE SAs (with a DELETE to the peer) and do not re-initiate."""
+        t = self._tunnels[name]
+        t.hold = True
+        t.reconnect_at = None
+        for sa in self._alive_sas(name):
+            informational.delete_ike_sa(sa, now, "terminated locally")
+
+    def rekey_child(self, name: str, now: float) -> None:
+        from appliance.ike import child_rekey
+
+        sa = self.current_sa(name)
+        if sa is None:
+            raise LookupError(f"tunnel {name} has no established IKE SA")
+        for c in sa.children_in_use():
+            child_rekey.start(sa, c, now)
+
+    def rekey_ike(self, name: str, now: float) -> None:
+        sa = self.current_sa(name)
+        if sa is None:
+            raise LookupError(f"tunnel {name} has no established IKE SA")
+        ike_rekey.start(sa, now)
+
+    def traffic_seen(self, name: str, now: float) -> None:
+        """The data plane saw inbound ESP for the tunnel: the peer is alive (defers DPD)."""
+        sa = self.current_sa(name)
+        if sa is not None:
+            sa.last_heard = max(sa.last_heard, now)
+
+    # ------------------------------------------------------------------ I/O
+    def receive_datagram(self, data: bytes, src: Endpoint, dst: Endpoint, now: float) -> None:
+        """Process one received IKE datagram. Never raises for bad input."""
+        try:
+            hdr = parse_header(data)
+        except ParseError as e:
+            if e.notify == NotifyType.INVALID_MAJOR_VERSION and len(data) >= 28:
+                self._invalid_major_version(data, src, dst)
+            log.debug("dropping datagram from %s:%d: %s", src[0], src[1], e.reason)
+            return
+        try:
+            if hdr.is_initiator:
+                # sent by the original initiator: we are the responder, our SPI is SPIr
+                if hdr.spi_r == ZERO_SPI:
+                    if hdr.exchange_type == ike_init.IkeSaInit.exchange_type and not hdr.is_response:
+                        sa = self._half_open.get((hdr.spi_i, src))
+                        if sa is not None and sa.alive:
+                            sa.receive(data, hdr, src, dst, now)
+                        else:
+                            ike_init.respond_new(self, data, hdr, src, dst, now)
+                    return
+                sa = self._sas.get(hdr.spi_r)
+                if sa is None or sa.initiator or sa.spi_i != hdr.spi_i:
+                    log.debug("no IKE SA for %s_i %s_r", hdr.spi_i.hex(), hdr.spi_r.hex())
+                    return
+            else:
+                sa = self._sas.get(hdr.spi_i)
+                if sa is None or not sa.initiator:
+                    log.debug("no IKE SA for %s_i %s_r", hdr.spi_i.hex(), hdr.spi_r.hex())
+                    return
+                if sa.spi_r != ZERO_SPI and sa.spi_r != hdr.spi_r:
+                    return
+            sa.receive(data, hdr, src, dst, now)
+        finally:
+            self._maintain(now)
+
+    def handle_timer(self, now: float) -> None:
+        for sa in list(self._sas.values()):
+            if sa.alive:
+                t = sa.next_timer()
+                if t is not None and t <= now:
+                    sa.handle_timer(now)
+        self._maintain(now)
+
+    def get_timer(self) -> float | None:
+        times = [t for t in (sa.next_timer() for sa in self._sas.values() if sa.alive) if t is not None]
+        for tun in self._tunnels.values():
+            for t in (tun.reconnect_at, tun.child_retry_at):
+                if t is not None:
+                    times.append(t)
+        return min(times) if times else None
+
+    def datagrams_to_send(self) -> list[Datagram]:
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> ev.Event | None:
+        return self._events.popleft() if self._events else None
+
+    # ------------------------------------------------------------------ status
+    def sas(self, name: str | None = None) -> list[IkeSa]:
+        """Alive IKE SAs (of one tunnel), for status output."""
+        seen: list[IkeSa] = []
+        for sa in self._sas.values():
+            if sa.alive and sa not in seen and (name is None or sa.tunnel == name):
+                seen.append(sa)
+        return seen
+
+    def current_sa(self, name: str) -> IkeSa | None:
+        """The tunnel's established IKE SA (not replaced, not a duplicate being deleted)."""
+        for sa in self._alive_sas(name):
+            if self._is_current(sa):
+                return sa
+        return None
+
+    # ------------------------------------------------------------------ services for IkeSa
+    def send(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
+        self._out.append(Datagram(data, src, dst))
+
+    def emit(self, event: ev.Event) -> None:
+        self._events.append(event)
+
+    def new_ike_spi(self) -> bytes:
+        while True:
+            spi = self.random(8)
+            if spi != ZERO_SPI and spi not in self._sas:
+                return spi
+
+    def release_ike_spi(self, spi: bytes) -> None:
+        pass  # unregistered SPIs need no release
+
+    def new_child_spi(self) -> bytes:
+        while True:
+            spi = self.random(4)
+            if int.from_bytes(spi, "big") >= 256 and spi not in self._child_spis:  # 1-255 reserved
+                self._child_spis.add(spi)
+                return spi
+
+    def release_child_spi(self, spi: bytes) -> None:
+        self._child_spis.discard(spi)
+
+    def register(self, sa: IkeSa) -> None:
+        self._sas[sa.my_spi] = sa
+
+    def register_peer_spi(self, sa: IkeSa) -> None:
+        """The responder's SPI is known now (IKE_SA_INIT response)."""
+
+    def register_half_open(self, sa: IkeSa) -> None:
+        self._half_open[(sa.spi_i, sa.remote)] = sa
+
+    def cookie_required(self, src: Endpoint, now: float) -> bool:
+        """Hook for RFC 7296 §2.6 cookies under load (a later issue): never, for now."""
+        return False
+
+    def configs_for(self, local: Endpoint, remote: Endpoint) -> list[TunnelConfig]:
+        """Tunnels an IKE_SA_INIT from `remote` to `local` may belong to."""
+        out = []
+        for t in self._tunnels.values():
+            c = t.config
+            if c.remote_addr is not None and not _same_ip(c.remote_addr, remote[0]):
+                continue
+            if c.local_addr is not None and not _same_ip(c.local_addr, local[0]):
+                continue
+            out.append(c)
+        return out
+
+    def select_config(self, sa: IkeSa, peer: Identity, wanted: Identity | None) -> TunnelConfig | None:
+        """The tunnel an authenticating responder SA belongs to (by the peer's IDi/IDr)."""
+        for c in sa.candidates:
+            if c.name not in self._tunnels:
+                continue
+            if c.remote_id is not None and c.remote_id != peer:
+                continue
+            if wanted is not None and wanted != c.local_id:
+                continue
+            return c
+        return None
+
+    def should_send_initial_contact(self, sa: IkeSa) -> bool:
+        """§2.4: only when we have no other IKE SA up with this peer for the tunnel."""
+        return not any(o is not sa and o.established_at is not None for o in self._alive_sas(sa.tunnel))
+
+    def initial_contact(self, sa: IkeSa, now: float) -> None:
+        """The peer sent INITIAL_CONTACT: it has no other IKE SA with us, so older ones that
+        were up before this SA started are stale; drop them without a DELETE (§2.4)."""
+        for o in self._alive_sas(sa.tunnel):
+            if o is sa or o.established_at is None or o.established_at >= sa.created_at:
+                continue
+            if o.rekeyed_to is not None or o.redundant:
+                continue
+            o.die(now, "replaced: the peer restarted (INITIAL_CONTACT)")
+
+    def after_activity(self, sa: IkeSa, now: float) -> None:
+        pass
+
+    def after_child_removed(self, sa: IkeSa, child: ChildSa) -> None:
+        self._child_spis.discard(child.spi_in)
+
+    def on_established(self, sa: IkeSa, now: float) -> None:
+        t = self._tunnels.get(sa.tunnel)
+        if t is not None:
+            t.failures = 0
+            t.reconnect_at = None
+        self._half_open = {k: v for k, v in self._half_open.items() if v is not sa}
+        self._resolve_duplicate_ike_sas(sa.tunnel, now)
+
+    def on_ike_rekeyed(self, old: IkeSa, new: IkeSa, now: float) -> None:
+        self.register(new)
+
+    def child_created(self, sa: IkeSa, child: ChildSa, now: float) -> None:
+        t = self._tunnels.get(sa.tunnel)
+        if t is not None:
+            t.child_failures = 0
+            t.child_retry_at = None
+        self._resolve_duplicate_children(sa, now)
+
+    def child_failed(self, sa: IkeSa, now: float, *, temporary: bool) -> None:
+        t = self._tunnels.get(sa.tunnel)
+        if t is None:
+            return
+        t.child_failures += 1
+        t.child_retry_at = now + self._backoff(t.config, t.child_failures)
+
+    def on_removed(self, sa: IkeSa, now: float, reason: str, *, peer_dead: bool, failed: bool) -> None:
+        for k in [k for k, v in self._sas.items() if v is sa]:
+            del self._sas[k]
+        self._half_open = {k: v for k, v in self._half_open.items() if v is not sa}
+        for o in self._sas.values():
+            if o.peer_rekey is sa:
+                o.peer_rekey = None
+        t = self._tunnels.get(sa.tunnel)
+        if t is None or sa.config is None and not sa.initiator:
+            return
+        if self._alive_sas(sa.tunnel):
+            return
+        cfg = t.config
+        if peer_dead:
+            if cfg.dpd.action == "restart":
+                t.failures = 0
+                t.reconnect_at = now
+            else:
+                t.hold = True
+            return
+        if failed:
+            t.failures += 1
+            if sa.initiator and cfg.start:
+                t.reconnect_at = now + self._backoff(cfg, t.failures)
+            return
+        if cfg.start and not t.hold:
+            t.reconnect_at = now + cfg.reconnect_delay
+
+    # ------------------------------------------------------------------ internals
+    def _backoff(self, cfg: TunnelConfig, n: int) -> float:
+        base = cfg.reconnect_delay * 2 ** max(0, n - 1)
+        r = int.from_bytes(self.random(2), "big") / 65536
+        return min(cfg.reconnect_max_delay, base) * (1.0 + 0.2 * r)
+
+    def _alive_sas(self, name: str) -> list[IkeSa]:
+        out: list[IkeSa] = []
+        for sa in self._sas.values():
+            if sa.alive and sa.tunnel == name and sa not in out and (sa.config is not None or sa.initiator
+                                                                     or len(sa.candidates) == 1):
+                out.append(sa)
+        return out
+
+    def _is_current(self, sa: IkeSa) -> bool:
+        return (sa.state == IkeState.ESTABLISHED and sa.rekeyed_to is None and not sa.redundant
+                and not getattr(sa, "duplicate", False))
+
+    def _initiate(self, t: _Tunnel, now: float) -> None:
+        cfg = t.config
+        assert cfg.remote_addr is not None and cfg.local_addr is not None
+        t.reconnect_at = None
+        sa = IkeSa(self, initiator=True, config=cfg, candidates=[cfg],
+                   local=(cfg.local_addr, cfg.local_port), remote=(cfg.remote_addr, cfg.remote_port),
+                   spi_i=self.new_ike_spi(), spi_r=ZERO_SPI, now=now)
+        sa.half_open_deadline = now + cfg.retransmit.timeout * sum(
+            cfg.retransmit.base ** n for n in range(cfg.retransmit.tries + 1)) + cfg.half_open_timeout
+        self.register(sa)
+        log.info("%s: initiating", sa)
+        ike_init.start(sa, now)
+
+    def _maintain(self, now: float) -> None:
+        for t in self._tunnels.values():
+            name = t.config.name
+            alive = self._alive_sas(name)
+            if not alive:
+                if (t.reconnect_at is not None and now >= t.reconnect_at and not t.hold
+                        and t.config.start and t.config.remote_addr is not None):
+                    self._initiate(t, now)
+                continue
+            t.reconnect_at = None
+            cur = self.current_sa(name)
+            if cur is None or not t.config.start:
+                continue
+            if cur.children_in_use() or any(c.alive and not c.redundant for c in cur.children):
+                continue
+            if cur.has_queued(lambda e: isinstance(e, child_create.CreateChild)):
+                continue
+            if t.child_retry_at is None:
+                t.child_retry_at = now + t.config.reconnect_delay
+            if now >= t.child_retry_at:
+                t.child_retry_at = None
+                child_create.start_new_child(cur, now)
+
+    def _resolve_duplicate_ike_sas(self, name: str, now: float) -> None:
+        """Crossing initiations left two IKE SAs up for one tunnel: keep the one whose
+        IKE_SA_INIT holds the higher lowest nonce (§2.8.1's rule), on both peers alike."""
+        current = [sa for sa in self._alive_sas(name) if self._is_current(sa)]
+        if len(current) < 2:
+            return
+        current.sort(key=lambda s: min(s.nonce_i, s.nonce_r))
+        for loser in current[:-1]:
+            loser.duplicate = True  # type: ignore[attr-defined]
+            log.info("%s: duplicate IKE SA for tunnel %s; deleting it", loser, name)
+            informational.delete_ike_sa(loser, now, "duplicate IKE SA (crossing initiations)")
+
+    def _resolve_duplicate_children(self, sa: IkeSa, now: float) -> None:
+        """Two Child SA pairs for one tunnel that are not a rekey of one another (both peers
+        created one at once): the pair whose exchange holds the lowest nonce is redundant and
+        is deleted by its initiator (§2.8.1's rule), or by us after a grace period."""
+        heads = [c for c in sa.children_in_use()
+                 if not (c.rekeyed_by is not None and c.rekeyed_by.alive and not c.rekeyed_by.redundant)]
+        if len(heads) < 2:
+            return
+        heads.sort(key=lambda c: c.lowest_nonce())
+        for loser in heads[:-1]:
+            loser.redundant = True
+            log.info("%s: duplicate Child SA %s; keeping %s", sa, loser.describe(), heads[-1].describe())
+            if loser.we_initiated:
+                informational.delete_child(sa, loser, now, "duplicate Child SA (crossing requests)")
+            else:
+                loser.delete_at = now + self.redundant_grace
+
+    def _invalid_major_version(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
+        """§2.5: answer a request with a newer major version with INVALID_MAJOR_VERSION."""
+        from appliance.ike.message import Message, Notify, encode_message
+
+        hdr_flags = data[19]
+        if hdr_flags & 0x20:
+            return
+        msg = Message(data[0:8], data[8:16], data[18], int.from_bytes(data[20:24], "big"), True,
+                      not bool(hdr_flags & 0x08), [Notify(NotifyType.INVALID_MAJOR_VERSION)])
+        self.send(encode_message(msg), dst, src)
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False

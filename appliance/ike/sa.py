@@ -1,0 +1,626 @@
+"""One IKE SA: message windows, retransmission, timers, Child SA bookkeeping (RFC 7296 §2.1-2.4).
+
+The exchanges themselves live in their own modules (ike_init, ike_auth, child_create,
+child_rekey, ike_rekey, informational, liveness); an IkeSa runs one *initiator* exchange at a time
+(window size 1, §2.3) from its queue and answers the peer's requests in message-ID order,
+keeping the last response to answer a retransmitted request (§2.1).
+
+Sans-IO: the owning IkeEngine hands datagrams and `now` in; this object calls back into the
+engine to send datagrams and report events.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from appliance.ike import events as ev
+from appliance.ike.child import ChildSa, ChildState
+from appliance.ike.constants import ExchangeType, NotifyType, ProtocolId
+from appliance.ike.crypto import CryptoError, IkeKeys, IntegrityError, SkCipher
+from appliance.ike.message import (
+    Header,
+    Message,
+    Notify,
+    ParseError,
+    Payload,
+    decrypt_message,
+    encode_message,
+    parse_message,
+)
+from appliance.ike.policy import TunnelConfig
+from appliance.ike.proposals import Proposal, format_proposal
+
+if TYPE_CHECKING:
+    from appliance.ike.engine import IkeEngine
+
+log = logging.getLogger("isthmus.ike")
+
+Endpoint = tuple[str, int]
+
+
+class IkeState(enum.Enum):
+    CONNECTING = "connecting"    # IKE_SA_INIT / IKE_AUTH under way
+    ESTABLISHED = "established"
+    REKEYED = "rekeyed"          # replaced by a newer IKE SA (§2.18); waiting for its DELETE
+    DELETING = "deleting"        # we sent a DELETE for it
+    DEAD = "dead"
+
+
+class Exchange:
+    """The initiator half of one exchange (strongSwan's task idea). Subclasses build the
+    request's payloads and process the response."""
+
+    exchange_type: int = ExchangeType.INFORMATIONAL
+    name: str = "exchange"
+    encrypted: bool = True
+    #: Give up after this many seconds even if retransmissions remain (DPD timeout).
+    give_up_after: float | None = None
+
+    def build(self, sa: "IkeSa", now: float) -> list[Payload] | None:
+        """Payloads of the request, or None when there is nothing to do any more."""
+        raise NotImplementedError
+
+    def on_response(self, sa: "IkeSa", msg: Message, now: float) -> None:
+        raise NotImplementedError
+
+    def on_give_up(self, sa: "IkeSa", now: float) -> None:
+        sa.peer_unreachable(now, f"no response to {self.name} after retransmissions")
+
+    def sent(self, sa: "IkeSa", datagram: bytes) -> None:
+        """Called with the encoded request once it is first sent."""
+
+    def conflicts(self, other: "Exchange") -> bool:
+        return False
+
+
+@dataclass
+class _Pending:
+    exchange: Exchange
+    message_id: int
+    datagram: bytes
+    first_sent: float
+    next_at: float
+    retransmits: int = 0
+    deadline: float | None = None
+
+
+@dataclass
+class _CachedResponse:
+    message_id: int
+    datagram: bytes
+    src: Endpoint
+    dst: Endpoint
+
+
+class IkeSa:
+    """State of one IKE SA. Created by the engine (initiator) or by ike_init (responder)."""
+
+    def __init__(self, engine: "IkeEngine", *, initiator: bool, config: TunnelConfig | None,
+                 candidates: list[TunnelConfig], local: Endpoint, remote: Endpoint,
+                 spi_i: bytes, spi_r: bytes, now: float) -> None:
+        self.engine = engine
+        self.initiator = initiator          # original initiator of *this* IKE SA
+        self.config = config                # responders learn it in IKE_AUTH
+        self.candidates = candidates
+        self.local = local
+        self.remote = remote
+        self.spi_i = spi_i
+        self.spi_r = spi_r
+        self.state = IkeState.CONNECTING
+        self.created_at = now
+        self.established_at: float | None = None
+        self.half_open_deadline: float | None = None
+
+        # negotiated
+        self.proposal: Proposal | None = None
+        self.prf_id: int = 0
+        self.keys: IkeKeys | None = None
+        self.cipher_out: SkCipher | None = None
+        self.cipher_in: SkCipher | None = None
+        self.nonce_i = b""
+        self.nonce_r = b""
+        self.init_request = b""      # RealMessage1 (§2.15)
+        self.init_response = b""     # RealMessage2
+        self.nat_local = False       # we are behind a NAT
+        self.nat_remote = False      # the peer is behind a NAT
+        self.remote_id_text = ""
+        self.sent_initial_contact = False
+
+        # message windows (§2.3)
+        self.my_mid = 0
+        self.peer_mid = 0
+        self.pending: _Pending | None = None
+        self.queue: list[Exchange] = []
+        self.last_response: _CachedResponse | None = None
+        self.last_heard = now
+
+        # lifetimes
+        self.rekey_at: float | None = None
+        self.expire_at: float | None = None
+        self.rekey_retry_at: float | None = None
+        self.delete_deadline: float | None = None
+
+        self.children: list[ChildSa] = []
+        # IKE SA rekeying (§2.18, collisions §2.8.2)
+        self.rekeyed_to: "IkeSa | None" = None     # the SA that replaced this one
+        self.rekey_replaces: "IkeSa | None" = None  # this SA replaced that one
+        self.peer_rekey: "IkeSa | None" = None     # new SA from a rekey the peer initiated
+        self.redundant = False                     # lost a rekey collision; being deleted
+        self.rekey_nonces: tuple[bytes, bytes] = (b"", b"")   # (Ni, Nr) of the rekey exchange
+        self._after_response: list[Callable[[float], None]] = []
+
+    # ------------------------------------------------------------------ identity helpers
+    @property
+    def tunnel(self) -> str:
+        if self.config is not None:
+            return self.config.name
+        return self.candidates[0].name if self.candidates else "?"
+
+    @property
+    def my_spi(self) -> bytes:
+        return self.spi_i if self.initiator else self.spi_r
+
+    @property
+    def peer_spi(self) -> bytes:
+        return self.spi_r if self.initiator else self.spi_i
+
+    @property
+    def udp_encap(self) -> bool:
+        return self.nat_local or self.nat_remote
+
+    @property
+    def established(self) -> bool:
+        return self.state == IkeState.ESTABLISHED
+
+    @property
+    def alive(self) -> bool:
+        return self.state != IkeState.DEAD
+
+    def __repr__(self) -> str:
+        return (f"IkeSa({self.tunnel} {self.spi_i.hex()}_i {self.spi_r.hex()}_r "
+                f"{'I' if self.initiator else 'R'} {self.state.value})")
+
+    def random(self, n: int) -> bytes:
+        return self.engine.random(n)
+
+    def jitter(self, base: float) -> float:
+        """A rekey time: base minus up to rekey_jitter of it, drawn from the random source."""
+        cfg = self.config
+        frac = cfg.rekey_jitter if cfg is not None else 0.1
+        r = int.from_bytes(self.random(4), "big") / 2**32
+        return base * (1.0 - frac * r)
+
+    # ------------------------------------------------------------------ keys
+    def set_keys(self, proposal: Proposal, keys: IkeKeys) -> None:
+        from appliance.ike.crypto import IkeSuite, sk_ciphers
+
+        self.proposal = proposal
+        suite = IkeSuite.from_proposal(proposal)
+        self.prf_id = suite.prf
+        self.keys = keys
+        c_i, c_r = sk_ciphers(suite, keys)
+        self.cipher_out, self.cipher_in = (c_i, c_r) if self.initiator else (c_r, c_i)
+
+    @property
+    def proposal_text(self) -> str:
+        return format_proposal(self.proposal) if self.proposal is not None else "?"
+
+    # ------------------------------------------------------------------ sending
+    def _encode(self, msg: Message) -> bytes:
+        if not msg.encrypted:
+            return encode_message(msg)
+        assert self.cipher_out is not None
+        return encode_message(msg, self.cipher_out, self.random(self.cipher_out.iv_size))
+
+    def _send(self, data: bytes, src: Endpoint | None = None, dst: Endpoint | None = None) -> None:
+        self.engine.send(data, src or self.local, dst or self.remote)
+
+    def queue_exchange(self, exchange: Exchange, now: float, *, front: bool = False) -> None:
+        if front:
+            self.queue.insert(0, exchange)
+        else:
+            self.queue.append(exchange)
+        self.kick(now)
+
+    def has_queued(self, pred: Callable[[Exchange], bool]) -> bool:
+        if self.pending is not None and pred(self.pending.exchange):
+            return True
+        return any(pred(e) for e in self.queue)
+
+    def kick(self, now: float) -> None:
+        """Start the next queued exchange if the window is free (§2.3: window size 1)."""
+        while self.pending is None and self.queue and self.state != IkeState.DEAD:
+            ex = self.queue.pop(0)
+            if self.cipher_out is None and ex.encrypted:
+                self.queue.insert(0, ex)
+                return
+            payloads = ex.build(self, now)
+            if payloads is None:
+                continue
+            msg = Message(self.spi_i, self.spi_r, ex.exchange_type, self.my_mid, False,
+                          self.initiator, payloads, encrypted=ex.encrypted)
+            data = self._encode(msg)
+            log.debug("%s: sending %s", self, msg.summary())
+            cfg = self._retransmit_cfg()
+            deadline = now + ex.give_up_after if ex.give_up_after is not None else None
+            self.pending = _Pending(ex, self.my_mid, data, now, now + cfg.timeout, 0, deadline)
+            self.my_mid = (self.my_mid + 1) & 0xFFFFFFFF
+            ex.sent(self, data)
+            self._send(data)
+
+    def _retransmit_cfg(self):
+        from appliance.ike.policy import RetransmitConfig
+
+        cfg = self.config or (self.candidates[0] if self.candidates else None)
+        return cfg.retransmit if cfg is not None else RetransmitConfig()
+
+    def send_response(self, request: Message, payloads: list[Payload], src: Endpoint,
+                      dst: Endpoint, *, encrypted: bool = True) -> None:
+        """Answer `request` (received from `src` on `dst`): §2.11, reply to where it came from."""
+        msg = Message(self.spi_i, self.spi_r, request.exchange_type, request.message_id, True,
+                      self.initiator, payloads, encrypted=encrypted)
+        data = self._encode(msg)
+        log.debug("%s: sending %s", self, msg.summary())
+        self.last_response = _CachedResponse(request.message_id, data, dst, src)
+        self.engine.send(data, dst, src)
+
+    # ------------------------------------------------------------------ receiving
+    def receive(self, data: bytes, hdr: Header, src: Endpoint, dst: Endpoint, now: float) -> None:
+        """A datagram the engine routed to this IKE SA."""
+        if self.state == IkeState.DEAD:
+            return
+        if hdr.exchange_type == ExchangeType.IKE_SA_INIT:
+            from appliance.ike import ike_init
+
+            ike_init.receive(self, data, hdr, src, dst, now)
+            return
+        if self.cipher_in is None:
+            return
+        if hdr.is_initiator == self.initiator:
+            return  # a message claiming our own role: reflected or misrouted
+        try:
+            outer, enc = parse_message(data)
+        except ParseError as e:
+            log.info("%s: dropping malformed message: %s", self, e.reason)
+            return
+        if enc is None:
+            log.info("%s: dropping unprotected %s", self, outer.summary())
+            return
+        if hdr.is_response:
+            if self.pending is None or hdr.message_id != self.pending.message_id:
+                log.debug("%s: dropping response %d without a request", self, hdr.message_id)
+                return
+        else:
+            if not self._request_in_window(hdr.message_id):
+                return
+        try:
+            msg = decrypt_message(data, outer, enc, self.cipher_in)
+        except (IntegrityError, CryptoError):
+            log.info("%s: dropping message %d that fails its integrity check", self, hdr.message_id)
+            return
+        except ParseError as e:
+            # Authentic but malformed: a request gets the error notify (§2.21.2), a response
+            # fails its exchange.
+            log.info("%s: malformed protected message %d: %s", self, hdr.message_id, e.reason)
+            self.last_heard = now
+            if not hdr.is_response:
+                if self._answer_retransmit(hdr.message_id, src, dst):
+                    return
+                self.peer_mid = (self.peer_mid + 1) & 0xFFFFFFFF
+                self.send_response(outer, [Notify(e.notify, data=e.notify_data)], src, dst)
+            else:
+                self._finish_pending(outer, now, failed=True)
+            return
+        self.last_heard = now
+        self._peer_moved(src, dst)
+        if hdr.is_response:
+            log.debug("%s: received %s", self, msg.summary())
+            self._finish_pending(msg, now)
+        else:
+            if self._answer_retransmit(hdr.message_id, src, dst):
+                return
+            log.debug("%s: received %s", self, msg.summary())
+            self.peer_mid = (self.peer_mid + 1) & 0xFFFFFFFF
+            self._dispatch_request(msg, src, dst, now)
+        self.engine.after_activity(self, now)
+
+    def _request_in_window(self, mid: int) -> bool:
+        if mid == self.peer_mid:
+            return True
+        if self.last_response is not None and mid == self.last_response.message_id:
+            return True  # retransmission: answered after the integrity check
+        log.debug("%s: dropping request %d outside the window (expect %d)", self, mid, self.peer_mid)
+        return False
+
+    def _answer_retransmit(self, mid: int, src: Endpoint, dst: Endpoint) -> bool:
+        cached = self.last_response
+        if cached is not None and mid == cached.message_id and mid != self.peer_mid:
+            log.debug("%s: retransmitting response %d", self, mid)
+            self.engine.send(cached.datagram, dst, src)
+            return True
+        return False
+
+    def _peer_moved(self, src: Endpoint, dst: Endpoint) -> None:
+        """§2.11/§2.23: requests and responses come from where the peer is now; behind a NAT
+        the mapping may change, and strongSwan floats to port 4500 after IKE_SA_INIT."""
+        if src != self.remote:
+            log.debug("%s: peer now at %s:%d", self, *src)
+            self.remote = src
+        if dst != self.local:
+            self.local = dst
+
+    def _finish_pending(self, msg: Message, now: float, failed: bool = False) -> None:
+        p = self.pending
+        assert p is not None
+        self.pending = None
+        if failed:
+            p.exchange.on_give_up(self, now)
+        else:
+            p.exchange.on_response(self, msg, now)
+        self.kick(now)
+
+    def _dispatch_request(self, msg: Message, src: Endpoint, dst: Endpoint, now: float) -> None:
+        from appliance.ike import child_create, ike_auth, informational
+
+        if msg.exchange_type == ExchangeType.IKE_AUTH:
+            payloads = ike_auth.respond(self, msg, src, dst, now)
+        elif msg.exchange_type == ExchangeType.CREATE_CHILD_SA:
+            payloads = child_create.respond(self, msg, now)
+        elif msg.exchange_type == ExchangeType.INFORMATIONAL:
+            payloads = informational.respond(self, msg, now)
+        else:
+            log.info("%s: ignoring request of unknown exchange type %d", self, msg.exchange_type)
+            return
+        if payloads is None:
+            return
+        self.send_response(msg, payloads, src, dst)
+        for hook in self._after_response:
+            hook(now)
+        self._after_response.clear()
+
+    def after_response(self, fn: Callable[[float], None]) -> None:
+        """Run `fn` once the response to the request being handled has been sent (used when
+        handling a request deletes this very SA)."""
+        self._after_response.append(fn)
+
+    # ------------------------------------------------------------------ timers
+    def next_timer(self) -> float | None:
+        if self.state == IkeState.DEAD:
+            return None
+        times: list[float] = []
+        p = self.pending
+        if p is not None:
+            times.append(p.next_at)
+            if p.deadline is not None:
+                times.append(p.deadline)
+        for t in (self.half_open_deadline, self.rekey_at, self.expire_at, self.rekey_retry_at,
+                  self.delete_deadline):
+            if t is not None:
+                times.append(t)
+        if self.state == IkeState.ESTABLISHED:
+            d = self._dpd_due()
+            if d is not None:
+                times.append(d)
+        for c in self.children:
+            for t in (c.rekey_at, c.expire_at, c.rekey_retry_at, c.delete_at):
+                if t is not None and c.alive:
+                    times.append(t)
+        return min(times) if times else None
+
+    def _dpd_due(self) -> float | None:
+        cfg = self.config
+        if cfg is None or cfg.dpd.interval <= 0:
+            return None
+        if self.pending is not None or self.queue:
+            return None  # any exchange under way checks liveness already
+        return self.last_heard + cfg.dpd.interval
+
+    def handle_timer(self, now: float) -> None:
+        if self.state == IkeState.DEAD:
+            return
+        p = self.pending
+        if p is not None:
+            if p.deadline is not None and now >= p.deadline:
+                self.pending = None
+                p.exchange.on_give_up(self, now)
+                if self.state == IkeState.DEAD:
+                    return
+                self.kick(now)
+            elif now >= p.next_at:
+                sched = self._retransmit_cfg().schedule()
+                if p.retransmits >= len(sched) - 1:
+                    self.pending = None
+                    p.exchange.on_give_up(self, now)
+                    if self.state == IkeState.DEAD:
+                        return
+                    self.kick(now)
+                else:
+                    p.retransmits += 1
+                    p.next_at = now + sched[p.retransmits]
+                    log.debug("%s: retransmit %d of request %d", self, p.retransmits, p.message_id)
+                    self._send(p.datagram)
+        if self.half_open_deadline is not None and now >= self.half_open_deadline:
+            self.half_open_deadline = None
+            if self.state == IkeState.CONNECTING:
+                self.fail(now, "half-open IKE SA expired: IKE_AUTH did not complete in time")
+                return
+        if self.delete_deadline is not None and now >= self.delete_deadline:
+            from appliance.ike import informational
+
+            self.delete_deadline = None
+            informational.delete_ike_sa(self, now, "replaced IKE SA not deleted by the peer")
+            if self.state == IkeState.DEAD:
+                return
+        if self.state == IkeState.ESTABLISHED:
+            from appliance.ike import ike_rekey, informational, liveness
+
+            if self.expire_at is not None and now >= self.expire_at:
+                self.expire_at = None
+                informational.delete_ike_sa(self, now, "IKE SA lifetime expired")
+                return
+            if self.rekey_at is not None and now >= self.rekey_at:
+                self.rekey_at = None
+                ike_rekey.start(self, now)
+            if self.rekey_retry_at is not None and now >= self.rekey_retry_at:
+                self.rekey_retry_at = None
+                ike_rekey.start(self, now)
+            d = self._dpd_due()
+            if d is not None and now >= d:
+                liveness.start(self, now)
+            self._child_timers(now)
+
+    def _child_timers(self, now: float) -> None:
+        from appliance.ike import child_rekey, informational
+
+        for c in list(self.children):
+            if not c.alive:
+                continue
+            if now >= c.expire_at:
+                c.expire_at = float("inf")
+                informational.delete_child(self, c, now, "Child SA lifetime expired")
+                continue
+            if c.delete_at is not None and now >= c.delete_at:
+                c.delete_at = None
+                if c.state != ChildState.DELETING:
+                    informational.delete_child(self, c, now, "replaced Child SA not deleted by the peer")
+                continue
+            if c.state == ChildState.INSTALLED and not c.redundant:
+                if now >= c.rekey_at:
+                    c.rekey_at = c.expire_at  # not again until it expires (or a retry is set)
+                    child_rekey.start(self, c, now)
+                elif c.rekey_retry_at is not None and now >= c.rekey_retry_at:
+                    c.rekey_retry_at = None
+                    child_rekey.start(self, c, now)
+
+    # ------------------------------------------------------------------ lifecycle
+    def establish(self, now: float) -> None:
+        """IKE_AUTH done: the SA is up (§1.2)."""
+        cfg = self.config
+        assert cfg is not None
+        self.state = IkeState.ESTABLISHED
+        self.established_at = now
+        self.half_open_deadline = None
+        self.rekey_at = now + self.jitter(cfg.ike_lifetime)
+        self.expire_at = now + cfg.ike_lifetime * 1.1
+        self.engine.emit(ev.IkeSaUp(self.tunnel, self.spi_i, self.spi_r, self.initiator,
+                                    self.local, self.remote, str(cfg.local_id),
+                                    self.remote_id_text, self.proposal_text))
+        self.engine.on_established(self, now)
+
+    def schedule_lifetimes_after_rekey(self, now: float) -> None:
+        cfg = self.config
+        assert cfg is not None
+        self.rekey_at = now + self.jitter(cfg.ike_lifetime)
+        self.expire_at = now + cfg.ike_lifetime * 1.1
+
+    def fail(self, now: float, reason: str, *, auth: bool = False) -> None:
+        """The SA never came up."""
+        if self.state == IkeState.DEAD:
+            return
+        if self.redundant or self.rekey_replaces is not None:
+            self._remove(now, reason, peer_dead=False, failed=False, quiet=True)
+            return
+        if auth:
+            self.engine.emit(ev.AuthFailed(self.tunnel, reason))
+        else:
+            self.engine.emit(ev.IkeSaFailed(self.tunnel, reason))
+        self._remove(now, reason, peer_dead=False, failed=True, quiet=True)
+
+    def die(self, now: float, reason: str, *, peer_dead: bool = False) -> None:
+        """The SA (and its Child SAs) are gone."""
+        if self.state == IkeState.DEAD:
+            return
+        if self.established_at is None:
+            self.fail(now, reason)
+            return
+        quiet = self.redundant or self.rekeyed_to is not None
+        self._remove(now, reason, peer_dead=peer_dead, failed=False, quiet=quiet)
+
+    def _remove(self, now: float, reason: str, *, peer_dead: bool, failed: bool, quiet: bool) -> None:
+        for c in list(self.children):
+            if c.alive:
+                self.remove_child(c, reason)
+        self.state = IkeState.DEAD
+        self.pending = None
+        self.queue.clear()
+        if not quiet:
+            self.engine.emit(ev.IkeSaDown(self.tunnel, self.spi_i, self.spi_r, reason))
+        log.info("%s: removed: %s", self, reason)
+        self.engine.on_removed(self, now, reason, peer_dead=peer_dead, failed=failed)
+
+    def peer_unreachable(self, now: float, reason: str) -> None:
+        """Retransmissions exhausted or liveness timeout (§2.4)."""
+        if self.state == IkeState.DEAD:
+            return
+        if (self.established_at is not None and self.rekeyed_to is None and not self.redundant
+                and self.state != IkeState.DELETING):
+            action = self.config.dpd.action if self.config else "clear"
+            self.engine.emit(ev.PeerDead(self.tunnel, self.spi_i, self.spi_r, action))
+            self._remove(now, reason, peer_dead=True, failed=False, quiet=False)
+        else:
+            self.die(now, reason)
+
+    # ------------------------------------------------------------------ Child SAs
+    def child_by_spi_in(self, spi: bytes) -> ChildSa | None:
+        for c in self.children:
+            if c.spi_in == spi and c.alive:
+                return c
+        return None
+
+    def child_by_spi_out(self, spi: bytes) -> ChildSa | None:
+        for c in self.children:
+            if c.spi_out == spi and c.alive:
+                return c
+        return None
+
+    def children_in_use(self) -> list[ChildSa]:
+        return [c for c in self.children if c.alive and c.in_use]
+
+    def install_child(self, child: ChildSa, *, outbound: bool) -> None:
+        cfg = self.config
+        assert cfg is not None
+        child.outbound_installed = outbound
+        self.children.append(child)
+        enc_in, int_in, enc_out, int_out = child.keys_in_out()
+        encr = child.encr()
+        replaces = None
+        if child.replaces is not None:
+            replaces = (child.replaces.spi_in_int, child.replaces.spi_out_int)
+        self.engine.emit(ev.ChildSaInstalled(
+            tunnel=self.tunnel, spi_in=child.spi_in_int, spi_out=child.spi_out_int,
+            protocol=ProtocolId.ESP, encr_id=int(encr.id), encr_key_bits=encr.key_length,
+            integ_id=child.integ_id(), esn=child.esn(), local_addr=self.local[0],
+            remote_addr=self.remote[0], local_port=self.local[1], remote_port=self.remote[1],
+            udp_encap=self.udp_encap, if_id=cfg.if_id,
+            lifetime_soft=child.rekey_at - child.created_at,
+            lifetime_hard=child.expire_at - child.created_at, outbound=outbound,
+            replaces=replaces, encr_key_in=enc_in, encr_key_out=enc_out, integ_key_in=int_in,
+            integ_key_out=int_out))
+        log.info("%s: Child SA %s installed%s", self, child.describe(),
+                 "" if outbound else " (inbound only)")
+
+    def activate_outbound(self, child: ChildSa) -> None:
+        if child.alive and not child.outbound_installed:
+            child.outbound_installed = True
+            self.engine.emit(ev.ChildSaOutboundInstalled(self.tunnel, child.spi_in_int, child.spi_out_int))
+            log.info("%s: Child SA %s outbound installed", self, child.describe())
+
+    def remove_child(self, child: ChildSa, reason: str) -> None:
+        if not child.alive:
+            return
+        succ = child.rekeyed_by
+        if succ is not None and succ.alive and not succ.redundant:
+            # make-before-break: the replacement sends before the old pair goes
+            self.activate_outbound(succ)
+        child.state = ChildState.DELETED
+        if child in self.children:
+            self.children.remove(child)
+        self.engine.emit(ev.ChildSaDeleted(self.tunnel, child.spi_in_int, child.spi_out_int, reason))
+        log.info("%s: Child SA %s deleted: %s", self, child.describe(), reason)
+        self.engine.after_child_removed(self, child)
+
+
+__all__ = ["Endpoint", "Exchange", "IkeSa", "IkeState"]
