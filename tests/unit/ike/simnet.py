@@ -152,7 +152,7 @@ class SimNet:
             return
         for a, b in ((ips[0], ips[1]), (ips[1], ips[0])):
             out = self.planes[a].sending_on()
-            if out is not None and out.spi not in self.planes[b].inbound:
+            if out is not None and self.planes[b].inbound and out.spi not in self.planes[b].inbound:
                 self.traffic_gaps += 1
 
     def step(self, until: float) -> bool:
