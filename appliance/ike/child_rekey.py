@@ -2,8 +2,10 @@
 
 Make-before-break: the rekey initiator installs the new pair (both directions) when the
 response arrives, then deletes the old pair. The responder installs the new pair's inbound SA
-at once but sends on it only when the old pair is deleted (or when it learns that the peer's
-rekey won a collision), so no packet goes out on an SA the initiator has not installed yet.
+at once but sends on it only when the old pair is deleted (by the peer, which proves the peer
+has the new pair; or by us when the peer does not within a grace period), so no packet goes
+out on an SA the other side has not installed yet. This holds in collisions too: when the
+peer's rekey wins, its new pair's outbound SA waits for the old pair's DELETE.
 
 Collisions (both sides rekey the same pair): each answers the other's request as usual; the
 exchange holding the lowest of the four nonces made a redundant pair, which its initiator
@@ -88,7 +90,8 @@ class ChildRekey(Exchange):
                 log.info("%s: rekey collision on %s lost; deleting our %s, keeping %s", sa,
                          old.describe(), new.describe(), theirs.describe())
                 new.redundant = True
-                sa.activate_outbound(theirs)
+                # theirs gets its outbound SA when the peer deletes the old pair: only then
+                # do we know the peer has installed it (it may not have our answer yet)
                 if old.alive:
                     old.state = ChildState.REKEYED
                     old.delete_at = now + sa.engine.redundant_grace  # the peer deletes it
@@ -117,10 +120,12 @@ class ChildRekey(Exchange):
             return
         if peer_won:
             # The peer rekeyed this pair itself (we answered it): that rekey stands and the
-            # peer deletes the old pair; send on the new one now (#1896, #2477).
-            log.info("%s: our rekey of %s failed (%s) but the peer's rekey %s stands", sa,
-                     old.describe(), e.reason, theirs.describe())
-            sa.activate_outbound(theirs)
+            # peer deletes the old pair, which installs the new pair's outbound SA here
+            # (#1896, #2477); do not retry our own rekey.
+            log.info("%s: our rekey of %s failed (%s) but the peer's rekey %s stands; waiting "
+                     "for its DELETE", sa, old.describe(), e.reason, theirs.describe())
+            if old.alive:
+                old.state = ChildState.REKEYED
             return
         if e.notify == NotifyType.CHILD_SA_NOT_FOUND:
             # §2.25: the peer has no such pair: drop it silently and create one from scratch

@@ -1,8 +1,9 @@
 """Events the IKE engine reports to its driver (the daemon): small frozen dataclasses.
 
-The data plane needs only three of them: ChildSaInstalled (add the inbound SA and, when
-`outbound` is true, the outbound SA), ChildSaOutboundInstalled (now add the outbound SA of a
-pair reported earlier with `outbound=False`), and ChildSaDeleted (remove both SAs of a pair).
+The data plane needs four of them: ChildSaInstalled (add the inbound SA and, when `outbound`
+is true, the outbound SA), ChildSaOutboundInstalled (now add the outbound SA of a pair
+reported earlier with `outbound=False`), ChildSaOutboundRemoved (stop sending on a pair whose
+DELETE is under way) and ChildSaDeleted (remove whatever is left of a pair).
 Make-before-break (RFC 7296 §2.8): on a Child SA rekey the new pair is always reported before
 the old pair is deleted, and the tunnel's `if_id` stays the same.
 
@@ -118,6 +119,16 @@ class ChildSaOutboundInstalled:
 
 
 @dataclass(frozen=True)
+class ChildSaOutboundRemoved:
+    """Stop sending on this pair now (we sent its DELETE); its inbound SA stays until
+    ChildSaDeleted, for packets the peer sent before it processed the DELETE."""
+
+    tunnel: str
+    spi_in: int
+    spi_out: int
+
+
+@dataclass(frozen=True)
 class ChildSaRekeyed:
     """The pair (old_spi_in, old_spi_out) was rekeyed by (new_spi_in, new_spi_out). The new
     pair was reported by ChildSaInstalled first; the old pair's ChildSaDeleted follows."""
@@ -159,4 +170,4 @@ class PeerDead:
 
 
 Event = (IkeSaUp | IkeSaRekeyed | IkeSaDown | IkeSaFailed | AuthFailed | ChildSaInstalled
-         | ChildSaOutboundInstalled | ChildSaRekeyed | ChildSaDeleted | ChildSaFailed | PeerDead)
+         | ChildSaOutboundInstalled | ChildSaOutboundRemoved | ChildSaRekeyed | ChildSaDeleted | ChildSaFailed | PeerDead)

@@ -32,6 +32,7 @@ class DeleteChild(Exchange):
         if not c.alive or c not in sa.children or sa.state in (IkeState.DELETING, IkeState.DEAD):
             return None
         c.state = ChildState.DELETING
+        sa.deactivate_outbound(c)   # stop sending on it; inbound stays until the answer
         return [Delete(ProtocolId.ESP, [c.spi_in])]
 
     def on_response(self, sa: IkeSa, msg: Message, now: float) -> None:
@@ -103,7 +104,7 @@ def respond(sa: IkeSa, msg: Message, now: float) -> list[Payload]:
             ours.append(c.spi_in)
             reason = "deleted by the peer (rekeyed)" if c.state == ChildState.REKEYED else "deleted by the peer"
             if c.redundant:
-                reason = "redundant after a rekey collision"
+                reason = "redundant (collision)"
             sa.remove_child(c, reason)
     if ours:
         return [Delete(ProtocolId.ESP, ours)]

@@ -608,6 +608,11 @@ class IkeSa:
             self.engine.emit(ev.ChildSaOutboundInstalled(self.tunnel, child.spi_in_int, child.spi_out_int))
             log.info("%s: Child SA %s outbound installed", self, child.describe())
 
+    def deactivate_outbound(self, child: ChildSa) -> None:
+        if child.alive and child.outbound_installed:
+            child.outbound_installed = False
+            self.engine.emit(ev.ChildSaOutboundRemoved(self.tunnel, child.spi_in_int, child.spi_out_int))
+
     def remove_child(self, child: ChildSa, reason: str) -> None:
         if not child.alive:
             return

@@ -74,6 +74,9 @@ class DataPlane:
                 return
             self._n += 1
             self._add_out(inst)
+        elif isinstance(e, ev.ChildSaOutboundRemoved):
+            if self.outbound.pop(e.spi_out, None) is None:
+                self.errors.append(f"outbound removal of unknown {e.spi_out:08x}")
         elif isinstance(e, ev.ChildSaDeleted):
             if self.inbound.pop(e.spi_in, None) is None:
                 self.errors.append(f"delete of unknown inbound {e.spi_in:08x}")
@@ -134,6 +137,7 @@ class SimNet:
         self._seq = 0
         self.delivered: list[tuple[float, Datagram]] = []
         self.traffic_gaps = 0   # moments when an engine sends on an SA its peer has no inbound for
+        self.trace: list[tuple[float, str, str, str]] = []   # (time, from, to, decoded summary)
 
     def _collect(self) -> None:
         for ip, e in self.engines.items():
@@ -172,6 +176,7 @@ class SimNet:
             target = self.engines.get(d.dst[0])
             if target is not None:
                 self.delivered.append((self.now, d))
+                self.trace.append((self.now, d.src[0], d.dst[0], describe(target, d.data)))
                 target.receive_datagram(d.data, d.src, d.dst, self.now)
         else:
             for t, ip in timers:
@@ -193,6 +198,27 @@ class SimNet:
         while not cond():
             if not self.step(until):
                 raise AssertionError(f"condition not reached within {limit} s")
+
+
+def describe(receiver: IkeEngine, data: bytes) -> str:
+    """Decode a datagram with the receiving engine's keys (for traces and assertions)."""
+    from appliance.ike import message as M
+
+    try:
+        hdr = M.parse_header(data)
+        msg, enc = M.parse_message(data)
+    except M.ParseError as e:
+        return f"malformed ({e.reason})"
+    if enc is not None:
+        key = hdr.spi_r if hdr.is_initiator else hdr.spi_i
+        sa = receiver._sas.get(key)
+        if sa is None or sa.cipher_in is None:
+            return msg.summary() + " (no keys)"
+        try:
+            msg = M.decrypt_message(data, msg, enc, sa.cipher_in)
+        except Exception as e:  # noqa: BLE001 - a trace, not a check
+            return msg.summary() + f" ({type(e).__name__})"
+    return msg.summary()
 
 
 def make_engines(seed: int = 1, a_kw: dict | None = None, b_kw: dict | None = None):

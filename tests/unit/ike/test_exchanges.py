@@ -199,7 +199,8 @@ def test_child_rekey_make_before_break(side):
     assert installed_pair_ok(net) == [] and one_ike_sa_each(net) == []
     assert net.traffic_gaps == 0
     other = B_ADDR if side == A_ADDR else A_ADDR
-    assert kinds(net, side)[2:] == ["ChildSaInstalled", "ChildSaRekeyed", "ChildSaDeleted"]
+    assert kinds(net, side)[2:] == ["ChildSaInstalled", "ChildSaRekeyed", "ChildSaOutboundRemoved",
+                                    "ChildSaDeleted"]
     assert kinds(net, other)[2:] == ["ChildSaInstalled", "ChildSaRekeyed", "ChildSaOutboundInstalled",
                                      "ChildSaDeleted"]
     new_inst = of(net, other, ev.ChildSaInstalled)[1]
