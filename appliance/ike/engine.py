@@ -332,9 +332,9 @@ class IkeEngine:
             if o.peer_rekey is sa:
                 o.peer_rekey = None
         t = self._tunnels.get(sa.tunnel)
-        if t is None or sa.config is None and not sa.initiator:
-            return
-        if self._alive_sas(sa.tunnel):
+        if t is None or (sa.config is None and not sa.initiator):
+            return   # a half-open SA the peer started: nothing to follow up
+        if any(o.initiator or o.established_at is not None for o in self._alive_sas(sa.tunnel)):
             return
         cfg = t.config
         if peer_dead:
@@ -346,11 +346,9 @@ class IkeEngine:
             return
         if failed:
             t.failures += 1
-            if sa.initiator and cfg.start:
-                t.reconnect_at = now + self._backoff(cfg, t.failures)
+            t.reconnect_at = now + self._backoff(cfg, t.failures)
             return
-        if cfg.start and not t.hold:
-            t.reconnect_at = now + cfg.reconnect_delay
+        t.reconnect_at = now + cfg.reconnect_delay
 
     # ------------------------------------------------------------------ internals
     def _backoff(self, cfg: TunnelConfig, n: int) -> float:
@@ -386,19 +384,26 @@ class IkeEngine:
     def _maintain(self, now: float) -> None:
         for t in self._tunnels.values():
             name = t.config.name
-            alive = self._alive_sas(name)
-            if not alive:
-                if (t.reconnect_at is not None and now >= t.reconnect_at and not t.hold
-                        and t.config.start and t.config.remote_addr is not None):
-                    self._initiate(t, now)
+            # a half-open SA the peer started does not count: it may never complete
+            live = [sa for sa in self._alive_sas(name) if sa.initiator or sa.established_at is not None]
+            if not live:
+                t.child_retry_at = None
+                if self._started and t.config.start and not t.hold and t.config.remote_addr is not None:
+                    if t.reconnect_at is None:
+                        t.reconnect_at = now + self._backoff(t.config, max(1, t.failures))
+                    if now >= t.reconnect_at:
+                        self._initiate(t, now)
+                else:
+                    t.reconnect_at = None
                 continue
             t.reconnect_at = None
             cur = self.current_sa(name)
             if cur is None or not t.config.start:
+                t.child_retry_at = None
                 continue
-            if cur.children_in_use() or any(c.alive and not c.redundant for c in cur.children):
-                continue
-            if cur.has_queued(lambda e: isinstance(e, child_create.CreateChild)):
+            if (cur.children_in_use() or any(c.alive and not c.redundant for c in cur.children)
+                    or cur.has_queued(lambda e: isinstance(e, child_create.CreateChild))):
+                t.child_retry_at = None
                 continue
             if t.child_retry_at is None:
                 t.child_retry_at = now + t.config.reconnect_delay

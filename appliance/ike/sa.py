@@ -396,18 +396,24 @@ class IkeSa:
             times.append(p.next_at)
             if p.deadline is not None:
                 times.append(p.deadline)
-        for t in (self.half_open_deadline, self.rekey_at, self.expire_at, self.rekey_retry_at,
-                  self.delete_deadline):
+        for t in (self.half_open_deadline, self.delete_deadline):
             if t is not None:
                 times.append(t)
+        # the rest is only acted on while established (handle_timer mirrors this)
         if self.state == IkeState.ESTABLISHED:
-            d = self._dpd_due()
-            if d is not None:
-                times.append(d)
-        for c in self.children:
-            for t in (c.rekey_at, c.expire_at, c.rekey_retry_at, c.delete_at):
-                if t is not None and c.alive:
+            for t in (self.rekey_at, self.expire_at, self.rekey_retry_at, self._dpd_due()):
+                if t is not None:
                     times.append(t)
+            for c in self.children:
+                if not c.alive:
+                    continue
+                times.append(c.expire_at)
+                if c.state == ChildState.INSTALLED and not c.redundant:
+                    times.append(c.rekey_at)
+                    if c.rekey_retry_at is not None:
+                        times.append(c.rekey_retry_at)
+                if c.delete_at is not None:
+                    times.append(c.delete_at)
         return min(times) if times else None
 
     def _dpd_due(self) -> float | None:

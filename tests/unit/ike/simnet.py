@@ -186,18 +186,22 @@ class SimNet:
         self._check_traffic()
         return True
 
-    def run(self, duration: float, max_steps: int = 200000) -> None:
+    def run(self, duration: float, max_steps: int = 20000) -> None:
         until = self.now + duration
         for _ in range(max_steps):
             if not self.step(until):
                 return
-        raise AssertionError("simulation did not settle")
+        raise AssertionError(f"simulation busy-looping at t={self.now}: timers "
+                             f"{[e.get_timer() for e in self.engines.values()]}")
 
-    def run_until(self, cond: Callable[[], bool], limit: float = 3600.0) -> None:
+    def run_until(self, cond: Callable[[], bool], limit: float = 3600.0, max_steps: int = 50000) -> None:
         until = self.now + limit
-        while not cond():
+        for _ in range(max_steps):
+            if cond():
+                return
             if not self.step(until):
                 raise AssertionError(f"condition not reached within {limit} s")
+        raise AssertionError("run_until: too many steps")
 
 
 def describe(receiver: IkeEngine, data: bytes) -> str:
