@@ -260,7 +260,7 @@ class CreateChild(Exchange):
         self.req: ChildRequest | None = None
 
     def build(self, sa: IkeSa, now: float):
-        if sa.state != IkeState.ESTABLISHED or sa.children_in_use():
+        if sa.closing or sa.children_in_use():
             return None
         group = self.group if self.group is not None else wanted_pfs_group(sa)
         self.req = new_request(sa, in_auth=False, group=group)
@@ -299,7 +299,7 @@ def respond(sa: IkeSa, msg: Message, now: float) -> list[Payload]:
     if rekey is not None:
         return child_rekey.respond(sa, msg, rekey, now)
     # a new Child SA
-    if sa.state != IkeState.ESTABLISHED or ike_rekey.rekeying(sa):
+    if sa.closing or ike_rekey.rekeying(sa):
         return [Notify(NotifyType.TEMPORARY_FAILURE)]   # §2.25.2
     try:
         reply, child = negotiate_responder(sa, msg, now, in_auth=False)

@@ -55,7 +55,7 @@ class ChildRekey(Exchange):
 
     def build(self, sa: IkeSa, now: float):
         old = self.child
-        if (sa.state != IkeState.ESTABLISHED or old.state != ChildState.INSTALLED or old.redundant
+        if (sa.closing or old.state != ChildState.INSTALLED or old.redundant
                 or old not in sa.children or (old.rekeyed_by is not None and old.rekeyed_by.alive)):
             return None
         group = self.group if self.group is not None else wanted_pfs_group(sa)
@@ -157,7 +157,7 @@ def respond(sa: IkeSa, msg: Message, rekey: Notify, now: float) -> list[Payload]
     old = sa.child_by_spi_out(rekey.spi)
     if old is None:
         return [Notify(NotifyType.CHILD_SA_NOT_FOUND, ProtocolId.ESP, rekey.spi)]
-    if sa.state != IkeState.ESTABLISHED or ike_rekey.rekeying(sa):
+    if sa.closing or ike_rekey.rekeying(sa):
         return [Notify(NotifyType.TEMPORARY_FAILURE)]       # §2.25.2
     if (old.state in (ChildState.DELETING, ChildState.REKEYED) or old.redundant
             or (old.rekeyed_by is not None and old.rekeyed_by.alive)):

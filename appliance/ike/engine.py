@@ -309,6 +309,7 @@ class IkeEngine:
 
     def on_ike_rekeyed(self, old: IkeSa, new: IkeSa, now: float) -> None:
         self.register(new)
+        self._resolve_duplicate_ike_sas(new.tunnel, now)
 
     def child_created(self, sa: IkeSa, child: ChildSa, now: float) -> None:
         t = self._tunnels.get(sa.tunnel)
@@ -366,7 +367,7 @@ class IkeEngine:
 
     def _is_current(self, sa: IkeSa) -> bool:
         return (sa.state == IkeState.ESTABLISHED and sa.rekeyed_to is None and not sa.redundant
-                and not getattr(sa, "duplicate", False))
+                and not sa.duplicate)
 
     def _initiate(self, t: _Tunnel, now: float) -> None:
         cfg = t.config
@@ -419,7 +420,7 @@ class IkeEngine:
             return
         current.sort(key=lambda s: min(s.nonce_i, s.nonce_r))
         for loser in current[:-1]:
-            loser.duplicate = True  # type: ignore[attr-defined]
+            loser.duplicate = True
             log.info("%s: duplicate IKE SA for tunnel %s; deleting it", loser, name)
             informational.delete_ike_sa(loser, now, "duplicate IKE SA (crossing initiations)")
 

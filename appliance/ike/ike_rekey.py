@@ -55,7 +55,7 @@ class IkeRekey(Exchange):
     def build(self, sa: IkeSa, now: float):
         cfg = sa.config
         assert cfg is not None and sa.proposal is not None
-        if sa.state != IkeState.ESTABLISHED or sa.rekeyed_to is not None or peer_successor(sa) is not None:
+        if sa.closing or peer_successor(sa) is not None:
             return None
         groups = offered_groups(cfg.ike_proposals)
         current = selected_group(sa.proposal)
@@ -217,7 +217,7 @@ def respond(sa: IkeSa, msg: Message, now: float) -> list[Payload]:
 
     cfg = sa.config
     assert cfg is not None
-    if sa.state != IkeState.ESTABLISHED or peer_successor(sa) is not None:
+    if sa.closing or peer_successor(sa) is not None:
         return [Notify(NotifyType.TEMPORARY_FAILURE)]
     if sa.pending is not None and isinstance(sa.pending.exchange, (CreateChild, ChildRekey, DeleteChild)):
         return [Notify(NotifyType.TEMPORARY_FAILURE)]          # §2.25.2

@@ -149,6 +149,7 @@ class IkeSa:
         self.rekey_replaces: "IkeSa | None" = None  # this SA replaced that one
         self.peer_rekey: "IkeSa | None" = None     # new SA from a rekey the peer initiated
         self.redundant = False                     # lost a rekey collision; being deleted
+        self.duplicate = False                     # a second IKE SA of the tunnel; being deleted
         self.rekey_nonces: tuple[bytes, bytes] = (b"", b"")   # (Ni, Nr) of the rekey exchange
         self._after_response: list[Callable[[float], None]] = []
 
@@ -178,6 +179,12 @@ class IkeSa:
     @property
     def alive(self) -> bool:
         return self.state != IkeState.DEAD
+
+    @property
+    def closing(self) -> bool:
+        """Being deleted or replaced: no new work is accepted on it (§2.25.2)."""
+        return (self.state != IkeState.ESTABLISHED or self.duplicate or self.redundant
+                or self.rekeyed_to is not None)
 
     def __repr__(self) -> str:
         return (f"IkeSa({self.tunnel} {self.spi_i.hex()}_i {self.spi_r.hex()}_r "
