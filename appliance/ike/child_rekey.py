@@ -135,7 +135,9 @@ class ChildRekey(Exchange):
         if not old.alive:
             return
         if e.notify == NotifyType.TEMPORARY_FAILURE:
-            old.rekey_retry_at = now + _retry_delay(sa, 10.0, 20.0)   # §2.25: wait, then retry
+            # §2.25: wait, then retry (sooner when the pair would expire first)
+            old.rekey_retry_at = now + min(_retry_delay(sa, 10.0, 20.0),
+                                           _retry_delay(sa, 0.25, 0.5) * max(0.0, old.expire_at - now))
             return
         sa.engine.emit(ev.ChildSaFailed(sa.tunnel, f"rekeying Child SA {old.describe()} failed: {e.reason}"))
         # retry later, before the pair expires

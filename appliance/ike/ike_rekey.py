@@ -128,7 +128,10 @@ class IkeRekey(Exchange):
             sa.queue_exchange(IkeRekey(int.from_bytes(e.data, "big"), self.retries + 1), now, front=True)
             return
         if e.notify == NotifyType.TEMPORARY_FAILURE:
-            sa.rekey_retry_at = now + _retry_delay(sa, 10.0, 20.0)
+            # §2.25: wait, then retry (sooner when the SA would expire first)
+            left = (sa.expire_at - now) if sa.expire_at is not None else 60.0
+            sa.rekey_retry_at = now + min(_retry_delay(sa, 10.0, 20.0),
+                                          _retry_delay(sa, 0.25, 0.5) * max(0.0, left))
             return
         log.info("%s: IKE SA rekey failed (%s); retrying later", sa, _nname(e.notify))
         if sa.expire_at is not None:

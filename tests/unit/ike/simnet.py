@@ -138,6 +138,7 @@ class SimNet:
         self.delivered: list[tuple[float, Datagram]] = []
         self.traffic_gaps = 0   # moments when an engine sends on an SA its peer has no inbound for
         self.trace: list[tuple[float, str, str, str]] = []   # (time, from, to, decoded summary)
+        self.messages: list[tuple[float, str, object]] = []  # (time, from, decoded Message | None)
 
     def _collect(self) -> None:
         for ip, e in self.engines.items():
@@ -176,7 +177,9 @@ class SimNet:
             target = self.engines.get(d.dst[0])
             if target is not None:
                 self.delivered.append((self.now, d))
-                self.trace.append((self.now, d.src[0], d.dst[0], describe(target, d.data)))
+                summary, msg = decode(target, d.data)
+                self.trace.append((self.now, d.src[0], d.dst[0], summary))
+                self.messages.append((self.now, d.src[0], msg))
                 target.receive_datagram(d.data, d.src, d.dst, self.now)
         else:
             for t, ip in timers:
@@ -204,25 +207,29 @@ class SimNet:
         raise AssertionError("run_until: too many steps")
 
 
-def describe(receiver: IkeEngine, data: bytes) -> str:
-    """Decode a datagram with the receiving engine's keys (for traces and assertions)."""
+def decode(receiver: IkeEngine, data: bytes):
+    """Decode a datagram with the receiving engine's keys: (summary, Message or None)."""
     from appliance.ike import message as M
 
     try:
         hdr = M.parse_header(data)
         msg, enc = M.parse_message(data)
     except M.ParseError as e:
-        return f"malformed ({e.reason})"
+        return f"malformed ({e.reason})", None
     if enc is not None:
         key = hdr.spi_r if hdr.is_initiator else hdr.spi_i
         sa = receiver._sas.get(key)
         if sa is None or sa.cipher_in is None:
-            return msg.summary() + " (no keys)"
+            return msg.summary() + " (no keys)", None
         try:
             msg = M.decrypt_message(data, msg, enc, sa.cipher_in)
         except Exception as e:  # noqa: BLE001 - a trace, not a check
-            return msg.summary() + f" ({type(e).__name__})"
-    return msg.summary()
+            return msg.summary() + f" ({type(e).__name__})", None
+    return msg.summary(), msg
+
+
+def describe(receiver: IkeEngine, data: bytes) -> str:
+    return decode(receiver, data)[0]
 
 
 def make_engines(seed: int = 1, a_kw: dict | None = None, b_kw: dict | None = None):

@@ -100,6 +100,27 @@ def test_child_rekey_collision_leaves_one_pair(seed):
         assert len(of(net, ip, ev.ChildSaDeleted)) == 2
     summaries = [m for _t, _s, _d, m in net.trace]
     assert sum("N(REKEY_SA)" in m for m in summaries) == 2
+    # §2.8.1: the exchange holding the lowest of the four nonces made the redundant pair
+    xa, xb = _exchange_nonces_and_spis(net, ExchangeType.CREATE_CHILD_SA)
+    winner = xa if min(xa[0]) > min(xb[0]) else xb
+    (a_in,) = net.planes[A_ADDR].inbound
+    (b_in,) = net.planes[B_ADDR].inbound
+    assert {a_in, b_in} == winner[1]
+
+
+def _exchange_nonces_and_spis(net: SimNet, xchg: int):
+    """For the two colliding exchanges (one initiated by each side): ((Ni, Nr), {SPIs})."""
+    out = []
+    for initiator in (A_ADDR, B_ADDR):
+        req = next(m for _t, s, m in net.messages if m is not None and s == initiator
+                   and m.exchange_type == xchg and not m.is_response and m.get(M.SA) is not None)
+        resp = next(m for _t, s, m in net.messages if m is not None and s != initiator
+                    and m.exchange_type == xchg and m.is_response and m.message_id == req.message_id
+                    and m.get(M.SA) is not None)
+        spis = {int.from_bytes(req.get(M.SA).proposals[0].spi, "big"),
+                int.from_bytes(resp.get(M.SA).proposals[0].spi, "big")}
+        out.append(((req.get(M.Nonce).data, resp.get(M.Nonce).data), spis))
+    return out
 
 
 def test_strongswan_1896_rekey_collision_with_a_lost_request_keeps_an_outbound_sa():
@@ -228,6 +249,11 @@ def test_ike_rekey_collision_leaves_one_ike_sa(seed):
                   ("old_spi_i", "old_spi_r", "new_spi_i", "new_spi_r", "proposal")])
     assert not of(net, A_ADDR, ev.IkeSaDown) and not of(net, B_ADDR, ev.IkeSaDown)
     assert not of(net, A_ADDR, ev.ChildSaDeleted)
+    # §2.8.2: the exchange holding the lowest nonce made the redundant IKE SA
+    xa, xb = _exchange_nonces_and_spis(net, ExchangeType.CREATE_CHILD_SA)
+    winner = xa if min(xa[0]) > min(xb[0]) else xb
+    sa = sa_of(net, A_ADDR)
+    assert {int.from_bytes(sa.spi_i, "big"), int.from_bytes(sa.spi_r, "big")} == winner[1]
 
 
 def test_ike_rekey_collision_with_the_losers_delete_lost():
