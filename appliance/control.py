@@ -41,7 +41,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -440,8 +440,9 @@ class ControlServer:
                 await self._send(writer, {"id": req_id, "error": err.as_dict()})
                 continue
             if method == SUBSCRIBE:
-                await self._subscribe(req_id, params, reader, writer)
-                return
+                if await self._subscribe(req_id, params, reader, writer):
+                    return  # the connection was an event stream; it has ended
+                continue
             await self._send(writer, await self._dispatch(req_id, method, params))
             if reader.at_eof():
                 return
@@ -468,14 +469,16 @@ class ControlServer:
                                                        "see the daemon's log"}}
 
     async def _subscribe(self, req_id: Any, params: dict[str, Any], reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
+                         writer: asyncio.StreamWriter) -> bool:
+        """Serve an event stream until either side ends it (True); False if the request was
+        refused (bad params) and the connection stays a request connection."""
         try:
             check_params(params, {"types", "tunnels"})
             types = _str_list(params, "types")
             tunnels = _str_list(params, "tunnels")
         except ControlError as exc:
             await self._send(writer, {"id": req_id, "error": exc.as_dict()})
-            return
+            return False
         sub = self.events.subscribe(types=types, tunnels=tunnels)
         try:
             await self._send(writer, {"id": req_id, "result": {"subscribed": True, "queue": sub.maxsize}})
@@ -503,6 +506,7 @@ class ControlServer:
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             sub.close()
+        return True
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
@@ -745,9 +749,11 @@ class ControlClient:
         return resp["result"]
 
     def events(self, *, types: Iterable[str] | None = None,
-               tunnels: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
-        """Subscribe and yield events (``dropped`` markers included) until the daemon closes the
-        stream (then :class:`DaemonUnreachable`). Blocks between events; Ctrl-C interrupts."""
+               tunnels: Iterable[str] | None = None) -> EventStream:
+        """Subscribe now (errors are raised here), then return an iterator over the events
+        (``dropped`` markers included). The iterator blocks between events and ends the stream
+        with :class:`DaemonUnreachable` when the daemon closes it; Ctrl-C interrupts it; closing
+        the iterator closes the connection."""
         params: dict[str, Any] = {}
         if types is not None:
             params["types"] = list(types)
@@ -761,9 +767,43 @@ class ControlClient:
             if "error" in resp:
                 err = resp["error"] if isinstance(resp["error"], dict) else {}
                 raise RemoteError(str(err.get("code", "unknown")), str(err.get("message", "")), err.get("data"))
-            sock.settimeout(None)  # events come when they come
-            while True:
-                line, buf = self._readline(sock, buf)
-                yield self._decode(line)
-        finally:
+            if not isinstance(resp.get("result"), dict) or not resp["result"].get("subscribed"):
+                raise ProtocolError("isthmusd did not confirm the subscription")
+        except BaseException:
             sock.close()
+            raise
+        sock.settimeout(None)  # events come when they come
+        return EventStream(self, sock, buf)
+
+
+class EventStream:
+    """Iterator over a subscription's events; a context manager; ``close()`` ends it."""
+
+    def __init__(self, client: ControlClient, sock: socket.socket, buf: bytes) -> None:
+        self._client = client
+        self._sock: socket.socket | None = sock
+        self._buf = buf
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._sock is None:
+            raise StopIteration
+        try:
+            line, self._buf = self._client._readline(self._sock, self._buf)
+        except BaseException:
+            self.close()
+            raise
+        return self._client._decode(line)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
