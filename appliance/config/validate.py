@@ -308,6 +308,7 @@ class Ctx:
         self.issues: list[Issue] = []
         self.tunnel: str | None = None
         self.partials: list[_Partial] = []   # per tunnel, even invalid ones, for cross-tunnel checks
+        self.policy_names: set[str] = set()  # every policy defined, valid or not
 
     def error(self, line: int, path: str, message: str) -> None:
         self.issues.append(Issue(self.file, line, path, message, self.tunnel))
@@ -808,9 +809,9 @@ def _tunnel_bgp(ctx: Ctx, m: MarkedMap, path: str, interface: InterfaceSettings 
         ctx.error(bm.line, bpath, "a tunnel BGP neighbour needs the top-level bgp section (asn: ...)")
     else:
         for key, pol in (("import", imp), ("export", exp)):
-            if pol is not None and pol not in bgp.policies:
-                known = ", ".join(bgp.policies) or "none defined"
-                close = difflib.get_close_matches(pol, list(bgp.policies), n=1)
+            if pol is not None and pol not in ctx.policy_names:
+                known = ", ".join(sorted(ctx.policy_names)) or "none defined"
+                close = difflib.get_close_matches(pol, sorted(ctx.policy_names), n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 ctx.error(bm.value_line(key), f"{bpath}.{key}",
                           f"policy '{pol}' is not defined under bgp.policies{hint} (defined: {known})")
@@ -879,6 +880,7 @@ def _bgp(ctx: Ctx, top: MarkedMap, appliance: ApplianceSettings) -> BgpSettings 
             if not isinstance(pname, str) or not _TUNNEL_NAME.match(pname):
                 ctx.error(pm.key_line(pname), ppath, "policy names use letters, digits, '.', '_' and '-'")
                 continue
+            ctx.policy_names.add(pname)
             pol = _policy(ctx, pname, pval, pm.key_line(pname), ppath)
             if pol is not None:
                 policies[pname] = pol
@@ -1017,7 +1019,8 @@ def _cross_tunnel(ctx: Ctx) -> None:
             key = (t.remote, t.remote_id)
             if key in peers:
                 o = peers[key]
-                ctx.error(t.seen.line("remote_id"), f"{path}.remote_id",
+                ctx.error(t.seen.line("remote_id" if "remote_id" in t.seen.explicit else "remote"),
+                          f"{path}.remote_id",
                           f"tunnel '{o.name}' (line {o.line}) has the same remote {t.remote} and remote_id "
                           f"{t.remote_id}; the responder could not tell them apart")
             else:
