@@ -24,7 +24,7 @@ from appliance.config.model import (DEFAULT_DPD_ACTION, DEFAULT_DPD_INTERVAL, DE
                                     BgpPolicy, BgpSettings, CertAuth, Config, DpdSettings, EspSettings,
                                     Identity, IkeSettings, InterfaceSettings, MaxPrefix, PrefixMatch,
                                     PskAuth, Tunnel, TunnelBgp)
-from appliance.config.secrets import SecretFileError, check_secret_file, read_secret_file
+from appliance.config.secrets import SecretFileError, read_secret_file
 from appliance.config.yamlmarks import DuplicateKey, MarkedMap, MarkedSeq
 
 ProposalParser = Callable[[str, str], Any]
