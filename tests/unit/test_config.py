@@ -5,6 +5,8 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from appliance.config import (ConfigError, Identity, PskAuth, load_config, model, parse_config)
 from appliance.config.validate import Bad, parse_duration, to_identity
@@ -390,3 +392,21 @@ def test_parse_config_from_text_uses_base_dir(tmp_path):
     with pytest.raises(ConfigError) as exc:
         parse_config(tunnel(""), "inline.yaml", base_dir=tmp_path / "nowhere")
     assert exc.value.issues[0].path == "tunnels.to-b.auth.psk_file"
+
+
+def test_yaml_booleans_read_as_words_where_words_are_expected(tmp_path):
+    """YAML 1.1 reads `off` as false: `nat_traversal: off` still means "off"."""
+    write_psk(tmp_path)
+    t = load_config(write_config(tmp_path, tunnel("nat_traversal: off\ndpd: {action: none}\nmobike: no"))).tunnels["to-b"]
+    assert (t.nat_traversal, t.dpd.action, t.mobike) == ("off", "none", False)
+
+
+def test_no_tunnels_is_valid(tmp_path):
+    assert load_config(write_config(tmp_path, "tunnels:\n")).tunnels == {}
+    assert load_config(write_config(tmp_path, "appliance: {name: a}\n", "b.yaml")).tunnels == {}
+
+
+@given(st.integers(0, 30), st.integers(0, 23), st.integers(0, 59), st.integers(0, 59))
+def test_duration_spellings_agree(d, h, m, s):
+    text = "".join(f"{v}{u}" for v, u in ((d, "d"), (h, "h"), (m, "m"), (s, "s")) if v) or "0s"
+    assert parse_duration(text) == parse_duration(((d * 24 + h) * 60 + m) * 60 + s) == ((d * 24 + h) * 60 + m) * 60 + s
