@@ -71,56 +71,24 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from typing import Any
 
-# --- strongSwan proposal tokens, by transform type (only what the presets need to judge) ---
+# --- proposals as the presets see them ---
 
-_ENCR = {
-    "aes128": "aes128", "aes192": "aes192", "aes256": "aes256",
-    "aes128gcm16": "aes128gcm16", "aes128gcm128": "aes128gcm16",
-    "aes192gcm16": "aes192gcm16", "aes192gcm128": "aes192gcm16",
-    "aes256gcm16": "aes256gcm16", "aes256gcm128": "aes256gcm16",
-    "aes128gcm8": "aes128gcm8", "aes128gcm12": "aes128gcm12",
-    "aes256gcm8": "aes256gcm8", "aes256gcm12": "aes256gcm12",
-    "chacha20poly1305": "chacha20poly1305",
-    "3des": "3des", "des": "des", "null": "null",
-}
-_INTEG = {
-    "sha256": "sha256", "sha2_256": "sha256", "sha384": "sha384", "sha2_384": "sha384",
-    "sha512": "sha512", "sha2_512": "sha512", "sha1": "sha1", "sha": "sha1", "md5": "md5",
-    "aesxcbc": "aesxcbc",
-}
-_PRF = {
-    "prfsha256": "prfsha256", "prfsha384": "prfsha384", "prfsha512": "prfsha512",
-    "prfsha1": "prfsha1", "prfmd5": "prfmd5", "prfaesxcbc": "prfaesxcbc",
-}
-_DH = {
-    "modp1024": "modp1024", "modp1536": "modp1536", "modp2048": "modp2048",
-    "modp3072": "modp3072", "modp4096": "modp4096", "modp6144": "modp6144",
-    "modp8192": "modp8192", "modp1024s160": "modp1024s160", "modp2048s224": "modp2048s224",
-    "modp2048s256": "modp2048s256", "ecp192": "ecp192", "ecp224": "ecp224", "ecp256": "ecp256",
-    "ecp384": "ecp384", "ecp521": "ecp521", "x25519": "x25519", "curve25519": "x25519",
-    "x448": "x448", "curve448": "x448",
-}
-_NEUTRAL = {"esn", "noesn"}  # ESN: no provider documents a limit; not judged
+def classify(proposal: Any) -> dict[str, list[str]]:
+    """Canonical strongSwan tokens of a parsed proposal (appliance.ike.proposals.Proposal), by role.
 
-
-def classify(text: str) -> dict[str, list[str]]:
-    """Split a strongSwan proposal string into canonical tokens per transform type.
-
-    Unknown tokens go under "unknown" (the proposal parser has already accepted the string, so
-    these are spellings the presets do not know and therefore cannot vouch for).
+    ESN is not judged (no provider documents a limit on it); an INTEG of NONE is not an algorithm.
     """
-    out: dict[str, list[str]] = {"encr": [], "integ": [], "prf": [], "dh": [], "unknown": []}
-    for token in text.strip().lower().split("-"):
-        if token in _ENCR:
-            out["encr"].append(_ENCR[token])
-        elif token in _INTEG:
-            out["integ"].append(_INTEG[token])
-        elif token in _PRF:
-            out["prf"].append(_PRF[token])
-        elif token in _DH:
-            out["dh"].append(_DH[token])
-        elif token not in _NEUTRAL:
-            out["unknown"].append(token)
+    from appliance.ike.constants import IntegId, TransformType
+    from appliance.ike.proposals import transform_token
+
+    roles = {TransformType.ENCR: "encr", TransformType.INTEG: "integ", TransformType.PRF: "prf",
+             TransformType.DH: "dh"}
+    out: dict[str, list[str]] = {"encr": [], "integ": [], "prf": [], "dh": []}
+    for t in proposal.transforms:
+        role = roles.get(t.type)
+        if role is None or (t.type == TransformType.INTEG and t.id == IntegId.NONE):
+            continue
+        out[role].append(transform_token(t))
     return out
 
 
@@ -134,8 +102,8 @@ class TunnelFacts:
     """
 
     explicit: set[str]
-    ike_proposals: list[str] | None      # None: the field had its own problem, already reported
-    esp_proposals: list[str] | None
+    ike_proposals: list[Any] | None      # parsed Proposals; None: already reported as a problem
+    esp_proposals: list[Any] | None
     ike_lifetime: int | None
     esp_lifetime: int | None
     esp_rekey_margin: int | None
@@ -165,15 +133,10 @@ def _fmt(seconds: int) -> str:
     return f"{seconds} s"
 
 
-def _algorithms(problems: list[Problem], where: str, texts: list[str], allowed: dict[str, set[str]],
-                provider: str, optional: tuple[str, ...] = ()) -> None:
-    for i, text in enumerate(texts):
-        tokens = classify(text)
-        for kind, values in tokens.items():
-            if kind == "unknown":
-                for token in values:
-                    problems.append((f"{where}[{i}]", f"'{token}' is not known to be accepted by {provider}"))
-                continue
+def _algorithms(problems: list[Problem], where: str, proposals: list[Any], allowed: dict[str, set[str]],
+                provider: str) -> None:
+    for i, proposal in enumerate(proposals):
+        for kind, values in classify(proposal).items():
             for value in values:
                 if value not in allowed.get(kind, set()):
                     names = {"encr": "encryption", "integ": "integrity", "prf": "PRF",
@@ -258,13 +221,13 @@ _AZ_ESP_ENCR = {"aes256gcm16", "aes192gcm16", "aes128gcm16", "aes256", "aes192",
 _AZ_ESP_INTEG = {"sha256"}
 
 
-def _one_combination(p: list[Problem], where: str, texts: list[str]) -> None:
+def _one_combination(p: list[Problem], where: str, proposals: list[Any]) -> None:
     """Azure takes exactly one policy combination per connection [AZ-1]."""
-    if len(texts) != 1:
+    if len(proposals) != 1:
         p.append((where, f"Azure accepts exactly one policy combination per connection; "
-                         f"give one proposal, not {len(texts)}"))
+                         f"give one proposal, not {len(proposals)}"))
         return
-    tokens = classify(texts[0])
+    tokens = classify(proposals[0])
     for kind in ("encr", "integ", "prf", "dh"):
         if len(tokens[kind]) > 1:
             p.append((f"{where}[0]", f"Azure accepts one algorithm per role; this proposal lists "

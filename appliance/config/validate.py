@@ -565,8 +565,8 @@ def _tunnel(ctx: Ctx, name: str, value: Any, key_line: int, bgp: BgpSettings | N
         addr = if_m.get("address") if if_m is not None else None
         facts = presets_mod.TunnelFacts(
             explicit=seen.explicit,
-            ike_proposals=list(ike.proposal_strings) if ike else None,
-            esp_proposals=list(esp.proposal_strings) if esp else None,
+            ike_proposals=list(ike.proposals) if ike else None,
+            esp_proposals=list(esp.proposals) if esp else None,
             ike_lifetime=ike.lifetime if ike else None,
             esp_lifetime=esp.lifetime if esp else None,
             esp_rekey_margin=esp.rekey_margin if esp else None,

@@ -8,6 +8,7 @@ import pytest
 
 from appliance.config import load_config
 from appliance.config.presets import AWS_RESERVED_INSIDE, GCP_GATEWAY_MTU, classify
+from appliance.ike.proposals import parse_proposal
 from tests.unit.config_util import PSK, issues_of, line_of, one_issue, tunnel, write_config, write_psk
 
 AWS = "peer_profile: aws\ninterface: {address: 169.254.100.2/30}\n"
@@ -30,12 +31,14 @@ def issues(tmp_path, body):
     return path, issues_of(path)
 
 
-def test_classify_tokens():
-    assert classify("aes256gcm16-prfsha384-ecp384") == {
-        "encr": ["aes256gcm16"], "integ": [], "prf": ["prfsha384"], "dh": ["ecp384"], "unknown": []}
-    assert classify("aes128-aes256-sha2_256-curve25519-esn") == {
-        "encr": ["aes128", "aes256"], "integ": ["sha256"], "prf": [], "dh": ["x25519"], "unknown": []}
-    assert classify("aes256-whirlpool")["unknown"] == ["whirlpool"]
+def test_classify_uses_the_parsed_proposal():
+    assert classify(parse_proposal("aes256gcm16-prfsha384-ecp384", "ike")) == {
+        "encr": ["aes256gcm16"], "integ": [], "prf": ["prfsha384"], "dh": ["ecp384"]}
+    # aliases come out canonical; the PRF a non-AEAD IKE proposal implies is judged too
+    assert classify(parse_proposal("aes128-aes256-sha2_256-curve25519", "ike")) == {
+        "encr": ["aes128", "aes256"], "integ": ["sha256"], "prf": ["prfsha256"], "dh": ["x25519"]}
+    assert classify(parse_proposal("aes256gcm128-esn", "esp")) == {
+        "encr": ["aes256gcm16"], "integ": [], "prf": [], "dh": []}
 
 
 # --- AWS ---
