@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from appliance.config.secrets import Secret
+from appliance.ike.proposals import Proposal
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -75,10 +76,10 @@ Auth = PskAuth | CertAuth
 
 @dataclass(frozen=True)
 class IkeSettings:
-    """IKE SA settings. ``proposals`` are parsed proposal objects (appliance.ike.proposals)."""
+    """IKE SA settings: proposals in our order of preference (RFC 7296 §2.7), as written and parsed."""
 
     proposal_strings: tuple[str, ...]
-    proposals: tuple[Any, ...] = field(repr=False, compare=False)  # determined by the strings
+    proposals: tuple[Proposal, ...] = field(repr=False, compare=False)  # determined by the strings
     lifetime: int = DEFAULT_IKE_LIFETIME          # seconds; rekey at lifetime - rekey_margin
     rekey_margin: int = DEFAULT_REKEY_MARGIN
 
@@ -88,7 +89,7 @@ class EspSettings:
     """Child SA (ESP) settings; a KE method in the proposal means PFS on rekey (RFC 7296 §1.3.1)."""
 
     proposal_strings: tuple[str, ...]
-    proposals: tuple[Any, ...] = field(repr=False, compare=False)
+    proposals: tuple[Proposal, ...] = field(repr=False, compare=False)
     lifetime: int = DEFAULT_ESP_LIFETIME
     rekey_margin: int = DEFAULT_REKEY_MARGIN
 
