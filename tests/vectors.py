@@ -117,9 +117,7 @@ def _udp_from_ip(ip: bytes) -> tuple[str, str, int, int, bytes] | None:
             return None
         src = str(ipaddress.IPv4Address(ip[12:16]))
         dst = str(ipaddress.IPv4Address(ip[16:20]))
-        l4 = ip[ihl:total]
-        if frag & 0x2000:  # first fragment of a fragmented datagram: use what is here
-            pass
+        l4 = ip[ihl:total]  # a first fragment gives what it has; ulen below will not fit
     elif version == 6:
         nxt = ip[6]
         plen = int.from_bytes(ip[4:6], "big")
