@@ -22,6 +22,7 @@ keys of a test daemon; they live only in the instance's work directory.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -453,6 +454,16 @@ def child_keys_from_log(text: str) -> dict[int, ChildKeys]:
 # The daemon
 # ---------------------------------------------------------------------------------------------
 
+_RUNNING: set["StrongSwan"] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """Daemons run in their own session (Ctrl-C does not reach them): never leave one behind."""
+    for d in list(_RUNNING):
+        d.kill()
+
+
 DEFAULT_LOG_LEVELS = {"default": 1, "ike": 2, "cfg": 2, "knl": 1, "net": 1, "enc": 1, "chd": 2}
 EVENTS = ("ike-updown", "child-updown", "ike-rekey", "child-rekey")
 
@@ -531,6 +542,7 @@ class StrongSwan:
         self.proc = subprocess.Popen(self._argv([CHARON]), env=self._env(), stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         out.close()
+        _RUNNING.add(self)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -583,6 +595,7 @@ class StrongSwan:
                 self.proc.wait()
                 raise StrongSwanError(f"{self.name}: charon did not exit within {timeout} s of SIGTERM\n"
                                       + self.log_tail())
+        _RUNNING.discard(self)
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -591,6 +604,7 @@ class StrongSwan:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        _RUNNING.discard(self)
 
     def close(self) -> None:
         try:
