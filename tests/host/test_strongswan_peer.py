@@ -9,12 +9,11 @@ kernel-libipsec forces UDP encapsulation, so Child SAs are ESP-in-UDP here.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
-from tests.peers.strongswan import Child, Conn, IkeSa, Retransmit, StrongSwan, StrongSwanError, spis_match
-from tests.peers.topology import pair_of_namespaces
+from tests.peers.strongswan import Child, Conn, IkeSa, StrongSwan, StrongSwanError, spis_match
+from tests.peers.fixtures import ns_pair, strongswan_factory  # noqa: F401
 
 PSK = "interop-Secret-0123456789"
 
@@ -35,23 +34,14 @@ def tunnel(proposal: str = "x25519", **changes) -> Conn:
 
 
 @pytest.fixture
-def nets():
-    with pair_of_namespaces() as sides:
-        yield sides
+def nets(ns_pair):
+    return ns_pair
 
 
 @pytest.fixture
-def daemons(nets, tmp_path: Path):
-    a_side, b_side = nets
-    a = StrongSwan(tmp_path / "A", a_side.name, name="A")
-    b = StrongSwan(tmp_path / "B", b_side.name, name="B")
-    try:
-        a.start()
-        b.start()
-        yield a, b
-    finally:
-        a.close()
-        b.close()
+def daemons(ns_pair, strongswan_factory):
+    a_side, b_side = ns_pair
+    return strongswan_factory(a_side, "A"), strongswan_factory(b_side, "B")
 
 
 def up(a: StrongSwan, b: StrongSwan, conn: Conn, conn_b: Conn | None = None) -> tuple[IkeSa, IkeSa]:
