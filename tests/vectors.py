@@ -117,9 +117,7 @@ def _udp_from_ip(ip: bytes) -> tuple[str, str, int, int, bytes] | None:
             return None
         src = str(ipaddress.IPv4Address(ip[12:16]))
         dst = str(ipaddress.IPv4Address(ip[16:20]))
-        l4 = ip[ihl:total]
-        if frag & 0x2000:  # first fragment of a fragmented datagram: use what is here
-            pass
+        l4 = ip[ihl:total]  # a first fragment gives what it has; ulen below will not fit
     elif version == 6:
         nxt = ip[6]
         plen = int.from_bytes(ip[4:6], "big")
@@ -279,10 +277,14 @@ class LogDump:
     group: str
     label: str
     data: bytes
+    ike_sa: str = ""  # "<conn|unique id>" of filelog lines, e.g. "p|1"
 
 
-_HEAD = re.compile(r"^(\d+)\[(\w+)\] (.*?) => (\d+) bytes @ (?:0x)?[0-9a-fA-F]+\s*$")
-_ROW = re.compile(r"^(\d+)\[(\w+)\]\s+(\d+): ((?:[0-9A-F]{2} ?){1,16})")
+# Both charon's default format ("06[IKE] text") and the filelog format with a time stamp and
+# the IKE SA ("08:26:27.541 11[IKE] <p|1> text") are understood.
+_HEAD = re.compile(r"^(?:[\d:.]+ )?(\d+)\[(\w+)\] (?:<([^>]*)> )?(.*?) => (\d+) bytes"
+                   r" @ (?:0x)?[0-9a-fA-F]+\s*$")
+_ROW = re.compile(r"^(?:[\d:.]+ )?(\d+)\[(\w+)\] (?:<[^>]*> )?\s*(\d+): ((?:[0-9A-F]{2} ?){1,16})")
 
 
 def read_charon_log(path: str | Path) -> list[LogDump]:
@@ -295,7 +297,7 @@ def read_charon_log(path: str | Path) -> list[LogDump]:
         if not m:
             i += 1
             continue
-        thread, group, label, n = int(m[1]), m[2], m[3].strip(), int(m[4])
+        thread, group, ike_sa, label, n = int(m[1]), m[2], m[3] or "", m[4].strip(), int(m[5])
         buf = bytearray()
         j = i + 1
         while len(buf) < n and j < len(lines):
@@ -306,7 +308,7 @@ def read_charon_log(path: str | Path) -> list[LogDump]:
             j += 1
         if len(buf) != n:
             raise ValueError(f"{path}:{i + 1}: dump {label!r} has {len(buf)} of {n} bytes")
-        out.append(LogDump(i + 1, thread, group, label, bytes(buf)))
+        out.append(LogDump(i + 1, thread, group, label, bytes(buf), ike_sa))
         i = j
     return out
 
@@ -322,7 +324,7 @@ class StrongswanVector:
     """A recorded strongSwan conversation (see the directory's README)."""
 
     directory: Path
-    psk: bytes
+    psk: bytes = field(repr=False)
     initiator_id: bytes  # ID data (FQDN) of the initiator
     responder_id: bytes
     initiator_addr: str
@@ -344,6 +346,20 @@ class StrongswanVector:
     def available(self) -> bool:
         return self.pcap.exists()
 
+    @classmethod
+    def from_json(cls, directory: str | Path) -> "StrongswanVector":
+        """A vector recorded by tests/record_strongswan_vectors.py (its vector.json)."""
+        import json
+
+        d = Path(directory)
+        meta = json.loads((d / "vector.json").read_text())
+        return cls(directory=d, psk=meta["psk"].encode(),
+                   initiator_id=meta["initiator_id"].encode(),
+                   responder_id=meta["responder_id"].encode(),
+                   initiator_addr=meta["initiator_addr"], responder_addr=meta["responder_addr"],
+                   ike_proposal=meta["ike_proposal"], esp_proposal=meta["esp_proposal"],
+                   logs=meta["logs"])
+
 
 STRONGSWAN_PSK_X25519 = StrongswanVector(
     directory=VECTORS_DIR / "strongswan-5.9.8-psk-x25519-aes256gcm",
@@ -358,6 +374,16 @@ STRONGSWAN_PSK_X25519 = StrongswanVector(
 )
 
 
+#: Conversations recorded from two strongSwan daemons (tests/record_strongswan_vectors.py):
+#: Child SA keys are logged (CHD level 4), the Child SA and the IKE SA are rekeyed, with PFS.
+RECORDED_DIR = Path(__file__).resolve().parent / "data" / "strongswan"
+
+
+def recorded_vectors() -> list[StrongswanVector]:
+    return [StrongswanVector.from_json(p) for p in sorted(RECORDED_DIR.glob("*/vector.json"))
+            for p in [p.parent]]
+
+
 def iter_sa_proposals(sa_body: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
     """(proposal number, protocol id, SPI, transforms octets) of each Proposal substructure in
     an SA payload body (RFC 7296 §3.3.1) - enough for tests to find rekey SPIs."""
@@ -370,3 +396,53 @@ def iter_sa_proposals(sa_body: bytes) -> Iterator[tuple[int, int, bytes, bytes]]
         off += plen
         if last == 0:
             break
+
+
+@dataclass(frozen=True, repr=False)
+class LoggedChildKeys:
+    """One Child SA key derivation as charon logged it (CHD level 4): the KEYMAT ``seed``
+    ([g^ir |] Ni | Nr), the PFS ``dh`` secret if any, and the four keys."""
+
+    line: int
+    ike_sa: str
+    seed: bytes
+    dh: bytes | None
+    ei: bytes
+    er: bytes
+    ai: bytes
+    ar: bytes
+
+
+_CHILD_LABELS = {"encryption initiator key": "ei", "encryption responder key": "er",
+                 "integrity initiator key": "ai", "integrity responder key": "ar"}
+
+
+def logged_child_keys(log: list[LogDump]) -> list[LoggedChildKeys]:
+    """Every Child SA derivation of a charon log with CHD at level 4, in log order. charon logs
+    "DH secret" (PFS only), "seed", then the keys, all on one thread."""
+    out: list[LoggedChildKeys] = []
+    open_: dict[int, dict] = {}
+    last_dh: dict[int, bytes] = {}
+
+    def close(th: int) -> None:
+        r = open_.pop(th, None)
+        if r is not None:
+            out.append(LoggedChildKeys(r["line"], r["ike_sa"], r["seed"], r["dh"],
+                                       r.get("ei", b""), r.get("er", b""), r.get("ai", b""),
+                                       r.get("ar", b"")))
+
+    for d in log:
+        if d.group != "CHD":
+            continue
+        if d.label == "DH secret":
+            close(d.thread)
+            last_dh[d.thread] = d.data
+        elif d.label == "seed":
+            close(d.thread)
+            open_[d.thread] = {"line": d.line, "ike_sa": d.ike_sa, "seed": d.data,
+                               "dh": last_dh.pop(d.thread, None)}
+        elif d.label in _CHILD_LABELS and d.thread in open_:
+            open_[d.thread][_CHILD_LABELS[d.label]] = d.data
+    for th in list(open_):
+        close(th)
+    return sorted(out, key=lambda r: r.line)

@@ -1,6 +1,6 @@
 """The pinned ExaBGP (requirements.lock) peers with the routers users run: BIRD 2 and FRR.
 
-ExaBGP in one namespace, the router in another, a veth between them; each side announces a
+ExaBGP in one namespace, the router (tests/peers harnesses) in another, a veth between them; each side announces a
 prefix. Asserted: the session is established, the router learned ExaBGP's prefix, and ExaBGP's API
 process received the router's prefix as a JSON update. This is the evidence behind the choice of
 the ExaBGP line in docs/ARCHITECTURE.md.
@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.netns import Netns, veth_pair
+from tests.peers.bird import Bird
+from tests.peers.daemon import BgpNeighbor
+from tests.peers.frr import Frr
 
 EXABGP = Path(sys.executable).parent / "exabgp"
 
@@ -38,60 +41,14 @@ neighbor 10.99.0.2 {{
 }}
 """
 
-BIRD_CONF = """
-router id 10.99.0.2;
-protocol device {}
-protocol static { ipv4; route 10.2.0.0/16 unreachable; }
-protocol bgp exa {
-  local 10.99.0.2 as 65002;
-  neighbor 10.99.0.1 as 65001;
-  hold time 9;
-  ipv4 { import all; export all; };
-}
-"""
-
-FRR_CONF = """
-frr defaults datacenter
-hostname frr-b
-router bgp 65002
- bgp router-id 10.99.0.2
- no bgp ebgp-requires-policy
- neighbor 10.99.0.1 remote-as 65001
- neighbor 10.99.0.1 timers 3 9
- address-family ipv4 unicast
-  network 10.2.0.0/16
- exit-address-family
-"""
-
-
-def start_bird(ns: Netns, d: Path):
-    (d / "bird.conf").write_text(BIRD_CONF)
-    ns.run(["bird", "-c", str(d / "bird.conf"), "-s", str(d / "bird.ctl"), "-P", str(d / "bird.pid")])
-
-    def learned() -> str:
-        return subprocess.run(["birdc", "-s", str(d / "bird.ctl"), "show", "route", "protocol", "exa"],
-                              capture_output=True, text=True).stdout
-
-    def stop() -> None:
-        subprocess.run(["kill", (d / "bird.pid").read_text().strip()], check=False)
-
-    return learned, stop
-
-
-def start_frr(ns: Netns, d: Path):
-    (d / "frr.conf").write_text(FRR_CONF)
-    (d / "vty").mkdir()
-    ns.run(["/usr/lib/frr/bgpd", "-d", "-Z", "-S", "-f", str(d / "frr.conf"), "-i", str(d / "bgpd.pid"),
-            "--vty_socket", str(d / "vty"), "-l", "10.99.0.2", "--log", f"file:{d / 'bgpd.log'}"])
-
-    def learned() -> str:
-        return subprocess.run(["vtysh", "--vty_socket", str(d / "vty"), "-c", "show ip bgp"],
-                              capture_output=True, text=True).stdout
-
-    def stop() -> None:
-        subprocess.run(["kill", (d / "bgpd.pid").read_text().strip()], check=False)
-
-    return learned, stop
+def start_router(kind: str, ns: Netns, workdir: Path):
+    """BIRD or FRR bgpd (tests/peers) peering with ExaBGP at 10.99.0.1 and announcing 10.2.0.0/16."""
+    common = dict(router_id="10.99.0.2", local_as=65002, announce=["10.2.0.0/16"],
+                  neighbors=[BgpNeighbor("10.99.0.1", 65001, local_address="10.99.0.2", hold_time=9)])
+    router = (Bird if kind == "bird" else Frr)(workdir / kind, ns.name, **common)
+    router.start()
+    learned = (lambda: router.learned(0)) if kind == "bird" else (lambda: router.learned_from("10.99.0.1"))
+    return router, learned
 
 
 @pytest.mark.parametrize("router", ["bird", "frr"])
@@ -100,7 +57,7 @@ def test_exabgp_exchanges_routes_with(router, tmp_path):
         veth_pair(a, "xa", b, "xb")
         a.run("ip addr add 10.99.0.1/30 dev xa")
         b.run("ip addr add 10.99.0.2/30 dev xb")
-        learned, stop = (start_bird if router == "bird" else start_frr)(b, tmp_path)
+        peer, learned = start_router(router, b, tmp_path)
         api_log = tmp_path / "api.log"
         (tmp_path / "api.py").write_text(
             f"import sys\nwith open({str(api_log)!r}, 'a') as f:\n    for line in sys.stdin:\n        f.write(line); f.flush()\n")
@@ -130,4 +87,4 @@ def test_exabgp_exchanges_routes_with(router, tmp_path):
                 exa.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 exa.kill()
-            stop()
+            peer.close()
