@@ -15,13 +15,11 @@ every key always present). Exit status (also in ``isthmus --help`` and docs/cont
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
-
-import json
-import sys
 
 import click
 from click.shell_completion import CompletionItem, get_completion_class

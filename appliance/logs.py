@@ -62,14 +62,10 @@ def register_secret_type(cls: type) -> None:
 
 
 def _register_known_types() -> None:
+    from appliance.config.secrets import Secret
     from appliance.ike.crypto import ChildKeys, IkeKeys, KeyExchange
-    for cls in (IkeKeys, ChildKeys, KeyExchange):
+    for cls in (Secret, IkeKeys, ChildKeys, KeyExchange):
         register_secret_type(cls)
-    try:
-        from appliance.config.secrets import Secret
-    except ImportError:  # pragma: no cover - the config package is always present once merged
-        return
-    register_secret_type(Secret)
 
 
 _register_known_types()

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from appliance import logs
+from appliance.config import Secret, load_config
 from appliance.ike.crypto import ChildKeys, IkeKeys, KeyExchange
+from tests.unit.config_util import PSK, make_pki, tunnel, write_config, write_psk
 
 FAKE_PSK = b"FAKE-psk-Zq9v!Xw2"        # registered with the log module, as the daemon does for PSKs
 RAW_KEY = bytes(range(0x40, 0x60))      # key material that is only ever passed as bytes / key holders
@@ -65,7 +67,10 @@ def every_path(log: logging.Logger, psk_text: str) -> None:
     keys = IkeKeys(RAW_KEY, RAW_KEY, RAW_KEY, RAW_KEY, RAW_KEY, RAW_KEY, RAW_KEY)
     child = ChildKeys(RAW_KEY, b"", RAW_KEY, b"")
     ke = KeyExchange.generate(31, lambda n: RAW_KEY[:n])
+    secret = Secret(FAKE_PSK)
     log.info("psk %s key %s keys %s child %r ke %s", FAKE_PSK, RAW_KEY, keys, child, ke)
+    log.info("Secret %s %r %d", secret, secret, len(secret), extra={"value": secret, "items": [secret]})
+    log.info(f"Secret in an f-string {secret} {secret!r} {secret:>30}")
     log.info("mapping %(a)s %(b)r", {"a": FAKE_PSK, "b": RAW_KEY})
     log.info(f"f-string repr {FAKE_PSK!r} {RAW_KEY!r}")
     log.info(f"f-string text {psk_text} hex {FAKE_PSK.hex()} HEX {FAKE_PSK.hex().upper()} "
@@ -106,13 +111,15 @@ def test_no_secret_on_any_path(capture, fmt):
     if fmt == "json":
         lines = out.splitlines()
         records = [json.loads(line) for line in lines]
-        assert len(records) == 16
+        assert len(records) == 18
         for r in records:
             assert list(r)[:4] == ["time", "level", "logger", "message"]
-        assert records[2]["message"] == "f-string repr <bytes> <bytes>"
-        assert records[3]["message"] == ("f-string text <redacted> hex <redacted> HEX <redacted> "
+        assert records[1]["message"] == "Secret <redacted> '<redacted>' 17"
+        assert records[1]["value"] == "<redacted>" and records[1]["items"] == ["<redacted>"]
+        assert records[4]["message"] == "f-string repr <bytes> <bytes>"
+        assert records[5]["message"] == ("f-string text <redacted> hex <redacted> HEX <redacted> "
                                          "b64 <redacted>")
-        ex = records[8]
+        ex = records[10]
         assert ex["psk"] == ex["secret"] == ex["private_key"] == ex["SK_d"] == ex["keys"] == "<redacted>"
         assert ex["blob"] == "<32 bytes>"
         assert ex["nested"] == {"list": ["<32 bytes>", {"password": "<redacted>"}]}
@@ -227,3 +234,29 @@ def test_is_secret_name():
         assert logs.is_secret_name(name), name
     for name in ("tunnel", "spi", "spi_in", "peer", "key_exchange", "keyring_size", "monkey", "state"):
         assert not logs.is_secret_name(name), name
+
+
+@pytest.mark.parametrize("fmt", ["json", "human"])
+def test_a_loaded_config_logs_without_its_secrets(capture, tmp_path, fmt):
+    """The real config model (PSK tunnel + certificate tunnel) logged whole, as a daemon might."""
+    buf, plain = capture(fmt)
+    write_psk(tmp_path)
+    pki = make_pki(tmp_path)
+    path = write_config(tmp_path, tunnel("") + f"""\
+  to-c:
+    remote: 203.0.113.7
+    auth: {{certificate: {pki['certificate']}, key: {pki['key']}, ca: {pki['ca']}}}
+""")
+    config = load_config(path)
+    key_pem = pki["key"].read_text()
+    key_body = "".join(key_pem.strip().splitlines()[1:-1])
+    log = logging.getLogger("isthmus.daemon")
+    log.info("loaded %s", config)
+    log.info(f"loaded {config!r}")
+    log.info("tunnels", extra={"config": config, "auth": config.tunnels["to-c"].auth,
+                               "to_b": config.tunnels["to-b"]})
+    out, control = buf.getvalue(), plain.getvalue()
+    assert "to-b" in out and "to-c" in out
+    for leak in (PSK, PSK.encode().hex(), key_body[:40], key_body[-40:], "BEGIN PRIVATE KEY"):
+        assert leak not in out, f"{leak!r} leaked"
+    assert "BEGIN PRIVATE KEY" not in control  # the model's own repr already hides it; nothing to undo
