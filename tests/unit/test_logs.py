@@ -38,6 +38,7 @@ def capture():
     same records as the control: it shows the secrets really went through the logging calls."""
     logs.forget_registered_secrets()
     added: list[logging.Handler] = []
+    root_level = logging.getLogger().level
 
     def install(fmt: str):
         buf = io.StringIO()
@@ -51,6 +52,8 @@ def capture():
     yield install
     for h in added:
         logging.getLogger().removeHandler(h)
+    logging.getLogger().setLevel(root_level)
+    logging.captureWarnings(False)
     logs.forget_registered_secrets()
 
 
@@ -192,10 +195,11 @@ def test_bad_arguments_do_not_crash():
     assert "things" in logs.HumanFormatter().format(rec("%d things", ("x",)))
 
 
-def test_setup_logging_choices(monkeypatch):
+def test_setup_logging_choices(monkeypatch, capture):
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     h = logs.setup_logging("info", "auto", stream=io.StringIO())
     assert isinstance(h.formatter, logs.JsonFormatter)  # not a terminal: JSON
+    assert h in logging.getLogger().handlers
     master, slave = os.openpty()
     try:
         with os.fdopen(slave, "w", closefd=True) as tty:
