@@ -157,6 +157,12 @@ def check_params(params: Mapping[str, Any], allowed: Iterable[str]) -> None:
                                              f"{', '.join(map(repr, extra))}; allowed: {names}")
 
 
+def unknown_tunnel(name: str, configured: Iterable[str]) -> ControlError:
+    """The ``unknown_tunnel`` error every method answers for a name that is not configured."""
+    names = ", ".join(sorted(configured)) or "none"
+    return ControlError(E_UNKNOWN_TUNNEL, f"no tunnel '{name}'; configured: {names}")
+
+
 def _json_type_name(t: type) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
             dict: "an object", type(None): "null"}.get(t, t.__name__)
@@ -302,6 +308,7 @@ class ControlServer:
 
     ``handlers`` maps a method name to ``async def handler(params: dict) -> result`` (a JSON
     value). ``subscribe`` is built in and served from ``events``; a handler may not take its name.
+    ``version`` has a default (package version, protocol version, pid) that a handler may replace.
     Typical use in the daemon::
 
         bus = EventBus()
@@ -319,7 +326,7 @@ class ControlServer:
         if SUBSCRIBE in handlers:
             raise ValueError("'subscribe' is served by ControlServer itself; do not register a handler for it")
         self.path = Path(path)
-        self.handlers = dict(handlers)
+        self.handlers = {"version": _version, **handlers}
         self.events = events if events is not None else EventBus()
         self.max_request = max_request
         self.max_connections = max_connections
@@ -512,6 +519,12 @@ class ControlServer:
     async def _send(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
         writer.write(_encode(obj))
         await writer.drain()
+
+
+async def _version(params: dict[str, Any]) -> dict[str, Any]:
+    from appliance import __version__
+    check_params(params, ())
+    return {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid()}
 
 
 def _str_list(params: Mapping[str, Any], name: str) -> list[str] | None:

@@ -14,7 +14,7 @@ import pytest
 from appliance.control import (E_BAD_REQUEST, E_BUSY, E_INTERNAL, E_INVALID_PARAMS, E_TOO_LARGE, E_UNKNOWN_METHOD,
                                ControlClient, ControlError, ControlServer, ControlSocketInUse, DaemonUnreachable,
                                EventBus, RemoteError, RunDirError, check_params, format_spi, param, prepare_run_dir,
-                               resolve_run_dir, socket_path)
+                               resolve_run_dir, socket_path, unknown_tunnel)
 from tests.unit.control_util import ServerThread, wait_until
 
 
@@ -70,6 +70,18 @@ def test_call_round_trip(srv):
     with ControlClient(srv.run_dir) as c:
         assert c.call("echo", tunnel="to-b", n=3) == {"params": {"tunnel": "to-b", "n": 3}}
         assert c.call("echo") == {"params": {}}  # same connection, second request
+
+
+def test_default_version(srv):
+    from appliance import __version__
+    with ControlClient(srv.run_dir) as c:
+        assert c.call("version") == {"version": __version__, "protocol": 1, "pid": os.getpid()}
+
+
+def test_unknown_tunnel_helper():
+    err = unknown_tunnel("x", ["to-c", "to-b"])
+    assert (err.code, err.message) == ("unknown_tunnel", "no tunnel 'x'; configured: to-b, to-c")
+    assert unknown_tunnel("x", []).message.endswith("configured: none")
 
 
 def test_handler_errors_are_answers_not_crashes(srv):
