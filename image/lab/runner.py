@@ -192,6 +192,7 @@ class LabRun:
     console: str                # everything the guest printed on its console
     results: list[dict]         # JSON lines written by the command to /dev/ttyS2 ($ISTHMUS_LAB_RESULTS)
     seconds: float
+    qemu_pid: int = 0           # the guest's qemu process, reaped before run() returns
 
     @property
     def ok(self) -> bool:
@@ -277,7 +278,7 @@ def run(command: str | Sequence[str], timeout: float = DEFAULT_TIMEOUT,
                     with contextlib.suppress(json.JSONDecodeError):
                         results.append(json.loads(line))
         return LabRun(status=status, timed_out=timed_out, console="\n".join(lines),
-                      results=results, seconds=seconds)
+                      results=results, seconds=seconds, qemu_pid=proc.pid)
 
 
 def shell() -> int:

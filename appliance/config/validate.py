@@ -1,0 +1,1028 @@
+"""Turn a marked YAML tree into the typed model, collecting every problem on the way.
+
+Each field is read through a converter; a converter raises :class:`Bad` with a message that says
+what is allowed, and the validator turns it into an :class:`Issue` at the line of the value.
+Validation continues after a problem so that one run reports all of them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import zlib
+from collections.abc import Callable, Iterable
+from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network,
+                       ip_address, ip_interface, ip_network)
+from pathlib import Path
+from typing import Any
+
+from appliance.config import presets as presets_mod
+from appliance.config.errors import Issue
+from appliance.config.model import (DEFAULT_DPD_ACTION, DEFAULT_DPD_INTERVAL, DEFAULT_DPD_TIMEOUT,
+                                    DEFAULT_ESP_LIFETIME, DEFAULT_ESP_PROPOSAL, DEFAULT_IKE_LIFETIME,
+                                    DEFAULT_IKE_PROPOSAL, DEFAULT_REKEY_MARGIN, ApplianceSettings,
+                                    BgpPolicy, BgpSettings, CertAuth, Config, DpdSettings, EspSettings,
+                                    Identity, IkeSettings, InterfaceSettings, MaxPrefix, PrefixMatch,
+                                    PskAuth, Tunnel, TunnelBgp)
+from appliance.config.secrets import SecretFileError, read_secret_file
+from appliance.config.yamlmarks import DuplicateKey, MarkedMap, MarkedSeq
+
+ProposalParser = Callable[[str, str], Any]
+
+INSIDE_SUPERNET = IPv4Network("169.254.0.0/16")
+IFNAMSIZ = 16  # Linux: names up to 15 characters plus NUL
+_TUNNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_MISSING = object()
+
+TOP_KEYS = ("appliance", "tunnels", "bgp")
+APPLIANCE_KEYS = ("name", "router_id")
+TUNNEL_KEYS = ("remote", "local", "local_id", "remote_id", "auth", "ike", "esp", "dpd", "nat_traversal",
+               "mobike", "start", "interface", "bgp", "peer_profile")
+AUTH_KEYS = ("psk_file", "certificate", "key", "ca")
+SA_KEYS = ("proposals", "lifetime", "rekey_margin")
+DPD_KEYS = ("interval", "timeout", "action")
+INTERFACE_KEYS = ("name", "if_id", "address", "address6", "mtu", "outer_mtu")
+TUNNEL_BGP_KEYS = ("peer_as", "peer_address", "hold_time", "import", "export")
+BGP_KEYS = ("asn", "router_id", "announce", "policies")
+POLICY_KEYS = ("prefixes", "max_prefix", "local_pref", "med", "prepend", "communities")
+PREFIX_KEYS = ("prefix", "ge", "le", "action")
+MAX_PREFIX_KEYS = ("limit", "action")
+WELL_KNOWN_COMMUNITIES = ("no-export", "no-advertise", "no-export-subconfed", "no-peer", "blackhole",
+                          "graceful-shutdown")
+
+
+class Bad(Exception):
+    """A value is not acceptable; the message says what is allowed."""
+
+
+# ----------------------------------------------------------------------------------------------
+# converters (value -> typed value, or raise Bad)
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "a number"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Bad(f"expected a string, got {_type_name(value)}")
+    if not value.strip():
+        raise Bad("must not be empty")
+    return value
+
+
+def to_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Bad(f"expected true or false, got {_type_name(value)}")
+    return value
+
+
+def int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def conv(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Bad(f"expected a whole number {lo}..{hi}, got {_type_name(value)}")
+        if not lo <= value <= hi:
+            raise Bad(f"{value} is out of range; allowed: {lo}..{hi}")
+        return value
+    return conv
+
+
+def parse_duration(value: Any) -> int:
+    """``24h``, ``30s``, ``1h30m``, ``2d``, or a whole number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise Bad("expected a duration like 30s, 10m, 1h30m or 24h, got a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise Bad("a duration cannot be negative")
+        return value
+    if not isinstance(value, str):
+        raise Bad(f"expected a duration like 30s, 10m, 1h30m or 24h, got {_type_name(value)}")
+    text = value.strip().replace(" ", "")
+    m = _DURATION.match(text)
+    if not text or m is None or not any(m.groups()):
+        raise Bad(f"'{value}' is not a duration; write e.g. 30s, 10m, 1h30m, 24h or 2d "
+                  f"(units d, h, m, s in that order)")
+    d, h, mi, s = (int(g) if g else 0 for g in m.groups())
+    return ((d * 24 + h) * 60 + mi) * 60 + s
+
+
+def duration_range(lo: int, hi: int | None = None) -> Callable[[Any], int]:
+    def conv(value: Any) -> int:
+        seconds = parse_duration(value)
+        if seconds < lo or (hi is not None and seconds > hi):
+            allowed = f"at least {_human(lo)}" if hi is None else f"{_human(lo)}..{_human(hi)}"
+            raise Bad(f"{_human(seconds)} is out of range; allowed: {allowed}")
+        return seconds
+    return conv
+
+
+def _human(seconds: int) -> str:
+    if seconds and seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds and seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def conv(value: Any) -> str:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            value = {True: "on", False: "off"}[value]
+        if not isinstance(value, str) or value not in options:
+            shown = f"'{value}'" if isinstance(value, (str, int)) else _type_name(value)
+            raise Bad(f"{shown} is not allowed; allowed: {', '.join(options)}")
+        return value
+    return conv
+
+
+def to_ip(value: Any) -> IPv4Address | IPv6Address:
+    if not isinstance(value, str):
+        raise Bad(f"expected an IPv4 or IPv6 address, got {_type_name(value)}")
+    try:
+        return ip_address(value.strip())
+    except ValueError:
+        raise Bad(f"'{value}' is not an IPv4 or IPv6 address") from None
+
+
+def to_ipv4(value: Any) -> IPv4Address:
+    if not isinstance(value, str):
+        raise Bad(f"expected an IPv4 address, got {_type_name(value)}")
+    try:
+        return IPv4Address(value.strip())
+    except ValueError:
+        raise Bad(f"'{value}' is not an IPv4 address") from None
+
+
+def to_network(value: Any) -> IPv4Network | IPv6Network:
+    if not isinstance(value, str):
+        raise Bad(f"expected a prefix like 10.1.0.0/16, got {_type_name(value)}")
+    try:
+        return ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        if "has host bits set" in str(exc):
+            fixed = ip_network(value.strip(), strict=False)
+            raise Bad(f"'{value}' has host bits set; did you mean {fixed}?") from None
+        raise Bad(f"'{value}' is not a prefix like 10.1.0.0/16 or 2001:db8::/32") from None
+
+
+def to_inside_v4(value: Any) -> IPv4Interface:
+    """An IPv4 address with prefix length (the range rules are in :func:`inside_v4_problems`)."""
+    if not isinstance(value, str):
+        raise Bad(f"expected an address with prefix length like 169.254.21.1/30, got {_type_name(value)}")
+    try:
+        iface = ip_interface(value.strip())
+    except ValueError:
+        raise Bad(f"'{value}' is not an address with prefix length like 169.254.21.1/30") from None
+    if not isinstance(iface, IPv4Interface) or "/" not in value:
+        raise Bad(f"'{value}': expected an IPv4 address with prefix length like 169.254.21.1/30")
+    return iface
+
+
+def inside_v4_problems(iface: IPv4Interface, range_rules: bool = True) -> list[str]:
+    """The tunnel's inside IPv4 address: a /30 or /31 in 169.254.0.0/16 (link-local), a host address.
+
+    ``range_rules`` False leaves prefix length and range to a cloud preset's stricter rules.
+    """
+    net = iface.network
+    problems = []
+    if range_rules and net.prefixlen not in (30, 31):
+        problems.append(f"inside network {net} is a /{net.prefixlen}; allowed: /30 or /31 in 169.254.0.0/16")
+    elif range_rules and not net.subnet_of(INSIDE_SUPERNET):
+        problems.append(f"inside network {net} is not in 169.254.0.0/16 (link-local); allowed: /30 or /31 "
+                        f"in 169.254.0.0/16")
+    if net.prefixlen <= 30 and iface.ip in (net.network_address, net.broadcast_address):
+        problems.append(f"{iface.ip} is the network or broadcast address of {net}; use a host address "
+                        f"such as {net.network_address + 1}")
+    return problems
+
+
+def to_inside_v6(value: Any) -> IPv6Interface:
+    if not isinstance(value, str):
+        raise Bad(f"expected an IPv6 address with prefix length like fd00:21::1/126, got {_type_name(value)}")
+    try:
+        iface = ip_interface(value.strip())
+    except ValueError:
+        raise Bad(f"'{value}' is not an address with prefix length like fd00:21::1/126") from None
+    if not isinstance(iface, IPv6Interface) or "/" not in value:
+        raise Bad(f"'{value}': expected an IPv6 address with prefix length like fd00:21::1/126")
+    if iface.network.prefixlen != 126:
+        raise Bad(f"inside IPv6 network {iface.network} is a /{iface.network.prefixlen}; allowed: /126")
+    if iface.ip == iface.network.network_address:
+        raise Bad(f"{iface.ip} is the subnet-router anycast address of {iface.network}; use another")
+    return iface
+
+
+def to_ifname(value: Any) -> str:
+    name = to_str(value)
+    if len(name) >= IFNAMSIZ:
+        raise Bad(f"interface name '{name}' has {len(name)} characters; allowed: at most {IFNAMSIZ - 1}")
+    if name in (".", "..") or any(c in name for c in "/:") or any(c.isspace() for c in name):
+        raise Bad(f"interface name '{name}' is not valid; allowed: up to 15 characters without '/', ':' "
+                  f"or spaces")
+    return name
+
+
+def to_mtu(value: Any) -> int | None:
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Bad(f"expected auto or a number 576..9000, got {_type_name(value)}")
+    if not 576 <= value <= 9000:
+        raise Bad(f"MTU {value} is out of range; allowed: auto or 576..9000")
+    return value
+
+
+def to_identity(value: Any) -> Identity:
+    """IKE identity (RFC 7296 §3.5), strongSwan-style spelling.
+
+    ``198.51.100.1`` / ``2001:db8::1`` -> IP address; ``@host.example`` or ``host.example`` ->
+    FQDN; ``user@example.net`` -> RFC 822; ``keyid:...`` -> KEY_ID; ``C=.., O=.., CN=..`` -> DN.
+    """
+    text = to_str(value).strip()
+    try:
+        addr = ip_address(text)
+        return Identity("ipv4" if addr.version == 4 else "ipv6", str(addr))
+    except ValueError:
+        pass
+    if text.startswith("keyid:"):
+        if len(text) == len("keyid:"):
+            raise Bad("keyid: needs a value after the colon")
+        return Identity("keyid", text[len("keyid:"):])
+    if text.startswith("@"):
+        if len(text) == 1:
+            raise Bad("'@' needs a host name after it")
+        return Identity("fqdn", text[1:])
+    if "@" in text:
+        return Identity("rfc822", text)
+    if "=" in text:
+        return Identity("dn", text)
+    if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?", text):
+        return Identity("fqdn", text)
+    raise Bad(f"'{text}' is not an identity; allowed: an IP address, a host name (a.example.net or "
+              f"@a.example.net), user@domain, keyid:VALUE or a DN like 'C=CH, O=Example, CN=a'")
+
+
+def to_community(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise Bad("write communities as quoted strings, e.g. '65001:100' (unquoted, YAML may read "
+                  "them as numbers)")
+    text = to_str(value).strip().lower()
+    if text in WELL_KNOWN_COMMUNITIES:
+        return text
+    parts = text.split(":")
+    if all(p.isdigit() for p in parts):
+        if len(parts) == 2 and all(int(p) <= 0xFFFF for p in parts):
+            return text  # RFC 1997
+        if len(parts) == 3 and all(int(p) <= 0xFFFFFFFF for p in parts):
+            return text  # RFC 8092 large community
+    raise Bad(f"'{value}' is not a community; allowed: ASN:VALUE (each 0..65535), "
+              f"GLOBAL:LOCAL1:LOCAL2 (each 0..4294967295) or one of {', '.join(WELL_KNOWN_COMMUNITIES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+
+class Ctx:
+    """Collects issues for one file."""
+
+    def __init__(self, file: str, base_dir: Path, secret_owners: frozenset[int],
+                 parse_proposal: ProposalParser, proposal_error: type[Exception]) -> None:
+        self.file = file
+        self.base_dir = base_dir
+        self.secret_owners = secret_owners
+        self.parse_proposal = parse_proposal
+        self.proposal_error = proposal_error
+        self.issues: list[Issue] = []
+        self.tunnel: str | None = None
+        self.partials: list[_Partial] = []   # per tunnel, even invalid ones, for cross-tunnel checks
+        self.policy_names: set[str] = set()  # every policy defined, valid or not
+
+    def error(self, line: int, path: str, message: str) -> None:
+        self.issues.append(Issue(self.file, line, path, message, self.tunnel))
+
+    # --- structure helpers
+
+    def mapping(self, value: Any, path: str, line: int, example: str = "") -> MarkedMap | None:
+        if isinstance(value, MarkedMap):
+            return value
+        hint = f", e.g. {example}" if example else ""
+        self.error(line, path, f"expected a mapping (key: value){hint}, got {_type_name(value)}")
+        return None
+
+    def keys(self, m: MarkedMap, path: str, allowed: Iterable[str],
+             refused: dict[str, str] | None = None) -> None:
+        allowed = tuple(allowed)
+        for key in m:
+            line = m.key_line(key)
+            if refused and key in refused:
+                self.error(line, _join(path, key), refused[key])
+                continue
+            if not isinstance(key, str):
+                self.error(line, path, f"keys must be names, got {_type_name(key)}; allowed: {', '.join(allowed)}")
+                continue
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                if close:
+                    msg = f"unknown key '{key}'; did you mean '{close[0]}'? (allowed: {', '.join(allowed)})"
+                else:
+                    msg = f"unknown key '{key}'; allowed: {', '.join(allowed)}"
+                self.error(line, _join(path, key), msg)
+
+    def field(self, m: MarkedMap, key: str, path: str, conv: Callable[[Any], Any], *,
+              default: Any = _MISSING, required: bool = False, missing_line: int | None = None) -> Any:
+        """Read ``m[key]`` through ``conv``; on a problem record it and return None."""
+        if key not in m or (m[key] is None and not required and default is not _MISSING):
+            if required:
+                self.error(missing_line if missing_line is not None else m.line, _join(path, key),
+                           "is required")
+                return None
+            return None if default is _MISSING else default
+        try:
+            return conv(m[key])
+        except Bad as exc:
+            self.error(m.value_line(key), _join(path, key), str(exc))
+            return None
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _shown_path(text: str) -> str:
+    """A path for a message; a value without '/' might be a secret pasted in the wrong place."""
+    return f"'{text}'" if "/" in text else "(the value on this line)"
+
+
+# ----------------------------------------------------------------------------------------------
+
+def build(data: Any, duplicates: list[DuplicateKey], ctx: Ctx, path: Path) -> Config | None:
+    for dup in duplicates:
+        ctx.error(dup.line, str(dup.key), f"duplicate key '{dup.key}' (first at line {dup.first_line}); "
+                                          f"each key may appear once in a mapping")
+    if data is None:
+        ctx.error(0, "", "the file is empty; expected a mapping with 'tunnels:' (see isthmus.yaml.example)")
+        return None
+    top = ctx.mapping(data, "", 1, "tunnels: {...}")
+    if top is None:
+        return None
+    ctx.keys(top, "", TOP_KEYS)
+
+    appliance = _appliance(ctx, top)
+    bgp = _bgp(ctx, top, appliance)
+
+    tunnels: dict[str, Tunnel] = {}
+    raw_tunnels = top.get("tunnels")
+    if raw_tunnels is not None:
+        tmap = ctx.mapping(raw_tunnels, "tunnels", top.value_line("tunnels"), "to-b: {remote: ...}")
+        if tmap is not None:
+            for name, value in tmap.items():
+                key_line = tmap.key_line(name)
+                if not isinstance(name, str) or not _TUNNEL_NAME.match(name):
+                    ctx.error(key_line, f"tunnels.{name}",
+                              "tunnel names must start with a letter or digit and use only letters, "
+                              "digits, '.', '_' and '-' (at most 64 characters)")
+                    continue
+                ctx.tunnel = name
+                tunnel = _tunnel(ctx, name, value, key_line, bgp)
+                ctx.tunnel = None
+                if tunnel is not None:
+                    tunnels[name] = tunnel
+    _cross_tunnel(ctx)
+    if ctx.issues:
+        ctx.issues.sort(key=lambda i: i.line)   # stable: same-line issues keep their order
+        return None
+    return Config(path=path, appliance=appliance, tunnels=tunnels, bgp=bgp)
+
+
+def _appliance(ctx: Ctx, top: MarkedMap) -> ApplianceSettings:
+    if top.get("appliance") is None:
+        return ApplianceSettings()
+    m = ctx.mapping(top["appliance"], "appliance", top.value_line("appliance"), "{name: region-a}")
+    if m is None:
+        return ApplianceSettings()
+    ctx.keys(m, "appliance", APPLIANCE_KEYS)
+    return ApplianceSettings(name=ctx.field(m, "name", "appliance", to_str, default=None),
+                             router_id=ctx.field(m, "router_id", "appliance", to_ipv4, default=None))
+
+
+# --- tunnels ---
+
+class _Partial:
+    """What cross-tunnel checks need from a tunnel, collected even if the tunnel has problems."""
+
+    def __init__(self, name: str, line: int, seen: "_Seen") -> None:
+        self.name = name
+        self.line = line
+        self.seen = seen
+        self.ifname: str | None = None
+        self.if_id: int | None = None
+        self.networks: list[tuple[Any, str]] = []   # (inside network, field name)
+        self.remote: Any = None
+        self.remote_id: Identity | None = None
+
+
+class _Seen:
+    """Which tunnel fields were written (for presets' 'must be explicit') and on which line."""
+
+    def __init__(self, tunnel_line: int) -> None:
+        self.tunnel_line = tunnel_line
+        self.explicit: set[str] = set()
+        self.lines: dict[str, int] = {}
+
+    def note(self, m: MarkedMap | None, rel: str, keys: Iterable[str]) -> None:
+        if m is None:
+            return
+        for key in keys:
+            if key in m and m[key] is not None:
+                self.explicit.add(f"{rel}.{key}" if rel else key)
+                self.lines[f"{rel}.{key}" if rel else key] = m.value_line(key)
+                if isinstance(m[key], MarkedSeq):
+                    for i in range(len(m[key])):
+                        self.lines[f"{rel}.{key}[{i}]" if rel else f"{key}[{i}]"] = m[key].item_line(i)
+
+    def line(self, rel: str) -> int:
+        probe = rel
+        while probe:
+            if probe in self.lines:
+                return self.lines[probe]
+            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+        return self.tunnel_line
+
+
+def _sub(ctx: Ctx, m: MarkedMap, key: str, path: str, allowed: Iterable[str], example: str,
+         required: bool = False, missing_line: int = 0) -> MarkedMap | None:
+    if m.get(key) is None:
+        if required:
+            ctx.error(missing_line or m.line, _join(path, key), f"is required, e.g. {key}: {example}")
+        return None
+    sub = ctx.mapping(m[key], _join(path, key), m.value_line(key), example)
+    if sub is not None:
+        ctx.keys(sub, _join(path, key), allowed, refused=_REFUSED.get(key))
+    return sub
+
+
+_REFUSED = {
+    "auth": {"psk": "inline 'psk' is refused: secrets must not live in the YAML file; write the key to "
+                    "a file only root can read (chmod 600) and reference it with "
+                    "psk_file: /etc/isthmus/secrets/<tunnel>.psk"},
+}
+
+
+def _tunnel(ctx: Ctx, name: str, value: Any, key_line: int, bgp: BgpSettings | None) -> Tunnel | None:
+    path = f"tunnels.{name}"
+    m = ctx.mapping(value, path, key_line, "{remote: 198.51.100.2, auth: {psk_file: ...}}")
+    if m is None:
+        return None
+    ctx.keys(m, path, TUNNEL_KEYS)
+    n_before = len(ctx.issues)
+    seen = _Seen(key_line)
+    seen.note(m, "", TUNNEL_KEYS)
+
+    profile = ctx.field(m, "peer_profile", path, choice(*presets_mod.PRESETS), default=None)
+    preset = presets_mod.PRESETS.get(profile) if profile else None
+    pdef: dict[str, Any] = preset.defaults if preset else {}
+
+    def dflt(rel: str, general: Any) -> Any:
+        return pdef.get(rel, general)
+
+    remote = ctx.field(m, "remote", path, to_ip, required=True, missing_line=key_line)
+    local = ctx.field(m, "local", path, to_ip, default=None)
+    if remote is not None and local is not None and remote.version != local.version:
+        ctx.error(m.value_line("local"), f"{path}.local",
+                  f"local {local} and remote {remote} are of different IP versions")
+    local_id = ctx.field(m, "local_id", path, to_identity, default=None)
+    remote_id = ctx.field(m, "remote_id", path, to_identity, default=None)
+    if remote_id is None and "remote_id" not in m and remote is not None:
+        remote_id = Identity("ipv4" if remote.version == 4 else "ipv6", str(remote))
+
+    auth = _auth(ctx, m, path, key_line)
+
+    ike_m = _sub(ctx, m, "ike", path, SA_KEYS, "{proposals: [aes256gcm16-prfsha384-x25519], lifetime: 24h}")
+    esp_m = _sub(ctx, m, "esp", path, SA_KEYS, "{proposals: [aes256gcm16], lifetime: 1h}")
+    dpd_m = _sub(ctx, m, "dpd", path, DPD_KEYS, "{interval: 10s, timeout: 30s, action: restart}")
+    if_m = _sub(ctx, m, "interface", path, INTERFACE_KEYS, "{name: xfrm-b, address: 169.254.21.1/30}")
+    seen.note(ike_m, "ike", SA_KEYS)
+    seen.note(esp_m, "esp", SA_KEYS)
+    seen.note(dpd_m, "dpd", DPD_KEYS)
+    seen.note(if_m, "interface", INTERFACE_KEYS)
+    seen.note(m.get("auth") if isinstance(m.get("auth"), MarkedMap) else None, "auth", AUTH_KEYS)
+
+    ike = _sa(ctx, ike_m, f"{path}.ike", "ike", m, dflt("ike.proposals", [DEFAULT_IKE_PROPOSAL]),
+              dflt("ike.lifetime", DEFAULT_IKE_LIFETIME), dflt("ike.rekey_margin", DEFAULT_REKEY_MARGIN))
+    esp = _sa(ctx, esp_m, f"{path}.esp", "esp", m, dflt("esp.proposals", [DEFAULT_ESP_PROPOSAL]),
+              dflt("esp.lifetime", DEFAULT_ESP_LIFETIME), dflt("esp.rekey_margin", DEFAULT_REKEY_MARGIN))
+
+    dpd = DpdSettings(dflt("dpd.interval", DEFAULT_DPD_INTERVAL), dflt("dpd.timeout", DEFAULT_DPD_TIMEOUT),
+                      dflt("dpd.action", DEFAULT_DPD_ACTION))
+    if dpd_m is not None:
+        dpd = DpdSettings(
+            interval=_or(ctx.field(dpd_m, "interval", f"{path}.dpd", duration_range(1, 3600), default=dpd.interval),
+                         dpd.interval),
+            timeout=_or(ctx.field(dpd_m, "timeout", f"{path}.dpd", duration_range(1, 86400), default=dpd.timeout),
+                        dpd.timeout),
+            action=_or(ctx.field(dpd_m, "action", f"{path}.dpd", choice("restart", "clear", "none"),
+                                 default=dpd.action), dpd.action))
+
+    nat = ctx.field(m, "nat_traversal", path, choice("auto", "force", "off"), default="auto")
+    mobike = ctx.field(m, "mobike", path, to_bool, default=True)
+    start = ctx.field(m, "start", path, to_bool, default=True)
+
+    interface = _interface(ctx, if_m, m, path, name, key_line, dflt("interface.outer_mtu", None),
+                           range_rules=profile != "aws")
+    partial = _Partial(name, key_line, seen)
+    ctx.partials.append(partial)
+    partial.remote, partial.remote_id = remote, remote_id
+    if interface is not None:
+        partial.ifname, partial.if_id = interface.name, interface.if_id
+    elif if_m is not None:
+        partial.ifname = _lenient(to_ifname, if_m.get("name"))
+        partial.if_id = _lenient(int_range(1, 0xFFFFFFFF), if_m.get("if_id"))
+    addr4 = interface.address if interface else _lenient(to_inside_v4, if_m.get("address") if if_m else None)
+    addr6 = interface.address6 if interface else _lenient(to_inside_v6, if_m.get("address6") if if_m else None)
+    partial.networks = [(a.network, f) for a, f in ((addr4, "address"), (addr6, "address6")) if a is not None]
+    tunnel_bgp = _tunnel_bgp(ctx, m, path, interface, bgp)
+
+    # Preset: fields the provider wants spelled out, then its documented limits.
+    if preset is not None:
+        for rel in preset.required:
+            if rel not in seen.explicit:
+                ctx.error(seen.line(rel.rsplit(".", 1)[0]) if "." in rel else key_line, f"{path}.{rel}",
+                          f"{preset.title} (peer_profile: {preset.name}) needs {rel} written out explicitly; "
+                          f"no default is assumed for it")
+        addr = if_m.get("address") if if_m is not None else None
+        facts = presets_mod.TunnelFacts(
+            explicit=seen.explicit,
+            ike_proposals=list(ike.proposals) if ike else None,
+            esp_proposals=list(esp.proposals) if esp else None,
+            ike_lifetime=ike.lifetime if ike else None,
+            esp_lifetime=esp.lifetime if esp else None,
+            esp_rekey_margin=esp.rekey_margin if esp else None,
+            dpd_timeout=dpd.timeout,
+            # the preset judges the address even when the general rules refused it
+            address=interface.address if interface else _lenient(to_inside_v4, addr),
+            address6=interface.address6 if interface else None,
+            mtu=interface.mtu if interface else None,
+            outer_mtu=interface.outer_mtu if interface else None,
+            psk=auth.psk.reveal() if isinstance(auth, PskAuth) else None,
+            local_id_kind=local_id.kind if local_id else None,
+            local_id_value=local_id.value if local_id else None)
+        for rel, message in preset.check(facts):
+            ctx.error(seen.line(rel), f"{path}.{rel}", f"{message} (peer_profile: {preset.name})")
+
+    if len(ctx.issues) != n_before:
+        return None
+    return Tunnel(name=name, remote=remote, local=local, local_id=local_id, remote_id=remote_id, auth=auth,
+                  ike=ike, esp=esp, dpd=dpd, nat_traversal=nat, mobike=mobike, start=start,
+                  interface=interface, bgp=tunnel_bgp, peer_profile=profile, line=key_line)
+
+
+def _lenient(conv: Callable[[Any], Any], value: Any) -> Any:
+    try:
+        return None if value is None else conv(value)
+    except Bad:
+        return None
+
+
+def _or(value: Any, fallback: Any) -> Any:
+    return fallback if value is None else value
+
+
+def _resolve(ctx: Ctx, text: str) -> Path:
+    p = Path(text).expanduser()
+    return p if p.is_absolute() else ctx.base_dir / p
+
+
+def _auth(ctx: Ctx, m: MarkedMap, path: str, key_line: int) -> PskAuth | CertAuth | None:
+    apath = f"{path}.auth"
+    am = _sub(ctx, m, "auth", path, AUTH_KEYS, "{psk_file: /etc/isthmus/secrets/<tunnel>.psk}",
+              required=True, missing_line=key_line)
+    if am is None:
+        return None
+    has_psk = "psk_file" in am
+    cert_keys = [k for k in ("certificate", "key", "ca") if k in am]
+    if has_psk and cert_keys:
+        ctx.error(am.line, apath, "use either psk_file or certificate/key/ca, not both")
+        return None
+    if has_psk:
+        text = ctx.field(am, "psk_file", apath, to_str, required=True)
+        if text is None:
+            return None
+        file = _resolve(ctx, text)
+        try:
+            secret = read_secret_file(file, ctx.secret_owners, "PSK file")
+        except SecretFileError as exc:
+            msg = str(exc) if "/" in text else str(exc).replace(f"'{file}'", _shown_path(text))
+            ctx.error(am.value_line("psk_file"), f"{apath}.psk_file", msg)
+            return None
+        return PskAuth(psk_file=file, psk=secret)
+    if cert_keys:
+        missing = [k for k in ("certificate", "key", "ca") if k not in am]
+        for k in missing:
+            ctx.error(am.line, f"{apath}.{k}", "is required with certificate authentication "
+                                              "(certificate, key and ca)")
+        if missing:
+            return None
+        return _cert_auth(ctx, am, apath)
+    if "psk" not in am:  # the inline psk was already reported
+        ctx.error(am.line, apath, "needs psk_file, or certificate + key + ca")
+    return None
+
+
+def _cert_auth(ctx: Ctx, am: MarkedMap, apath: str) -> CertAuth | None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    texts = {k: ctx.field(am, k, apath, to_str, required=True) for k in ("certificate", "key", "ca")}
+    if any(v is None for v in texts.values()):
+        return None
+    files = {k: _resolve(ctx, v) for k, v in texts.items()}
+    ok = True
+    pems: dict[str, bytes] = {}
+    for k in ("certificate", "ca"):
+        f = files[k]
+        try:
+            if not f.is_file():
+                raise Bad(f"{k} file '{f}' does not exist or is not a regular file")
+            pems[k] = f.read_bytes()
+            certs = x509.load_pem_x509_certificates(pems[k])
+            if not certs:
+                raise ValueError
+        except Bad as exc:
+            ctx.error(am.value_line(k), f"{apath}.{k}", str(exc))
+            ok = False
+        except (OSError, ValueError):
+            ctx.error(am.value_line(k), f"{apath}.{k}",
+                      f"'{f}' is not readable as PEM X.509 certificate(s)")
+            ok = False
+    key_pem = None
+    try:
+        key_pem = read_secret_file(files["key"], ctx.secret_owners, "private key file")
+    except SecretFileError as exc:
+        ctx.error(am.value_line("key"), f"{apath}.key", str(exc))
+        ok = False
+    if key_pem is not None:
+        try:
+            private_key = serialization.load_pem_private_key(key_pem.reveal() + b"\n", password=None)
+        except TypeError:
+            ctx.error(am.value_line("key"), f"{apath}.key",
+                      f"private key '{files['key']}' is encrypted; allowed: an unencrypted PEM key "
+                      f"protected by file permissions")
+            ok = False
+        except ValueError:
+            ctx.error(am.value_line("key"), f"{apath}.key",
+                      f"'{files['key']}' is not a PEM private key (RSA, ECDSA or Ed25519)")
+            ok = False
+        else:
+            if "certificate" in pems:
+                cert = x509.load_pem_x509_certificates(pems["certificate"])[0]
+                fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+                if cert.public_key().public_bytes(*fmt) != private_key.public_key().public_bytes(*fmt):
+                    ctx.error(am.value_line("key"), f"{apath}.key",
+                              f"private key '{files['key']}' does not belong to certificate "
+                              f"'{files['certificate']}'")
+                    ok = False
+    if not ok or key_pem is None:
+        return None
+    return CertAuth(certificate=files["certificate"], key=files["key"], ca=files["ca"],
+                    certificate_pem=pems["certificate"], key_pem=key_pem, ca_pem=pems["ca"])
+
+
+def _sa(ctx: Ctx, sm: MarkedMap | None, path: str, kind: str, parent: MarkedMap, default_proposals: list[str],
+        default_lifetime: int, default_margin: int) -> IkeSettings | EspSettings | None:
+    cls = IkeSettings if kind == "ike" else EspSettings
+    texts = list(default_proposals)
+    lines: list[int] = []
+    lifetime, margin = default_lifetime, default_margin
+    ok = True
+    if sm is not None:
+        if "proposals" in sm:
+            raw = sm["proposals"]
+            if not isinstance(raw, MarkedSeq) or not raw:
+                ctx.error(sm.value_line("proposals"), f"{path}.proposals",
+                          f"expected a non-empty list of proposals, e.g. [{default_proposals[0]}]")
+                ok = False
+                texts = []
+            else:
+                texts, lines = [], []
+                for i, item in enumerate(raw):
+                    if not isinstance(item, str) or not item.strip():
+                        ctx.error(raw.item_line(i), f"{path}.proposals[{i}]",
+                                  f"expected a proposal string like {default_proposals[0]}, "
+                                  f"got {_type_name(item)}")
+                        ok = False
+                        continue
+                    texts.append(item.strip())
+                    lines.append(raw.item_line(i))
+        lifetime = _or(ctx.field(sm, "lifetime", path, duration_range(60, 7 * 86400), default=lifetime), None)
+        margin = _or(ctx.field(sm, "rekey_margin", path, duration_range(0, 86400), default=margin), None)
+        if lifetime is None or margin is None:
+            ok = False
+    line_of = (lambda i: lines[i]) if lines else (lambda i: sm.line if sm is not None else parent.line)
+    parsed = []
+    for i, text in enumerate(texts):
+        try:
+            parsed.append(ctx.parse_proposal(text, kind))
+        except ctx.proposal_error as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            ctx.error(line_of(i), f"{path}.proposals[{i}]", str(reason))
+            ok = False
+    if ok and margin >= lifetime:
+        ctx.error(sm.value_line("rekey_margin") if sm is not None and "rekey_margin" in sm
+                  else (sm.value_line("lifetime") if sm is not None else parent.line),
+                  f"{path}.rekey_margin",
+                  f"rekey margin {_human(margin)} must be shorter than the lifetime {_human(lifetime)}")
+        ok = False
+    if not ok:
+        return None
+    return cls(proposal_strings=tuple(texts), proposals=tuple(parsed), lifetime=lifetime, rekey_margin=margin)
+
+
+def _default_if_id(ifname: str) -> int:
+    """A stable if_id from the interface name (1..2^32-1): renaming other tunnels changes nothing."""
+    return zlib.crc32(ifname.encode()) % 0xFFFFFFFE + 1
+
+
+def _interface(ctx: Ctx, im: MarkedMap | None, m: MarkedMap, path: str, tunnel: str, key_line: int,
+               default_outer_mtu: int | None, range_rules: bool = True) -> InterfaceSettings | None:
+    ipath = f"{path}.interface"
+    n = len(ctx.issues)
+    if im is None:
+        im = MarkedMap(m.key_line("interface") if "interface" in m else key_line)
+    default_name = f"xfrm-{tunnel}"
+    if "name" in im:
+        name = ctx.field(im, "name", ipath, to_ifname)
+    else:
+        try:
+            name = to_ifname(default_name)
+        except Bad:
+            ctx.error(im.line, f"{ipath}.name", f"is required: the default '{default_name}' is longer than "
+                                                f"{IFNAMSIZ - 1} characters")
+            name = None
+    if_id = ctx.field(im, "if_id", ipath, int_range(1, 0xFFFFFFFF), default=None)
+    if if_id is None and name is not None and "if_id" not in im:
+        if_id = _default_if_id(name)
+    address = ctx.field(im, "address", ipath, to_inside_v4, default=None)
+    if address is not None:
+        for problem in inside_v4_problems(address, range_rules):
+            ctx.error(im.value_line("address"), f"{ipath}.address", problem)
+    address6 = ctx.field(im, "address6", ipath, to_inside_v6, default=None)
+    mtu = ctx.field(im, "mtu", ipath, to_mtu, default=None)
+    outer = ctx.field(im, "outer_mtu", ipath, to_mtu, default=default_outer_mtu)
+    if address6 is not None and mtu is not None and mtu < 1280:
+        ctx.error(im.value_line("mtu"), f"{ipath}.mtu", f"MTU {mtu} is below 1280, the IPv6 minimum "
+                                                        f"(RFC 8200 §5), and the tunnel carries IPv6")
+    if mtu is not None and outer is not None and mtu >= outer:
+        ctx.error(im.value_line("mtu"), f"{ipath}.mtu",
+                  f"the tunnel MTU {mtu} must be smaller than outer_mtu {outer} to leave room for ESP")
+    if len(ctx.issues) != n or name is None or if_id is None:
+        return None
+    return InterfaceSettings(name=name, if_id=if_id, address=address, address6=address6, mtu=mtu,
+                             outer_mtu=outer)
+
+
+def _tunnel_bgp(ctx: Ctx, m: MarkedMap, path: str, interface: InterfaceSettings | None,
+                bgp: BgpSettings | None) -> TunnelBgp | None:
+    bm = _sub(ctx, m, "bgp", path, TUNNEL_BGP_KEYS, "{peer_as: 65002, peer_address: 169.254.21.2}")
+    if bm is None:
+        return None
+    bpath = f"{path}.bgp"
+    n = len(ctx.issues)
+    peer_as = ctx.field(bm, "peer_as", bpath, int_range(1, 0xFFFFFFFF), required=True)
+    peer = ctx.field(bm, "peer_address", bpath, to_ip, required=True)
+    hold = ctx.field(bm, "hold_time", bpath, _hold_time, default=30)
+    imp = ctx.field(bm, "import", bpath, to_str, default=None)
+    exp = ctx.field(bm, "export", bpath, to_str, default=None)
+    if bgp is None:
+        ctx.error(bm.line, bpath, "a tunnel BGP neighbour needs the top-level bgp section (asn: ...)")
+    else:
+        for key, pol in (("import", imp), ("export", exp)):
+            if pol is not None and pol not in ctx.policy_names:
+                known = ", ".join(sorted(ctx.policy_names)) or "none defined"
+                close = difflib.get_close_matches(pol, sorted(ctx.policy_names), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                ctx.error(bm.value_line(key), f"{bpath}.{key}",
+                          f"policy '{pol}' is not defined under bgp.policies{hint} (defined: {known})")
+    if peer is not None and interface is not None:
+        own = interface.address if peer.version == 4 else interface.address6
+        if own is None:
+            field_name = "address" if peer.version == 4 else "address6"
+            ctx.error(bm.value_line("peer_address"), f"{bpath}.peer_address",
+                      f"the tunnel interface has no IPv{peer.version} inside address "
+                      f"(interface.{field_name}) for the BGP session")
+        elif peer not in own.network:
+            ctx.error(bm.value_line("peer_address"), f"{bpath}.peer_address",
+                      f"{peer} is not in the tunnel's inside network {own.network}")
+        elif peer == own.ip:
+            ctx.error(bm.value_line("peer_address"), f"{bpath}.peer_address",
+                      f"{peer} is this appliance's own inside address; use the peer's")
+        elif own.network.prefixlen in (30, 126) and peer == own.network.network_address:
+            ctx.error(bm.value_line("peer_address"), f"{bpath}.peer_address",
+                      f"{peer} is the network address of {own.network}")
+        elif isinstance(own, IPv4Interface) and own.network.prefixlen == 30 \
+                and peer == own.network.broadcast_address:
+            ctx.error(bm.value_line("peer_address"), f"{bpath}.peer_address",
+                      f"{peer} is the broadcast address of {own.network}")
+    if len(ctx.issues) != n:
+        return None
+    return TunnelBgp(peer_as=peer_as, peer_address=peer, hold_time=hold, import_policy=imp, export_policy=exp)
+
+
+def _hold_time(value: Any) -> int:
+    seconds = parse_duration(value)
+    if seconds != 0 and not 3 <= seconds <= 65535:
+        raise Bad(f"hold time {seconds} s is not allowed; allowed: 0 (no keepalives) or 3..65535 s "
+                  f"(RFC 4271 §4.2)")
+    return seconds
+
+
+# --- BGP (structure only; the route manager implements it) ---
+
+def _bgp(ctx: Ctx, top: MarkedMap, appliance: ApplianceSettings) -> BgpSettings | None:
+    bm = _sub(ctx, top, "bgp", "", BGP_KEYS, "{asn: 65001, announce: [10.1.0.0/16]}")
+    if bm is None:
+        return None
+    asn = ctx.field(bm, "asn", "bgp", _asn, required=True)
+    router_id = ctx.field(bm, "router_id", "bgp", to_ipv4, default=None) or appliance.router_id
+    if router_id is None and "router_id" not in bm:
+        ctx.error(bm.line, "bgp.router_id", "is required (here or as appliance.router_id): "
+                                            "an IPv4 address unique to this appliance")
+    announce: list[Any] = []
+    if bm.get("announce") is not None:
+        raw = bm["announce"]
+        if not isinstance(raw, MarkedSeq):
+            ctx.error(bm.value_line("announce"), "bgp.announce", "expected a list of prefixes, e.g. [10.1.0.0/16]")
+        else:
+            for i, item in enumerate(raw):
+                try:
+                    announce.append(to_network(item))
+                except Bad as exc:
+                    ctx.error(raw.item_line(i), f"bgp.announce[{i}]", str(exc))
+    policies: dict[str, BgpPolicy] = {}
+    pm = None
+    if bm.get("policies") is not None:
+        pm = ctx.mapping(bm["policies"], "bgp.policies", bm.value_line("policies"), "{from-b: {...}}")
+    if pm is not None:
+        for pname, pval in pm.items():
+            ppath = f"bgp.policies.{pname}"
+            if not isinstance(pname, str) or not _TUNNEL_NAME.match(pname):
+                ctx.error(pm.key_line(pname), ppath, "policy names use letters, digits, '.', '_' and '-'")
+                continue
+            ctx.policy_names.add(pname)
+            pol = _policy(ctx, pname, pval, pm.key_line(pname), ppath)
+            if pol is not None:
+                policies[pname] = pol
+    if asn is None:
+        return BgpSettings(asn=0, router_id=router_id, announce=tuple(announce), policies=policies)
+    return BgpSettings(asn=asn, router_id=router_id, announce=tuple(announce), policies=policies)
+
+
+def _asn(value: Any) -> int:
+    asn = int_range(1, 0xFFFFFFFF)(value)
+    if asn == 23456:
+        raise Bad("23456 is AS_TRANS (RFC 6793), not a real AS number")
+    return asn
+
+
+def _policy(ctx: Ctx, name: str, value: Any, line: int, ppath: str) -> BgpPolicy | None:
+    m = ctx.mapping(value, ppath, line, "{prefixes: [{prefix: 10.2.0.0/16, le: 24}]}")
+    if m is None:
+        return None
+    ctx.keys(m, ppath, POLICY_KEYS)
+    n = len(ctx.issues)
+    prefixes: list[PrefixMatch] = []
+    if m.get("prefixes") is not None:
+        raw = m["prefixes"]
+        if not isinstance(raw, MarkedSeq):
+            ctx.error(m.value_line("prefixes"), f"{ppath}.prefixes",
+                      "expected a list like [{prefix: 10.2.0.0/16, le: 24}]")
+        else:
+            for i, item in enumerate(raw):
+                pm = _prefix_match(ctx, item, raw.item_line(i), f"{ppath}.prefixes[{i}]")
+                if pm is not None:
+                    prefixes.append(pm)
+    max_prefix = None
+    if m.get("max_prefix") is not None:
+        raw = m["max_prefix"]
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            max_prefix = _or(ctx.field(m, "max_prefix", ppath, lambda v: MaxPrefix(int_range(1, 0xFFFFFFFF)(v))),
+                             None)
+        else:
+            mm = ctx.mapping(raw, f"{ppath}.max_prefix", m.value_line("max_prefix"), "{limit: 1000, action: restart}")
+            if mm is not None:
+                ctx.keys(mm, f"{ppath}.max_prefix", MAX_PREFIX_KEYS)
+                limit = ctx.field(mm, "limit", f"{ppath}.max_prefix", int_range(1, 0xFFFFFFFF), required=True)
+                action = ctx.field(mm, "action", f"{ppath}.max_prefix", choice("restart", "stop", "warn"),
+                                   default="restart")
+                if limit is not None and action is not None:
+                    max_prefix = MaxPrefix(limit, action)
+    local_pref = ctx.field(m, "local_pref", ppath, int_range(0, 0xFFFFFFFF), default=None)
+    med = ctx.field(m, "med", ppath, int_range(0, 0xFFFFFFFF), default=None)
+    prepend = ctx.field(m, "prepend", ppath, int_range(0, 16), default=0)
+    communities: list[str] = []
+    if m.get("communities") is not None:
+        raw = m["communities"]
+        if not isinstance(raw, MarkedSeq):
+            ctx.error(m.value_line("communities"), f"{ppath}.communities", "expected a list like ['65001:100']")
+        else:
+            for i, item in enumerate(raw):
+                try:
+                    communities.append(to_community(item))
+                except Bad as exc:
+                    ctx.error(raw.item_line(i), f"{ppath}.communities[{i}]", str(exc))
+    if len(ctx.issues) != n:
+        return None
+    return BgpPolicy(name=name, prefixes=tuple(prefixes), max_prefix=max_prefix, local_pref=local_pref,
+                     med=med, prepend=prepend, communities=tuple(communities))
+
+
+def _prefix_match(ctx: Ctx, item: Any, line: int, path: str) -> PrefixMatch | None:
+    if isinstance(item, str):
+        try:
+            return PrefixMatch(to_network(item))
+        except Bad as exc:
+            ctx.error(line, path, str(exc))
+            return None
+    m = ctx.mapping(item, path, line, "{prefix: 10.2.0.0/16, le: 24}")
+    if m is None:
+        return None
+    ctx.keys(m, path, PREFIX_KEYS)
+    n = len(ctx.issues)
+    net = ctx.field(m, "prefix", path, to_network, required=True)
+    maxlen = 32 if net is None or net.version == 4 else 128
+    ge = ctx.field(m, "ge", path, int_range(0, maxlen), default=None)
+    le = ctx.field(m, "le", path, int_range(0, maxlen), default=None)
+    action = ctx.field(m, "action", path, choice("permit", "deny"), default="permit")
+    if net is not None:
+        if ge is not None and ge < net.prefixlen:
+            ctx.error(m.value_line("ge"), f"{path}.ge",
+                      f"ge {ge} is shorter than the prefix length /{net.prefixlen}; allowed: "
+                      f"{net.prefixlen}..{maxlen}")
+        if le is not None and le < max(net.prefixlen, ge or 0):
+            ctx.error(m.value_line("le"), f"{path}.le",
+                      f"le {le} is shorter than {'ge ' + str(ge) if ge else '/' + str(net.prefixlen)}; "
+                      f"allowed: {max(net.prefixlen, ge or 0)}..{maxlen}")
+    if len(ctx.issues) != n:
+        return None
+    return PrefixMatch(prefix=net, ge=ge, le=le, action=action)
+
+
+# --- across tunnels ---
+
+def _cross_tunnel(ctx: Ctx) -> None:
+    """Interface names, if_ids and inside networks are unique; (remote, remote_id) tells tunnels apart."""
+    names: dict[str, _Partial] = {}
+    if_ids: dict[int, _Partial] = {}
+    nets: list[tuple[Any, _Partial]] = []
+    peers: dict[tuple[Any, Any], _Partial] = {}
+    for t in ctx.partials:
+        ctx.tunnel = t.name
+        path = f"tunnels.{t.name}"
+        if t.ifname is not None:
+            if t.ifname in names:
+                o = names[t.ifname]
+                ctx.error(t.seen.line("interface.name"), f"{path}.interface.name",
+                          f"interface name '{t.ifname}' is already used by tunnel '{o.name}' (line {o.line}); "
+                          f"each tunnel needs its own interface")
+            else:
+                names[t.ifname] = t
+        name_clash = t.ifname is not None and names.get(t.ifname) is not t
+        if t.if_id is not None and not (name_clash and "interface.if_id" not in t.seen.explicit):
+            if t.if_id in if_ids:
+                o = if_ids[t.if_id]
+                explicit = "interface.if_id" in t.seen.explicit
+                ctx.error(t.seen.line("interface.if_id"), f"{path}.interface.if_id",
+                          f"if_id {t.if_id} is already used by tunnel '{o.name}' (line {o.line}); "
+                          + ("each tunnel needs its own" if explicit else
+                             "the default derived from the interface name collides: set interface.if_id"))
+            else:
+                if_ids[t.if_id] = t
+        for net, field_name in t.networks:
+            for other_net, o in nets:
+                if other_net.version == net.version and other_net.overlaps(net):
+                    ctx.error(t.seen.line(f"interface.{field_name}"), f"{path}.interface.{field_name}",
+                              f"inside network {net} overlaps {other_net} of tunnel '{o.name}' (line {o.line})")
+        nets.extend((net, t) for net, _ in t.networks)
+        if t.remote is not None and t.remote_id is not None:
+            key = (t.remote, t.remote_id)
+            if key in peers:
+                o = peers[key]
+                ctx.error(t.seen.line("remote_id" if "remote_id" in t.seen.explicit else "remote"),
+                          f"{path}.remote_id",
+                          f"tunnel '{o.name}' (line {o.line}) has the same remote {t.remote} and remote_id "
+                          f"{t.remote_id}; the responder could not tell them apart")
+            else:
+                peers[key] = t
+    ctx.tunnel = None

@@ -1,0 +1,577 @@
+"""Proposals: strongSwan-spelled proposal strings, the security policy, proposal selection.
+
+A :class:`Proposal` has the shape of one Proposal substructure of an SA payload (RFC 7296 §3.3.1):
+protocol, proposal number, SPI and a list of :class:`Transform` (§3.3.2) of several Transform
+Types, several transforms of one type being alternatives in the proposer's order of preference.
+The codec builds SA payloads from these objects and parses SA payloads back into them.
+
+Text form (what users write in the configuration, as strongSwan spells it)::
+
+    aes256gcm16-prfsha384-x25519          IKE, AEAD
+    aes256-sha256-modp3072                IKE, AES-CBC + HMAC-SHA2-256-128 (PRF derived: prfsha256)
+    aes256gcm16  aes128-sha256-ecp256  aes256gcm16-esn      ESP (optional PFS group, ESN)
+
+Policy (RFC 8247 guidance, issue 4): DES, 3DES, MD5, SHA-1 (as PRF or integrity), NULL
+encryption and MODP groups below 2048 bits are refused in configuration (:class:`ProposalError`
+"weak algorithm ... refused") and never selected from a peer's offer (so the peer gets
+NO_PROPOSAL_CHOSEN). Algorithms that are not weak but that this implementation does not
+implement are refused the same way with "not supported".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from appliance.ike.constants import (
+    DhId,
+    EncrId,
+    EsnId,
+    IntegId,
+    PrfId,
+    ProtocolId,
+    TransformType,
+)
+
+Kind = Literal["ike", "esp"]
+
+DEFAULT_IKE_PROPOSAL = "aes256gcm16-prfsha384-x25519"
+DEFAULT_ESP_PROPOSAL = "aes256gcm16"
+
+_ENUM_OF_TYPE: dict[int, type] = {
+    TransformType.ENCR: EncrId,
+    TransformType.PRF: PrfId,
+    TransformType.INTEG: IntegId,
+    TransformType.DH: DhId,
+    TransformType.ESN: EsnId,
+}
+
+#: Transform types this implementation understands (RFC 7296 §3.3.6: a proposal with any other
+#: type is unacceptable).
+KNOWN_TRANSFORM_TYPES = frozenset(_ENUM_OF_TYPE)
+
+#: Combined-mode (AEAD) ciphers: no INTEG transform (or only NONE) with these (RFC 7296 §3.3).
+AEAD_ENCR = frozenset(
+    {
+        EncrId.AES_CCM_8, EncrId.AES_CCM_12, EncrId.AES_CCM_16,
+        EncrId.AES_GCM_8, EncrId.AES_GCM_12, EncrId.AES_GCM_16,
+        EncrId.CAMELLIA_CCM_8, EncrId.CAMELLIA_CCM_12, EncrId.CAMELLIA_CCM_16,
+        EncrId.CHACHA20_POLY1305, EncrId.AES_CCM_8_IIV, EncrId.AES_GCM_16_IIV,
+        EncrId.CHACHA20_POLY1305_IIV, EncrId.NULL_AUTH_AES_GMAC,
+    }
+)
+
+# --- what we implement (crypto.py implements exactly these; a unit test keeps them in step) ---
+#: encryption: id -> allowed key lengths in bits (None: the transform carries no Key Length).
+SUPPORTED_ENCR: dict[EncrId, frozenset[int | None]] = {
+    EncrId.AES_CBC: frozenset({128, 192, 256}),
+    EncrId.AES_GCM_16: frozenset({128, 192, 256}),
+    EncrId.CHACHA20_POLY1305: frozenset({None}),  # RFC 7634 §2: no Key Length attribute
+}
+SUPPORTED_PRF = frozenset({PrfId.HMAC_SHA2_256, PrfId.HMAC_SHA2_384, PrfId.HMAC_SHA2_512})
+SUPPORTED_INTEG = frozenset(
+    {IntegId.HMAC_SHA2_256_128, IntegId.HMAC_SHA2_384_192, IntegId.HMAC_SHA2_512_256}
+)
+SUPPORTED_DH = frozenset(
+    {
+        DhId.MODP_2048, DhId.MODP_3072, DhId.MODP_4096, DhId.MODP_6144, DhId.MODP_8192,
+        DhId.ECP_256, DhId.ECP_384, DhId.ECP_521, DhId.CURVE25519, DhId.CURVE448,
+    }
+)
+SUPPORTED_ESN = frozenset({EsnId.NO_ESN, EsnId.ESN})
+
+# --- what the policy refuses as weak (RFC 8247 §2/§3 MUST NOT / SHOULD NOT) ---
+WEAK_ENCR = frozenset(
+    {EncrId.DES_IV64, EncrId.DES, EncrId.TRIPLE_DES, EncrId.DES_IV32, EncrId.NULL,
+     EncrId.RC5, EncrId.IDEA, EncrId.CAST, EncrId.BLOWFISH, EncrId.THREE_IDEA}
+)
+WEAK_PRF = frozenset({PrfId.HMAC_MD5, PrfId.HMAC_SHA1, PrfId.HMAC_TIGER})
+WEAK_INTEG = frozenset(
+    {IntegId.HMAC_MD5_96, IntegId.HMAC_SHA1_96, IntegId.DES_MAC, IntegId.KPDK_MD5,
+     IntegId.HMAC_MD5_128, IntegId.HMAC_SHA1_160}
+)
+WEAK_DH = frozenset(
+    {DhId.MODP_768, DhId.MODP_1024, DhId.MODP_1536, DhId.MODP_1024_160, DhId.ECP_192}
+)
+
+
+class ProposalError(ValueError):
+    """A proposal string is wrong. ``str()`` says which token, why, and what is allowed."""
+
+    def __init__(self, text: str, reason: str, token: str | None = None) -> None:
+        self.text = text
+        self.reason = reason
+        self.token = token
+        super().__init__(f"invalid proposal {text!r}: {reason}")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One Transform substructure (RFC 7296 §3.3.2).
+
+    ``key_length`` is the Key Length attribute in bits (§3.3.5) or None when absent.
+    ``extra_attributes`` holds any other attributes (type, raw value) the codec found; we
+    understand none, so such a transform is never selected (§3.3.6).
+    """
+
+    type: int
+    id: int
+    key_length: int | None = None
+    extra_attributes: tuple[tuple[int, bytes], ...] = ()
+
+    def __post_init__(self) -> None:
+        # Show registry names when the values are known (the codec may hand us raw ints).
+        if self.type in KNOWN_TRANSFORM_TYPES:
+            object.__setattr__(self, "type", TransformType(self.type))
+            enum = _ENUM_OF_TYPE[self.type]
+            if self.id in enum._value2member_map_:
+                object.__setattr__(self, "id", enum(self.id))
+
+    def __str__(self) -> str:
+        return transform_token(self)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One Proposal substructure (RFC 7296 §3.3.1).
+
+    ``number`` is the Proposal Num, ``spi`` the SPI field (empty for the IKE SA in IKE_SA_INIT,
+    8 octets when rekeying an IKE SA, 4 octets for ESP). They do not take part in the strings.
+    """
+
+    protocol: ProtocolId
+    transforms: tuple[Transform, ...]
+    number: int = 1
+    spi: bytes = field(default=b"")
+
+    def of_type(self, ttype: TransformType) -> tuple[Transform, ...]:
+        return tuple(t for t in self.transforms if t.type == ttype)
+
+    @property
+    def encr(self) -> tuple[Transform, ...]:
+        return self.of_type(TransformType.ENCR)
+
+    @property
+    def prf(self) -> tuple[Transform, ...]:
+        return self.of_type(TransformType.PRF)
+
+    @property
+    def integ(self) -> tuple[Transform, ...]:
+        return self.of_type(TransformType.INTEG)
+
+    @property
+    def dh(self) -> tuple[Transform, ...]:
+        return self.of_type(TransformType.DH)
+
+    @property
+    def esn(self) -> tuple[Transform, ...]:
+        return self.of_type(TransformType.ESN)
+
+    def only(self, ttype: TransformType) -> Transform | None:
+        """The single transform of ``ttype`` of a *selected* proposal, or None if absent."""
+        ts = self.of_type(ttype)
+        if len(ts) > 1:
+            raise ValueError(f"proposal has {len(ts)} {ttype.name} transforms, expected one")
+        return ts[0] if ts else None
+
+    @property
+    def is_aead(self) -> bool:
+        return any(t.id in AEAD_ENCR for t in self.encr)
+
+    def with_spi(self, spi: bytes, number: int | None = None) -> "Proposal":
+        return replace(self, spi=spi, number=self.number if number is None else number)
+
+    def __str__(self) -> str:
+        return format_proposal(self)
+
+
+# --------------------------------------------------------------------------- token tables
+# strongSwan keyword -> transform; the first keyword listed for a transform is the canonical
+# spelling used by format_proposal.
+_TOKENS: dict[str, Transform] = {}
+_CANONICAL: dict[tuple[int, int, int | None], str] = {}
+
+
+def _tok(names: Sequence[str], ttype: TransformType, tid: int, keylen: int | None = None) -> None:
+    t = Transform(ttype, tid, keylen)
+    for n in names:
+        _TOKENS[n] = t
+    _CANONICAL.setdefault((ttype, tid, keylen), names[0])
+
+
+def _build_tables() -> None:
+    E, P, I, D, S = (TransformType.ENCR, TransformType.PRF, TransformType.INTEG,
+                     TransformType.DH, TransformType.ESN)
+    for bits in (128, 192, 256):
+        _tok([f"aes{bits}"] + (["aes"] if bits == 128 else []), E, EncrId.AES_CBC, bits)
+        _tok([f"aes{bits}ctr"], E, EncrId.AES_CTR, bits)
+        for icv, eid in ((16, EncrId.AES_GCM_16), (12, EncrId.AES_GCM_12), (8, EncrId.AES_GCM_8)):
+            names = [f"aes{bits}gcm{icv}", f"aes{bits}gcm{icv * 8}"]
+            if icv == 16:
+                names.append(f"aes{bits}gcm")
+            _tok(names, E, eid, bits)
+        for icv, eid in ((16, EncrId.AES_CCM_16), (12, EncrId.AES_CCM_12), (8, EncrId.AES_CCM_8)):
+            names = [f"aes{bits}ccm{icv}", f"aes{bits}ccm{icv * 8}"]
+            if icv == 16:
+                names.append(f"aes{bits}ccm")
+            _tok(names, E, eid, bits)
+        _tok([f"aes{bits}gmac"], E, EncrId.NULL_AUTH_AES_GMAC, bits)
+        _tok([f"camellia{bits}"] + (["camellia"] if bits == 128 else []), E,
+             EncrId.CAMELLIA_CBC, bits)
+        _tok([f"camellia{bits}ctr"], E, EncrId.CAMELLIA_CTR, bits)
+    _tok(["chacha20poly1305"], E, EncrId.CHACHA20_POLY1305)
+    _tok(["3des"], E, EncrId.TRIPLE_DES)
+    _tok(["des"], E, EncrId.DES)
+    _tok(["cast128"], E, EncrId.CAST, 128)
+    _tok(["blowfish128", "blowfish"], E, EncrId.BLOWFISH, 128)
+    _tok(["blowfish192"], E, EncrId.BLOWFISH, 192)
+    _tok(["blowfish256"], E, EncrId.BLOWFISH, 256)
+    _tok(["null"], E, EncrId.NULL)
+
+    _tok(["sha256", "sha2_256"], I, IntegId.HMAC_SHA2_256_128)
+    _tok(["sha384", "sha2_384"], I, IntegId.HMAC_SHA2_384_192)
+    _tok(["sha512", "sha2_512"], I, IntegId.HMAC_SHA2_512_256)
+    _tok(["sha1", "sha"], I, IntegId.HMAC_SHA1_96)
+    _tok(["sha1_160"], I, IntegId.HMAC_SHA1_160)
+    _tok(["md5"], I, IntegId.HMAC_MD5_96)
+    _tok(["md5_128"], I, IntegId.HMAC_MD5_128)
+    _tok(["aesxcbc"], I, IntegId.AES_XCBC_96)
+    _tok(["aescmac"], I, IntegId.AES_CMAC_96)
+
+    _tok(["prfsha256"], P, PrfId.HMAC_SHA2_256)
+    _tok(["prfsha384"], P, PrfId.HMAC_SHA2_384)
+    _tok(["prfsha512"], P, PrfId.HMAC_SHA2_512)
+    _tok(["prfsha1"], P, PrfId.HMAC_SHA1)
+    _tok(["prfmd5"], P, PrfId.HMAC_MD5)
+    _tok(["prfaesxcbc"], P, PrfId.AES128_XCBC)
+    _tok(["prfaescmac"], P, PrfId.AES128_CMAC)
+
+    _tok(["x25519", "curve25519"], D, DhId.CURVE25519)
+    _tok(["x448", "curve448"], D, DhId.CURVE448)
+    for name, gid in (("ecp256", DhId.ECP_256), ("ecp384", DhId.ECP_384),
+                      ("ecp521", DhId.ECP_521), ("ecp192", DhId.ECP_192),
+                      ("ecp224", DhId.ECP_224), ("ecp224bp", DhId.BRAINPOOL_P224),
+                      ("ecp256bp", DhId.BRAINPOOL_P256), ("ecp384bp", DhId.BRAINPOOL_P384),
+                      ("ecp512bp", DhId.BRAINPOOL_P512),
+                      ("modp2048", DhId.MODP_2048), ("modp3072", DhId.MODP_3072),
+                      ("modp4096", DhId.MODP_4096), ("modp6144", DhId.MODP_6144),
+                      ("modp8192", DhId.MODP_8192), ("modp768", DhId.MODP_768),
+                      ("modp1024", DhId.MODP_1024), ("modp1536", DhId.MODP_1536),
+                      ("modp1024s160", DhId.MODP_1024_160), ("modp2048s224", DhId.MODP_2048_224),
+                      ("modp2048s256", DhId.MODP_2048_256),
+                      ("mlkem512", DhId.ML_KEM_512), ("mlkem768", DhId.ML_KEM_768),
+                      ("mlkem1024", DhId.ML_KEM_1024)):
+        _tok([name], D, gid)
+
+    _tok(["esn"], S, EsnId.ESN)
+    _tok(["noesn"], S, EsnId.NO_ESN)
+
+
+_build_tables()
+
+_KIND_WORD = {TransformType.ENCR: "encryption", TransformType.PRF: "PRF",
+              TransformType.INTEG: "integrity", TransformType.DH: "key exchange",
+              TransformType.ESN: "ESN"}
+
+
+def _bare(t: Transform) -> Transform:
+    return Transform(t.type, t.id, t.key_length)
+
+
+def transform_token(t: Transform) -> str:
+    """strongSwan keyword for a transform, or a descriptive fallback for unknown ones."""
+    name = _CANONICAL.get((t.type, t.id, t.key_length))
+    if name is not None and not t.extra_attributes:
+        return name
+    tname = TransformType(t.type).name if t.type in KNOWN_TRANSFORM_TYPES else f"type{int(t.type)}"
+    idname = t.id.name if hasattr(t.id, "name") else str(int(t.id))
+    kl = f"_{t.key_length}" if t.key_length is not None else ""
+    return f"{tname}:{idname}{kl}"
+
+
+def refusal(t: Transform, protocol: ProtocolId = ProtocolId.IKE) -> str | None:
+    """Why policy or implementation refuses this transform (None: acceptable).
+
+    Returns "weak" or "unsupported" as the first word of the reason.
+    """
+    if t.type not in KNOWN_TRANSFORM_TYPES:
+        return f"unsupported transform type {int(t.type)}"
+    if t.extra_attributes:
+        return "unsupported transform attribute(s) " + ", ".join(
+            str(a) for a, _ in t.extra_attributes
+        )
+    ttype = TransformType(t.type)
+    weak = {TransformType.ENCR: WEAK_ENCR, TransformType.PRF: WEAK_PRF,
+            TransformType.INTEG: WEAK_INTEG, TransformType.DH: WEAK_DH}.get(ttype, frozenset())
+    if t.id in weak:
+        return "weak"
+    if ttype == TransformType.ENCR:
+        lens = SUPPORTED_ENCR.get(t.id)  # type: ignore[call-overload]
+        if lens is None or t.key_length not in lens:
+            return "unsupported"
+        return None
+    if ttype == TransformType.PRF:
+        return None if t.id in SUPPORTED_PRF and t.key_length is None else "unsupported"
+    if ttype == TransformType.INTEG:
+        if t.id == IntegId.NONE:
+            return None
+        return None if t.id in SUPPORTED_INTEG and t.key_length is None else "unsupported"
+    if ttype == TransformType.DH:
+        if t.id == DhId.NONE:
+            return None
+        return None if t.id in SUPPORTED_DH and t.key_length is None else "unsupported"
+    if ttype == TransformType.ESN:
+        if protocol == ProtocolId.IKE:
+            return "unsupported (ESN is for ESP/AH only)"
+        return None if t.id in SUPPORTED_ESN else "unsupported"
+    return "unsupported"  # pragma: no cover
+
+
+def allowed_tokens(ttype: TransformType, kind: Kind) -> list[str]:
+    """Canonical keywords of ``ttype`` that the policy accepts, in table order."""
+    out: list[str] = []
+    proto = ProtocolId.IKE if kind == "ike" else ProtocolId.ESP
+    for (tt, tid, kl), name in _CANONICAL.items():
+        if tt == ttype and refusal(Transform(tt, tid, kl), proto) is None:
+            out.append(name)
+    return out
+
+
+def _allowed_summary(kind: Kind) -> str:
+    types = [TransformType.ENCR, TransformType.INTEG, TransformType.PRF, TransformType.DH]
+    if kind == "esp":
+        types = [TransformType.ENCR, TransformType.INTEG, TransformType.DH, TransformType.ESN]
+    return "; ".join(f"{_KIND_WORD[t]}: {', '.join(allowed_tokens(t, kind))}" for t in types)
+
+
+# --------------------------------------------------------------------------- parsing
+_INTEG_TO_PRF = {
+    IntegId.HMAC_SHA2_256_128: PrfId.HMAC_SHA2_256,
+    IntegId.HMAC_SHA2_384_192: PrfId.HMAC_SHA2_384,
+    IntegId.HMAC_SHA2_512_256: PrfId.HMAC_SHA2_512,
+}
+
+
+def parse_proposal(text: str, kind: Kind) -> Proposal:
+    """Parse one strongSwan-spelled proposal (``aes256gcm16-prfsha384-x25519``).
+
+    ``kind`` is "ike" (IKE SA: ENCR, PRF, INTEG unless AEAD, and a key exchange method) or
+    "esp" (Child SA: ENCR, INTEG unless AEAD, optional key exchange method for PFS, ESN; no
+    PRF). For a non-AEAD IKE proposal without PRF the PRF is derived from the integrity
+    algorithm, as strongSwan does. Raises :class:`ProposalError`.
+    """
+    if kind not in ("ike", "esp"):
+        raise ValueError(f"kind must be 'ike' or 'esp', not {kind!r}")
+    proto = ProtocolId.IKE if kind == "ike" else ProtocolId.ESP
+    words = text.strip().lower().split("-") if text.strip() else []
+    if not words or any(w == "" for w in words):
+        raise ProposalError(text, "empty algorithm name; write algorithms joined by '-', "
+                                  f"e.g. {DEFAULT_IKE_PROPOSAL if kind == 'ike' else DEFAULT_ESP_PROPOSAL!r}")
+    transforms: list[Transform] = []
+    for w in words:
+        t = _TOKENS.get(w)
+        if t is None:
+            raise ProposalError(text, f"unknown algorithm {w!r}; allowed in {kind.upper()} "
+                                      f"proposals: {_allowed_summary(kind)}", w)
+        ttype = TransformType(t.type)
+        what = f"{_KIND_WORD[ttype]} {t.id.name}" + (f" {t.key_length}-bit" if t.key_length else "")
+        if kind == "ike" and ttype == TransformType.ESN:
+            raise ProposalError(text, f"{w!r}: ESN is not allowed in IKE proposals (ESP only)", w)
+        if kind == "esp" and ttype == TransformType.PRF:
+            raise ProposalError(text, f"{w!r}: a PRF is not allowed in ESP proposals; the Child "
+                                      "SA keys come from the IKE SA's PRF", w)
+        why = refusal(t, proto)
+        if why is not None:
+            allowed = ", ".join(allowed_tokens(ttype, kind))
+            word = "weak algorithm" if why == "weak" else "algorithm"
+            verdict = "refused by policy" if why == "weak" else "not supported"
+            raise ProposalError(text, f"{word} {w!r} ({what}) {verdict}; allowed "
+                                      f"{_KIND_WORD[ttype]} algorithms: {allowed}", w)
+        if t not in transforms:  # repeated keywords are harmless, keep the first
+            transforms.append(t)
+
+    encr = [t for t in transforms if t.type == TransformType.ENCR]
+    integ = [t for t in transforms if t.type == TransformType.INTEG]
+    prf = [t for t in transforms if t.type == TransformType.PRF]
+    dh = [t for t in transforms if t.type == TransformType.DH]
+    esn = [t for t in transforms if t.type == TransformType.ESN]
+    if not encr:
+        raise ProposalError(text, "no encryption algorithm; allowed: "
+                                  + ", ".join(allowed_tokens(TransformType.ENCR, kind)))
+    aead = [t for t in encr if t.id in AEAD_ENCR]
+    if aead and len(aead) != len(encr):
+        raise ProposalError(text, "AEAD (" + ", ".join(map(transform_token, aead)) + ") and non-AEAD ("
+                            + ", ".join(transform_token(t) for t in encr if t not in aead)
+                            + ") encryption cannot share a proposal (RFC 7296 §3.3); "
+                              "write them as separate proposals")
+    if aead and integ:
+        raise ProposalError(text, "integrity algorithm " + ", ".join(map(transform_token, integ))
+                            + " not allowed with AEAD encryption " + aead[0].__str__()
+                            + " (it authenticates itself)")
+    if not aead and not integ:
+        raise ProposalError(text, "non-AEAD encryption needs an integrity algorithm; allowed: "
+                            + ", ".join(allowed_tokens(TransformType.INTEG, kind)))
+    if kind == "ike":
+        if not prf:
+            if aead:
+                raise ProposalError(text, "AEAD IKE proposals need an explicit PRF; allowed: "
+                                    + ", ".join(allowed_tokens(TransformType.PRF, kind)))
+            for t in integ:
+                p = Transform(TransformType.PRF, _INTEG_TO_PRF[t.id])
+                if p not in prf:
+                    prf.append(p)
+        if not dh:
+            raise ProposalError(text, "IKE proposals need a key exchange method; allowed: "
+                                + ", ".join(allowed_tokens(TransformType.DH, kind)))
+        ordered = encr + integ + prf + dh
+    else:
+        if not esn:
+            esn = [Transform(TransformType.ESN, EsnId.NO_ESN)]
+        ordered = encr + integ + dh + esn
+    return Proposal(proto, tuple(ordered))
+
+
+def parse_proposals(text: str | Iterable[str], kind: Kind) -> list[Proposal]:
+    """Parse a comma-separated list (or an iterable) of proposals, numbered from 1 (§3.3.1)."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    items = [s.strip() for s in items]
+    if not items or any(not s for s in items):
+        raise ProposalError(text if isinstance(text, str) else ",".join(items),
+                            "empty proposal in list")
+    return [replace(parse_proposal(s, kind), number=i) for i, s in enumerate(items, 1)]
+
+
+def format_proposal(p: Proposal) -> str:
+    """The strongSwan spelling of a proposal; ``parse_proposal(format_proposal(p))`` gives ``p``
+    back for proposals that parse_proposal produces. NO_ESN alone is implied and left out."""
+    order = [TransformType.ENCR, TransformType.INTEG, TransformType.PRF, TransformType.DH,
+             TransformType.ESN]
+    words: list[str] = []
+    for tt in order:
+        ts = p.of_type(tt)
+        if tt == TransformType.ESN and [t.id for t in ts] == [EsnId.NO_ESN]:
+            continue
+        words.extend(transform_token(t) for t in ts)
+    words.extend(transform_token(t) for t in p.transforms if t.type not in order)
+    return "-".join(words)
+
+
+# --------------------------------------------------------------------------- selection
+def _effective(p: Proposal, tt: TransformType) -> list[Transform]:
+    """Transforms of ``tt``, with RFC 7296 defaults for an absent optional type."""
+    ts = list(p.of_type(tt))
+    if ts:
+        return ts
+    if tt == TransformType.INTEG:
+        return [Transform(tt, IntegId.NONE)]
+    if tt == TransformType.DH and p.protocol != ProtocolId.IKE:
+        return [Transform(tt, DhId.NONE)]
+    if tt == TransformType.ESN and p.protocol in (ProtocolId.ESP, ProtocolId.AH):
+        return [Transform(tt, EsnId.NO_ESN)]
+    return []
+
+
+def _match(ours: Proposal, theirs: Proposal) -> Proposal | None:
+    if ours.protocol != theirs.protocol:
+        return None
+    if any(t.type not in KNOWN_TRANSFORM_TYPES for t in theirs.transforms):
+        return None  # RFC 7296 §3.3.6: unknown transform type -> proposal unacceptable
+    chosen: list[Transform] = []
+    for tt in (TransformType.ENCR, TransformType.PRF, TransformType.INTEG, TransformType.DH,
+               TransformType.ESN):
+        mine = {_bare(t) for t in _effective(ours, tt)}
+        cand = _effective(theirs, tt)
+        if not mine and not cand:
+            continue
+        pick = next((t for t in cand
+                     if _bare(t) in mine and not t.extra_attributes
+                     and refusal(t, theirs.protocol) is None), None)
+        if pick is None:
+            return None
+        if pick in theirs.transforms:  # echo only what they sent, not implied defaults
+            chosen.append(pick)
+    result = Proposal(theirs.protocol, tuple(chosen), theirs.number, theirs.spi)
+    if not _structurally_valid(result):
+        return None
+    return result
+
+
+def _structurally_valid(p: Proposal) -> bool:
+    encr = p.encr
+    if len(encr) != 1:
+        return False
+    aead = encr[0].id in AEAD_ENCR
+    integ = [t for t in p.integ if t.id != IntegId.NONE]
+    if aead and integ:
+        return False
+    if not aead and not integ:
+        return False
+    if p.protocol == ProtocolId.IKE:
+        dh = p.dh
+        if len(p.prf) != 1 or len(dh) != 1 or dh[0].id == DhId.NONE:
+            return False
+    elif p.prf:
+        return False
+    return True
+
+
+def select_proposal(ours: Sequence[Proposal], theirs: Sequence[Proposal]) -> Proposal | None:
+    """Responder side of RFC 7296 §2.7: the first of ``theirs`` acceptable to any of ``ours``.
+
+    Within a proposal, for each Transform Type the peer's first (most preferred) transform
+    that we also offer and that passes policy is chosen. The result has one transform per type
+    and keeps the peer's proposal ``number`` and ``spi`` (the engine puts its own SPI in the
+    reply with :meth:`Proposal.with_spi`). None means NO_PROPOSAL_CHOSEN.
+    """
+    for t in theirs:
+        for o in ours:
+            m = _match(o, t)
+            if m is not None:
+                return m
+    return None
+
+
+def accepts_selection(offered: Sequence[Proposal], chosen: Proposal) -> Proposal | None:
+    """Initiator side of §2.7: check the responder's reply.
+
+    ``chosen`` must carry the number of one of the ``offered`` proposals and exactly one
+    transform of each type that proposal has, each one offered there (absent optional types
+    count as their RFC 7296 default: INTEG NONE, DH NONE and NO_ESN for ESP) and acceptable to
+    policy. Returns that offered proposal, or None (the reply is invalid).
+    """
+    if any(t.type not in KNOWN_TRANSFORM_TYPES for t in chosen.transforms):
+        return None
+    for o in offered:
+        if o.number != chosen.number or o.protocol != chosen.protocol:
+            continue
+        for tt in _ENUM_OF_TYPE:
+            mine = {_bare(t) for t in _effective(o, tt)}
+            got = _effective(chosen, tt)
+            if not mine and not got:
+                continue
+            if len(got) != 1 or _bare(got[0]) not in mine or got[0].extra_attributes:
+                return None
+            if refusal(got[0], o.protocol) is not None:
+                return None
+        return o if _structurally_valid(chosen) else None
+    return None
+
+
+__all__ = [
+    "AEAD_ENCR",
+    "DEFAULT_ESP_PROPOSAL",
+    "DEFAULT_IKE_PROPOSAL",
+    "Kind",
+    "Proposal",
+    "ProposalError",
+    "Transform",
+    "accepts_selection",
+    "allowed_tokens",
+    "format_proposal",
+    "parse_proposal",
+    "parse_proposals",
+    "refusal",
+    "select_proposal",
+    "transform_token",
+]

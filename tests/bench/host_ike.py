@@ -1,0 +1,208 @@
+"""IKE_SA + first Child SA setups per second, responder against responder (issue 4, `make bench`).
+
+One initiator in one network namespace opens N tunnels (IKE_SA_INIT + IKE_AUTH with the first
+Child SA; PSK, `aes256gcm16-prfsha384-x25519`, ESP `aes256gcm16`, 0.0.0.0/0 + ::/0 selectors)
+against a responder in another namespace, keeping at most W exchanges in flight. A setup counts
+when the initiator reports the Child SA installed, i.e. after the IKE_AUTH response. Rounds
+alternate between the responders so that both see the same machine load, and the result is
+printed as a ratio against strongSwan's responder measured in the same run. Nothing is asserted
+on the numbers.
+
+- The initiator is strongSwan 5.9.8 (charon-systemd with `reuse_ikesa = no`, so every initiate
+  is a new IKE SA), driven over vici. It is the same for every responder. To switch to our own
+  initiator later, write a class with the `Initiator` methods and pass it to `measure()`.
+- The anchor responder is strongSwan 5.9.8 with Child SAs in kernel-libipsec (the host kernel has
+  no ESP), DoS protection off (no COOKIEs, no per-IP half-open limit) and `unique = never`.
+- Our responder joins by adding a class with the `Responder` methods to `responders()`.
+
+Run: `.venv/bin/python tests/bench/host_ike.py [--tunnels N] [--window W] [--rounds R]` (root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+TOP = Path(__file__).resolve().parents[2]
+if str(TOP) not in sys.path:
+    sys.path.insert(0, str(TOP))
+
+from tests.peers.strongswan import Child, Conn, Retransmit, StrongSwan  # noqa: E402
+from tests.peers.topology import Side, pair_of_namespaces  # noqa: E402
+
+PSK = "bench-Secret-0123456789abcdef"
+IKE_PROPOSAL = "aes256gcm16-prfsha384-x25519"
+ESP_PROPOSAL = "aes256gcm16"
+INITIATOR_ID = "ini.bench.example"
+RESPONDER_ID = "resp.bench.example"
+QUIET = {"default": 0, "ike": 0, "cfg": 0, "knl": 0, "net": 0, "enc": 0, "chd": 0, "job": 0, "dmn": 0, "lib": 0}
+
+
+class Responder(Protocol):
+    label: str
+
+    def start(self, side: Side, peer: Side, workdir: Path) -> None: ...
+    def stop(self) -> None: ...
+
+
+class Initiator(Protocol):
+    def start(self, side: Side, peer: Side, workdir: Path) -> None: ...
+    def burst(self, n: int, window: int, timeout: float) -> "Burst": ...
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Burst:
+    completed: int
+    failed: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.completed / self.seconds if self.seconds > 0 else 0.0
+
+
+def _conn(local: Side, remote: Side, local_id: str, remote_id: str) -> Conn:
+    return Conn(local_addrs=[local.addr4], remote_addrs=[remote.addr4], local_id=local_id, remote_id=remote_id,
+                psk=PSK, proposals=[IKE_PROPOSAL],
+                children=[Child(esp_proposals=[ESP_PROPOSAL], if_id_in=42, if_id_out=42)],
+                unique=None, mobike=False)
+
+
+class StrongSwanResponder:
+    label = "strongSwan 5.9.8"
+
+    def __init__(self) -> None:
+        self.daemon: StrongSwan | None = None
+
+    def start(self, side: Side, peer: Side, workdir: Path) -> None:
+        self.daemon = StrongSwan(workdir, side.name, name="responder", log_keys=False, log_levels=QUIET,
+                                 charon={"dos_protection": False, "cookie_threshold": 1_000_000,
+                                         "block_threshold": 1_000_000, "init_limit_half_open": 0,
+                                         "ikesa_table_size": 256, "ikesa_table_segments": 16})
+        self.daemon.start()
+        conn = _conn(side, peer, RESPONDER_ID, INITIATOR_ID)
+        conn.unique = "never"
+        self.daemon.load(conn)
+
+    def stop(self) -> None:
+        if self.daemon:
+            self.daemon.kill()   # no DELETE storm: only the setup rate is measured
+            self.daemon = None
+
+
+class StrongSwanInitiator:
+    """strongSwan as the load generator: each vici `initiate` opens a new IKE SA."""
+
+    def __init__(self) -> None:
+        self.daemon: StrongSwan | None = None
+        self.total = 0
+
+    def start(self, side: Side, peer: Side, workdir: Path) -> None:
+        self.daemon = StrongSwan(workdir, side.name, name="initiator", log_keys=False, log_levels=QUIET,
+                                 retransmit=Retransmit(tries=5, timeout=4.0, base=1.8),
+                                 charon={"reuse_ikesa": False, "ikesa_table_size": 256,
+                                         "ikesa_table_segments": 16})
+        self.daemon.start()
+        self.daemon.load(_conn(side, peer, INITIATOR_ID, RESPONDER_ID))
+
+    def burst(self, n: int, window: int, timeout: float) -> Burst:
+        d = self.daemon
+        assert d is not None and d.events is not None
+        seen = d.mark()
+        started = completed = failed = 0
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        while completed + failed < n and time.monotonic() < deadline:
+            while started < n and started - completed - failed < window:
+                d.initiate_async("c", "p")
+                started += 1
+            # Block until the next event (no busy loop stealing CPU from the daemons).
+            if d.events.wait(lambda e: True, timeout=1.0, since=seen) is None:
+                continue
+            evs = d.events.events
+            for e in evs[seen:]:
+                if e.name == "child-updown" and "up" in e.body:
+                    completed += 1
+                elif e.name == "ike-updown" and "up" not in e.body:
+                    failed += 1
+            seen = len(evs)
+        burst = Burst(completed, failed, time.monotonic() - t0)
+        # The measurement is only meaningful if every setup was a new IKE SA.
+        self.total += completed
+        distinct = {sa.spi_i for sa in d.list_sas() if sa.state == "ESTABLISHED" and sa.installed()}
+        if len(distinct) < self.total:
+            raise RuntimeError(f"the initiator reused IKE SAs ({len(distinct)} distinct for {self.total} setups)")
+        return burst
+
+    def stop(self) -> None:
+        if self.daemon:
+            self.daemon.kill()
+            self.daemon = None
+
+
+def responders() -> list[type]:
+    """The responders to compare; strongSwan's first (the anchor). Our engine's responder is added
+    here once its runner exists (issue 4, item 8)."""
+    return [StrongSwanResponder]
+
+
+def measure(responder_classes: list[type], initiator_class: type, tunnels: int, window: int, rounds: int,
+            workdir: Path) -> dict[str, list[Burst]]:
+    results: dict[str, list[Burst]] = {cls.label: [] for cls in responder_classes}
+    with pair_of_namespaces("bench") as (ini_side, resp_side):
+        for r in range(rounds):
+            for cls in responder_classes:
+                resp: Responder = cls()
+                ini: Initiator = initiator_class()
+                try:
+                    resp.start(resp_side, ini_side, workdir / f"r{r}-{cls.__name__}-resp")
+                    ini.start(ini_side, resp_side, workdir / f"r{r}-{cls.__name__}-ini")
+                    ini.burst(window, window, timeout=30.0)   # warm-up, not counted
+                    burst = ini.burst(tunnels, window, timeout=max(60.0, tunnels * 0.5))
+                finally:
+                    ini.stop()
+                    resp.stop()
+                results[cls.label].append(burst)
+                print(f"  round {r + 1} {cls.label:>20}: {burst.completed}/{tunnels} up, {burst.failed} failed, "
+                      f"{burst.seconds:.2f} s, {burst.rate:.1f} setups/s", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tunnels", type=int, default=500, help="IKE SAs per round (default 500)")
+    p.add_argument("--window", type=int, default=16, help="setups in flight at most (default 16)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per responder (default 5)")
+    args = p.parse_args(argv)
+    classes = responders()
+    print(f"IKE_SA + first Child SA setups/s: PSK, {IKE_PROPOSAL}, ESP {ESP_PROPOSAL}; "
+          f"{args.tunnels} tunnels per round, window {args.window}, {args.rounds} rounds; "
+          f"initiator: strongSwan 5.9.8", flush=True)
+    with tempfile.TemporaryDirectory(prefix="isthmus-bench-ike-") as tmp:
+        results = measure(classes, StrongSwanInitiator, args.tunnels, args.window, args.rounds, Path(tmp))
+    anchor = classes[0].label
+    med = {label: statistics.median(b.rate for b in bursts) for label, bursts in results.items()}
+    for label, bursts in results.items():
+        rates = [b.rate for b in bursts]
+        incomplete = sum(args.tunnels - b.completed for b in bursts)
+        print(f"{label}: median {med[label]:.1f} setups/s (min {min(rates):.1f}, max {max(rates):.1f})"
+              + (f", {incomplete} setups not completed" if incomplete else ""))
+    if len(classes) == 1:
+        rates = [b.rate for b in results[anchor]]
+        print(f"ratio: not available: our responder does not exist yet (only the anchor, {anchor}); "
+              f"anchor spread max/min = {max(rates) / min(rates):.2f}" if min(rates) > 0 else "ratio: n/a")
+    for label in list(results)[1:]:
+        ratio = med[label] / med[anchor] if med[anchor] else float("nan")
+        print(f"ratio {label} / {anchor}: {ratio:.2f} (goal >= 1.0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

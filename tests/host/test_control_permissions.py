@@ -1,0 +1,82 @@
+"""The control socket is root-only: a real non-root user (nobody) is refused — by the 0700 run
+directory and, should that directory be opened up, by the socket's own 0600 mode — and the CLI
+says so with exit status 4. Needs root (to create the server as root and run clients as nobody)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from appliance.control import ControlClient
+from tests.unit.control_util import ServerThread
+
+NOBODY = 65534
+TOP = Path(__file__).resolve().parents[2]
+ISTHMUS = Path(sys.executable).parent / "isthmus"
+
+
+async def status(params):
+    return {"name": "perm-test"}
+
+
+def as_nobody(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60, user=NOBODY, group=NOBODY,
+                          extra_groups=[], cwd="/", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(TOP)})
+
+
+CLIENT = """
+import sys
+from appliance.control import ControlClient, ControlPermissionError
+try:
+    print(ControlClient(sys.argv[1]).call("status"))
+except ControlPermissionError as exc:
+    print("denied:", exc)
+"""
+
+
+@pytest.fixture
+def open_parent():
+    """A parent directory nobody may traverse (pytest's tmp_path is root-only)."""
+    if os.geteuid() != 0:
+        pytest.fail("host tier: run as root")
+    d = Path(tempfile.mkdtemp(prefix="isthmus-perm-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+def test_nobody_is_refused(open_parent):
+    run = open_parent / "run"
+    with ServerThread(run, {"status": status}) as srv:
+        assert ControlClient(run).call("status") == {"name": "perm-test"}  # root gets in
+
+        # 1. the run directory (0700) stops nobody
+        r = as_nobody(sys.executable, "-c", CLIENT, str(run))
+        assert r.stdout.startswith("denied: permission denied on ") and "root-only" in r.stdout, r.stderr
+        r = as_nobody(str(ISTHMUS), "--run-dir", str(run), "status")
+        assert r.returncode == 4, (r.stdout, r.stderr)
+        assert "permission denied" in r.stderr and "run the command as root" in r.stderr
+        r = as_nobody(str(ISTHMUS), "--run-dir", str(run), "status", "--json")
+        assert r.returncode == 4 and json.loads(r.stdout)["error"]["code"] == "permission_denied"
+        r = as_nobody(str(ISTHMUS), "--run-dir", str(run), "events")
+        assert r.returncode == 4
+
+        # 2. with the directory opened up, the socket's own 0600 still stops nobody
+        os.chmod(run, 0o755)
+        r = as_nobody(str(ISTHMUS), "--run-dir", str(run), "status")
+        assert r.returncode == 4, (r.stdout, r.stderr)
+
+        # 3. control: the same client gets in once the socket itself is opened, so the refusals
+        #    above were the modes' doing and nothing else
+        os.chmod(srv.path, 0o666)
+        r = as_nobody(sys.executable, "-c", CLIENT, str(run))
+        assert r.stdout.strip() == "{'name': 'perm-test'}", r.stderr
+        r = as_nobody(str(ISTHMUS), "--run-dir", str(run), "version")
+        assert r.returncode == 0

@@ -1,0 +1,1 @@
+"""Real peers for interop tests and benchmarks: strongSwan (strongswan.py), FRR and BIRD."""

@@ -1,0 +1,125 @@
+"""Record strongSwan <-> strongSwan IKEv2 conversations as conformance vectors (run by hand).
+
+Two charon daemons (tests/peers/strongswan.py harness, kernel-libipsec on the host) in two
+network namespaces; tcpdump captures the IKE datagrams on the responder's veth; both daemons log
+IKE at level 4 (shared secrets, SKEYSEED, SK_*) and CHD at level 4 (Child SA keys). Each
+scenario: A initiates, A rekeys the Child SA, S (the responder) rekeys the IKE SA, A rekeys the
+Child SA again on the new IKE SA, A terminates.
+
+    python tests/record_strongswan_vectors.py --out tests/data/strongswan [--peers-from DIR]
+
+Writes one directory per scenario (charon-A.log, charon-S.log, ike.pcap, vector.json); the
+unit tests in tests/unit/ike/test_recorded_vectors.py read them with tests/vectors.py. The
+charon logs are reduced to the lines the tests read (the hex dumps of the IKE and CHD groups,
+the CHILD_SA/IKE_SA state lines) to keep the files small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PSK = "recorded-Vector-psk-0123456789"
+SCENARIOS = {
+    # name: (IKE proposal, ESP proposal)
+    "aes128gcm16-prfsha256-ecp256_esp-aes128gcm16-ecp256": (
+        "aes128gcm16-prfsha256-ecp256", "aes128gcm16-ecp256"),
+    "aes256-sha384-modp3072_esp-aes256-sha512": (
+        "aes256-sha384-modp3072", "aes256-sha512"),
+    "chacha20poly1305-prfsha512-x448_esp-chacha20poly1305-x25519": (
+        "chacha20poly1305-prfsha512-x448", "chacha20poly1305-x25519"),
+}
+_KEEP = re.compile(r"\[(IKE|CHD)\]|CHILD_SA .*established|IKE_SA .*(established|rekeyed)|"
+                   r"establishing CHILD_SA|\d+: [0-9A-F]{2} ")
+
+
+def reduce_log(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if _KEEP.search(line)) + "\n"
+
+
+def record(name: str, ike: str, esp: str, out: Path) -> None:
+    from tests.peers.strongswan import Child, Conn, StrongSwan
+    from tests.peers.topology import pair_of_namespaces
+
+    out.mkdir(parents=True, exist_ok=True)
+    levels = {"ike": 4, "chd": 4, "cfg": 1, "enc": 1, "net": 1, "knl": 1}
+    with tempfile.TemporaryDirectory() as tmp, pair_of_namespaces("vec") as (a, b):
+        pcap = out / "ike.pcap"
+        dump = subprocess.Popen(
+            ["ip", "netns", "exec", b.name, "tcpdump", "-i", b.ifname, "-U", "-s", "0", "-w",
+             str(pcap), "udp port 500 or udp port 4500"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        try:
+            conn = Conn(local_addrs=[a.addr4], remote_addrs=[b.addr4], local_id="a.example.net",
+                        remote_id="b.example.net", psk=PSK, proposals=[ike],
+                        children=[Child(esp_proposals=[esp], local_ts=["0.0.0.0/0"],
+                                        remote_ts=["0.0.0.0/0"])],
+                        dpd_delay=None, mobike=False)
+            with StrongSwan(Path(tmp) / "A", a.name, name="A", log_levels=levels) as sa, \
+                    StrongSwan(Path(tmp) / "S", b.name, name="S", log_levels=levels) as ss:
+                ss.load(conn.mirrored())
+                sa.load(conn)
+                sa.initiate("c")
+                sa.wait_ike_up()
+                m = sa.mark()
+                sa.rekey(child="c")
+                sa.wait_event("child-rekey", timeout=15, since=m)
+                time.sleep(0.5)
+                m = ss.mark()
+                ss.rekey(ike="p")
+                ss.wait_event("ike-rekey", timeout=15, since=m)
+                time.sleep(0.5)
+                m = sa.mark()
+                sa.rekey(child="c")
+                sa.wait_event("child-rekey", timeout=15, since=m)
+                time.sleep(0.5)
+                sa.terminate(ike="p")
+                ss.wait_no_ike()
+                time.sleep(0.5)
+                for who, sw in (("A", sa), ("S", ss)):
+                    (out / f"charon-{who}.log").write_text(reduce_log(sw.log_text()))
+        finally:
+            dump.send_signal(signal.SIGINT)
+            dump.wait(10)
+    (out / "vector.json").write_text(json.dumps({
+        "psk": PSK, "initiator_id": "a.example.net", "responder_id": "b.example.net",
+        "initiator_addr": a.addr4, "responder_addr": b.addr4, "ike_proposal": ike,
+        "esp_proposal": esp, "logs": {"initiator": "charon-A.log", "responder": "charon-S.log"},
+        "sequence": "A initiates; A rekeys the Child SA; S rekeys the IKE SA; A rekeys the "
+                    "Child SA; A terminates",
+        "strongswan": subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "charon-systemd"],
+                                     capture_output=True, text=True).stdout,
+        "kernel_backend": "kernel-libipsec (host): Child SAs are UDP-encapsulated",
+    }, indent=2) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--peers-from", type=Path, default=Path(__file__).resolve().parent.parent,
+                    help="repository root that has tests/peers (default: this one)")
+    ap.add_argument("--only", action="append", help="scenario name(s) to record")
+    args = ap.parse_args()
+    sys.path.insert(0, str(args.peers_from))
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 2
+    for name, (ike, esp) in SCENARIOS.items():
+        if args.only and name not in args.only:
+            continue
+        print(f"recording {name} ...", flush=True)
+        record(name, ike, esp, args.out / name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
