@@ -105,7 +105,8 @@ def wanted_pfs_group(sa: IkeSa) -> int | None:
 def child_times(sa: IkeSa, now: float) -> tuple[float, float]:
     cfg = sa.config
     assert cfg is not None
-    return now + sa.jitter(cfg.child_lifetime), now + cfg.child_lifetime * 1.1
+    return (sa.rekey_time(now, cfg.child_lifetime, cfg.child_rekey_margin),
+            now + cfg.child_lifetime)
 
 
 def complete_initiator(sa: IkeSa, msg: Message, req: ChildRequest, ni: bytes, nr: bytes | None,

@@ -1,9 +1,10 @@
 """What one tunnel asks of the IKE engine: plain dataclasses the config layer fills in.
 
-`TunnelConfig` is the engine's whole view of a tunnel; the YAML model maps onto it. Defaults
-follow the project seed: IKE SA rekeyed after 24 h, Child SA after 1 h, each with up to 10 %
-random jitter taken off the rekey time (so two peers rarely rekey at once), and a hard
-lifetime 10 % past the rekey time.
+`TunnelConfig` is the engine's whole view of a tunnel; the YAML model (appliance/config)
+maps onto it. Lifetimes follow the config model: an SA lives `*_lifetime` seconds and is
+rekeyed `*_rekey_margin` seconds before that, minus a random extra of up to
+`rekey_jitter` x margin so two peers rarely rekey at once (strongSwan's rand_time idea).
+Defaults: IKE SA 24 h, Child SA 1 h, margin 9 min.
 """
 
 from __future__ import annotations
@@ -16,19 +17,36 @@ from typing import Literal
 from appliance.ike.constants import IdType
 from appliance.ike.proposals import Proposal, parse_proposals
 
-DpdAction = Literal["clear", "restart", "hold"]
+DpdAction = Literal["clear", "restart", "hold", "none"]
 
 
 class PolicyError(ValueError):
     """A tunnel setting the engine cannot use; the message says which and what is allowed."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Identity:
-    """An IKE identity (RFC 7296 §3.5): ID Type and Identification Data."""
+    """An IKE identity (RFC 7296 §3.5): ID Type and Identification Data. Two DNs are equal
+    when their attributes and values are, whatever string types encode them."""
 
     id_type: int
     data: bytes
+
+    def _key(self) -> tuple:
+        if self.id_type == IdType.ID_DER_ASN1_DN:
+            try:
+                return (self.id_type, dn_rdns(self.data))
+            except ValueError:
+                pass
+        if self.id_type in (IdType.ID_FQDN, IdType.ID_RFC822_ADDR):
+            return (self.id_type, self.data.lower())   # DNS names are case-insensitive
+        return (self.id_type, self.data)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Identity) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     @classmethod
     def parse(cls, text: str) -> "Identity":
@@ -45,7 +63,15 @@ class Identity:
                               "address or a DN")
         prefix, _, rest = t.partition(":")
         forced = prefix.lower()
-        if rest and forced in ("fqdn", "email", "rfc822", "ipv4", "ipv6", "dn"):
+        if rest and forced in ("fqdn", "email", "rfc822", "ipv4", "ipv6", "dn", "keyid"):
+            if forced == "keyid":
+                # strongSwan: keyid:#hex for binary key IDs, keyid:text otherwise
+                if rest.startswith("#"):
+                    try:
+                        return cls(IdType.ID_KEY_ID, bytes.fromhex(rest[1:]))
+                    except ValueError:
+                        raise PolicyError(f"identity {text!r}: bad hex after keyid:#") from None
+                return cls(IdType.ID_KEY_ID, rest.encode())
             if forced == "fqdn":
                 return cls(IdType.ID_FQDN, rest.encode())
             if forced in ("email", "rfc822"):
@@ -73,6 +99,15 @@ class Identity:
             return cls(IdType.ID_RFC822_ADDR, t.encode())
         return cls(IdType.ID_FQDN, t.encode())
 
+    @classmethod
+    def from_config(cls, kind: str, value: str) -> "Identity":
+        """From the config model's (kind, value): kind is ipv4, ipv6, fqdn, rfc822, keyid or dn."""
+        prefix = {"ipv4": "ipv4", "ipv6": "ipv6", "fqdn": "fqdn", "rfc822": "rfc822",
+                  "keyid": "keyid", "dn": "dn"}.get(kind)
+        if prefix is None:
+            raise PolicyError(f"identity kind {kind!r}: use ipv4, ipv6, fqdn, rfc822, keyid or dn")
+        return cls.parse(f"{prefix}:{value}")
+
     def __str__(self) -> str:
         if self.id_type in (IdType.ID_IPV4_ADDR, IdType.ID_IPV6_ADDR) and len(self.data) in (4, 16):
             return str(ipaddress.ip_address(self.data))
@@ -80,6 +115,8 @@ class Identity:
             return self.data.decode("utf-8", "replace")
         if self.id_type == IdType.ID_DER_ASN1_DN:
             return _dn_text(self.data)
+        if self.id_type == IdType.ID_KEY_ID:
+            return "keyid:#" + self.data.hex()
         return f"{self.id_type}:{self.data.hex()}"
 
 
@@ -96,22 +133,81 @@ def _dn_der(dn: str, original: str) -> bytes:
         raise PolicyError(f"identity {original!r} is not a distinguished name: {e}") from None
 
 
+_DN_NAMES = {"2.5.4.3": "CN", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST", "2.5.4.10": "O",
+             "2.5.4.11": "OU", "2.5.4.5": "serialNumber", "1.2.840.113549.1.9.1": "E",
+             "0.9.2342.19200300.100.1.25": "DC", "2.5.4.4": "SN", "2.5.4.42": "G"}
+
+
+def _der_items(data: bytes) -> list[tuple[int, bytes]]:
+    """Top-level DER TLVs of `data` (definite lengths only); raises ValueError."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        if pos + 2 > len(data):
+            raise ValueError("truncated DER")
+        tag, ln = data[pos], data[pos + 1]
+        pos += 2
+        if ln & 0x80:
+            n = ln & 0x7F
+            if n == 0 or n > 4 or pos + n > len(data):
+                raise ValueError("bad DER length")
+            ln = int.from_bytes(data[pos:pos + n], "big")
+            pos += n
+        if pos + ln > len(data):
+            raise ValueError("DER value overruns")
+        out.append((tag, data[pos:pos + ln]))
+        pos += ln
+    return out
+
+
+def _oid(b: bytes) -> str:
+    if not b:
+        raise ValueError("empty OID")
+    parts = [b[0] // 40, b[0] % 40]
+    v = 0
+    for x in b[1:]:
+        v = (v << 7) | (x & 0x7F)
+        if not x & 0x80:
+            parts.append(v)
+            v = 0
+    return ".".join(map(str, parts))
+
+
+def dn_rdns(der: bytes) -> tuple[tuple[str, str], ...]:
+    """The (attribute, value) pairs of a DER Name, most significant first; raises ValueError."""
+    (top,) = _der_items(der)
+    if top[0] != 0x30:
+        raise ValueError("a Name is a SEQUENCE")
+    out = []
+    for tag, rdn in _der_items(top[1]):
+        if tag != 0x31:
+            raise ValueError("an RDN is a SET")
+        for t2, atv in _der_items(rdn):
+            items = _der_items(atv)
+            if t2 != 0x30 or len(items) != 2 or items[0][0] != 0x06:
+                raise ValueError("bad AttributeTypeAndValue")
+            oid = _oid(items[0][1])
+            value = items[1][1].decode("utf-16-be" if items[1][0] == 0x1E else "utf-8", "replace")
+            out.append((_DN_NAMES.get(oid, oid), value))
+    return tuple(out)
+
+
 def _dn_text(der: bytes) -> str:
+    """strongSwan-style text ("C=CH, O=Org, CN=gw") of a DER Name, or its hex if unreadable."""
     try:
-        from cryptography.x509 import Name  # noqa: F401
-        from cryptography.x509.oid import NameOID  # noqa: F401
-        # cryptography has no public DER -> Name parser outside certificates; show hex.
-    except Exception:  # pragma: no cover
-        pass
-    return "dn:" + der.hex()
+        return ", ".join(f"{k}={v}" for k, v in dn_rdns(der))
+    except ValueError:
+        return "dn:#" + der.hex()
 
 
 @dataclass(frozen=True)
 class DpdConfig:
     """Liveness checks (RFC 7296 §2.4): after `interval` seconds without hearing from the
     peer, send an empty INFORMATIONAL request; if nothing answers within `timeout` seconds the
-    peer is dead and `action` follows: clear (drop the SAs), restart (drop and initiate again),
-    hold (drop the SAs, keep the tunnel waiting for the peer or an explicit connect)."""
+    peer is dead and `action` follows: restart (drop the SAs and initiate again), clear or none
+    (drop the SAs, no automatic re-initiation), hold (drop the SAs and wait for the peer or an
+    explicit connect; the daemon may keep the interface). The engine treats clear, none and
+    hold alike; the distinction is the daemon's."""
 
     interval: float = 30.0
     timeout: float = 150.0
@@ -120,8 +216,8 @@ class DpdConfig:
     def __post_init__(self) -> None:
         if self.interval < 0 or self.timeout <= 0:
             raise PolicyError("dpd interval must be >= 0 (0 disables) and timeout > 0 seconds")
-        if self.action not in ("clear", "restart", "hold"):
-            raise PolicyError(f"dpd action {self.action!r}: use clear, restart or hold")
+        if self.action not in ("clear", "restart", "hold", "none"):
+            raise PolicyError(f"dpd action {self.action!r}: use restart, clear, hold or none")
 
 
 @dataclass(frozen=True)
@@ -156,6 +252,8 @@ class TunnelConfig:
     (responder only). `psk` is the pre-shared key (never shown in repr). Proposals are
     proposals.Proposal lists in preference order; `ike_proposals` carry the key exchange
     method for IKE_SA_INIT, an ESP proposal with a DH transform asks for PFS on rekeys.
+    `*_lifetime` is how long an SA lives (its hard lifetime); it is rekeyed `*_rekey_margin`
+    seconds before, minus up to `rekey_jitter` x margin at random.
     Traffic selectors default to everything (0.0.0.0/0 and ::/0 both ways): the route-based
     tunnel decides by routing into the XFRM interface with `if_id`.
     """
@@ -173,8 +271,10 @@ class TunnelConfig:
     local_port: int = 500
     remote_port: int = 500
     ike_lifetime: float = 24 * 3600.0
+    ike_rekey_margin: float = 540.0
     child_lifetime: float = 3600.0
-    rekey_jitter: float = 0.1
+    child_rekey_margin: float = 540.0
+    rekey_jitter: float = 1.0
     dpd: DpdConfig = field(default_factory=DpdConfig)
     retransmit: RetransmitConfig = field(default_factory=RetransmitConfig)
     half_open_timeout: float = 30.0
@@ -192,10 +292,14 @@ class TunnelConfig:
             object.__setattr__(self, "ike_proposals", tuple(parse_proposals("aes256gcm16-prfsha384-x25519", "ike")))
         if not self.esp_proposals:
             object.__setattr__(self, "esp_proposals", tuple(parse_proposals("aes256gcm16", "esp")))
-        if self.ike_lifetime <= 0 or self.child_lifetime <= 0:
-            raise PolicyError(f"tunnel {self.name}: lifetimes must be > 0 seconds")
-        if not 0 <= self.rekey_jitter < 0.5:
-            raise PolicyError(f"tunnel {self.name}: rekey_jitter is a fraction in [0, 0.5)")
+        if not 0 <= self.rekey_jitter <= 1:
+            raise PolicyError(f"tunnel {self.name}: rekey_jitter is a fraction of the margin in [0, 1]")
+        for what, life, margin in (("ike", self.ike_lifetime, self.ike_rekey_margin),
+                                   ("esp", self.child_lifetime, self.child_rekey_margin)):
+            if life <= 0 or margin <= 0 or margin * (1 + self.rekey_jitter) >= life:
+                raise PolicyError(f"tunnel {self.name}: {what} lifetime {life:g} s and rekey margin "
+                                  f"{margin:g} s: need 0 < margin x (1 + jitter {self.rekey_jitter:g}) "
+                                  "< lifetime")
         if not 0 <= self.if_id < 2**32:
             raise PolicyError(f"tunnel {self.name}: if_id must fit 32 bits")
         for a in (self.local_addr, self.remote_addr):
@@ -204,8 +308,9 @@ class TunnelConfig:
                     ipaddress.ip_address(a)
                 except ValueError:
                     raise PolicyError(f"tunnel {self.name}: {a!r} is not an IP address") from None
-        if self.start and self.remote_addr is None:
-            raise PolicyError(f"tunnel {self.name}: an initiating tunnel needs remote_addr")
+        if self.start and (self.remote_addr is None or self.local_addr is None):
+            raise PolicyError(f"tunnel {self.name}: an initiating tunnel needs local_addr and "
+                              "remote_addr (NAT detection hashes the local address)")
         _nets(self.local_ts, f"tunnel {self.name}: local_ts")
         _nets(self.remote_ts, f"tunnel {self.name}: remote_ts")
 

@@ -193,12 +193,13 @@ class IkeSa:
     def random(self, n: int) -> bytes:
         return self.engine.random(n)
 
-    def jitter(self, base: float) -> float:
-        """A rekey time: base minus up to rekey_jitter of it, drawn from the random source."""
+    def rekey_time(self, now: float, lifetime: float, margin: float) -> float:
+        """When to rekey an SA created at `now`: `margin` before its end, minus a random part
+        of up to rekey_jitter x margin (so both peers rarely start at once)."""
         cfg = self.config
-        frac = cfg.rekey_jitter if cfg is not None else 0.1
+        frac = cfg.rekey_jitter if cfg is not None else 1.0
         r = int.from_bytes(self.random(4), "big") / 2**32
-        return base * (1.0 - frac * r)
+        return now + lifetime - margin * (1.0 + frac * r)
 
     # ------------------------------------------------------------------ keys
     def set_keys(self, proposal: Proposal, keys: IkeKeys) -> None:
@@ -516,8 +517,8 @@ class IkeSa:
         self.state = IkeState.ESTABLISHED
         self.established_at = now
         self.half_open_deadline = None
-        self.rekey_at = now + self.jitter(cfg.ike_lifetime)
-        self.expire_at = now + cfg.ike_lifetime * 1.1
+        self.rekey_at = self.rekey_time(now, cfg.ike_lifetime, cfg.ike_rekey_margin)
+        self.expire_at = now + cfg.ike_lifetime
         self.engine.emit(ev.IkeSaUp(self.tunnel, self.spi_i, self.spi_r, self.initiator,
                                     self.local, self.remote, str(cfg.local_id),
                                     self.remote_id_text, self.proposal_text))
@@ -526,8 +527,8 @@ class IkeSa:
     def schedule_lifetimes_after_rekey(self, now: float) -> None:
         cfg = self.config
         assert cfg is not None
-        self.rekey_at = now + self.jitter(cfg.ike_lifetime)
-        self.expire_at = now + cfg.ike_lifetime * 1.1
+        self.rekey_at = self.rekey_time(now, cfg.ike_lifetime, cfg.ike_rekey_margin)
+        self.expire_at = now + cfg.ike_lifetime
 
     def fail(self, now: float, reason: str, *, auth: bool = False) -> None:
         """The SA never came up."""

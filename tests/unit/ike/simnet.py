@@ -33,6 +33,9 @@ def tunnel(side: str, **kw) -> TunnelConfig:
         args["ike_proposals"] = tuple(parse_proposals(kw.pop("ike"), "ike"))
     if "esp" in kw:
         args["esp_proposals"] = tuple(parse_proposals(kw.pop("esp"), "esp"))
+    for life, margin in (("child_lifetime", "child_rekey_margin"), ("ike_lifetime", "ike_rekey_margin")):
+        if life in kw and margin not in kw:
+            kw[margin] = kw[life] * 0.1
     args.update(kw)
     return TunnelConfig(**args)
 

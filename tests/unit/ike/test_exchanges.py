@@ -74,7 +74,9 @@ def test_ike_sa_and_first_child_sa_come_up_with_matching_keys():
     assert ca.integ_id is None and not ca.esn and not ca.udp_encap and ca.if_id == 42
     assert (ca.local_addr, ca.remote_addr, ca.local_port, ca.remote_port) == (A_ADDR, B_ADDR, 500, 500)
     assert ca.outbound and cb.outbound
-    assert 3240 <= ca.lifetime_soft <= 3600 and ca.lifetime_hard == pytest.approx(3960)
+    # rekey 9 min before the 1 h lifetime, minus up to another 9 min at random
+    assert 3600 - 1080 <= ca.lifetime_soft <= 3600 - 540 and ca.lifetime_hard == pytest.approx(3600)
+    assert ca.lifetime_soft != cb.lifetime_soft
     assert exchanges(net) == [("IKE_SA_INIT", "request", 0), ("IKE_SA_INIT", "response", 0),
                               ("IKE_AUTH", "request", 1), ("IKE_AUTH", "response", 1)]
 
