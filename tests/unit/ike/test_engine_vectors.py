@@ -1,0 +1,199 @@
+"""Our initiator engine fed strongSwan's real answers (recorded conversations, tests/vectors.py).
+
+strongSwan A initiated these conversations; we replay A's part with our engine: wherever A used
+its own randomness (SPIs, nonces, key exchange) the engine's request is made to carry A's values,
+then strongSwan's responses go through IkeEngine.receive_datagram. The engine must accept them:
+verify strongSwan's AUTH with our §2.15 octets, derive the Child SA keys (§2.17) that charon
+logged, rekey the Child SA (with PFS where recorded) and the IKE SA (§2.18), delete.
+
+A's ephemeral private keys are not recorded, only the shared secrets charon logged, so the key
+exchange objects in A's requests are stand-ins returning the logged g^ir for strongSwan's public
+value: the one place this test does not run our own code.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from appliance.ike import events as ev
+from appliance.ike import ike_auth, ike_rekey
+from appliance.ike import message as M
+from appliance.ike.child_create import ChildRequest
+from appliance.ike.child_rekey import ChildRekey
+from appliance.ike.constants import DhId
+from appliance.ike.engine import IkeEngine
+from appliance.ike.ike_init import IkeSaInit
+from appliance.ike.policy import DpdConfig, Identity, TunnelConfig
+from appliance.ike.proposals import parse_proposals
+from appliance.ike.sa import IkeSa, _Pending
+from tests.vectors import STRONGSWAN_PSK_X25519, dumps, logged_child_keys, recorded_vectors
+
+VECTORS = [STRONGSWAN_PSK_X25519] + recorded_vectors()
+
+
+class LoggedKe:
+    """Stand-in for crypto.KeyExchange with A's public value and the g^ir charon logged."""
+
+    def __init__(self, dh_id: int, public: bytes, peer_public: bytes, secret: bytes) -> None:
+        self.dh_id = DhId(dh_id)
+        self.public_bytes = public
+        self._peer = peer_public
+        self._secret = secret
+
+    def shared_secret(self, peer_public: bytes) -> bytes:
+        assert peer_public == self._peer, "not strongSwan's recorded KE payload"
+        return self._secret
+
+
+class Replay:
+    def __init__(self, vector) -> None:
+        self.v = vector
+        self.grams = vector.datagrams()
+        self.log = vector.log("initiator")
+        self.engine: IkeEngine | None = None
+        self.events: list = []
+        self._plain: dict[int, M.Message] = {}
+
+    def msg(self, i: int) -> M.Message:
+        """Datagram i, decrypted with whatever SA of our engine holds its keys."""
+        if i not in self._plain:
+            data = self.grams[i].message
+            m, enc = M.parse_message(data)
+            if enc is not None:
+                sa = next(s for s in self.engine._sas.values() if s.spi_i == m.spi_i)
+                keys = sa.keys
+                from appliance.ike.crypto import sk_ciphers
+
+                c_i, c_r = sk_ciphers(sa.proposal, keys)
+                m = M.decrypt_message(data, m, enc, c_i if m.is_initiator else c_r)
+            self._plain[i] = m
+        return self._plain[i]
+
+    def feed(self, i: int, now: float) -> None:
+        d = self.grams[i]
+        self.engine.receive_datagram(d.message, (d.udp.src, d.udp.sport), (d.udp.dst, d.udp.dport), now)
+        self.engine.datagrams_to_send()
+        while (e := self.engine.next_event()) is not None:
+            self.events.append(e)
+
+
+def _config(v) -> TunnelConfig:
+    return TunnelConfig(name="p", local_addr=v.initiator_addr, remote_addr=v.responder_addr,
+                        local_id=Identity.parse(v.initiator_id.decode()),
+                        remote_id=Identity.parse(v.responder_id.decode()), psk=v.psk, if_id=42,
+                        ike_proposals=tuple(parse_proposals(v.ike_proposal, "ike")),
+                        esp_proposals=tuple(parse_proposals(v.esp_proposal, "esp")),
+                        dpd=DpdConfig(interval=0), start=True)
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=lambda v: v.directory.name)
+def test_our_initiator_accepts_strongswans_answers(vector):
+    r = Replay(vector)
+    cfg = _config(vector)
+    r.engine = engine = IkeEngine([cfg], random=random.Random(5).randbytes)
+    now = 100.0
+    d0 = M.parse_message(r.grams[0].message)[0]
+    d1 = M.parse_message(r.grams[1].message)[0]
+    g_ir = dumps(r.log, "shared Diffie Hellman secret")
+
+    # IKE_SA_INIT: our SA, carrying A's SPI, nonce, KE and request octets (RealMessage1)
+    sa = IkeSa(engine, initiator=True, config=cfg, candidates=[cfg],
+               local=(vector.initiator_addr, r.grams[0].udp.sport),
+               remote=(vector.responder_addr, r.grams[0].udp.dport), spi_i=d0.spi_i, spi_r=bytes(8), now=now)
+    engine.register(sa)
+    ex = IkeSaInit(d0.get(M.KE).dh_group)
+    ex.ke = LoggedKe(d0.get(M.KE).dh_group, d0.get(M.KE).data, d1.get(M.KE).data, g_ir[0])
+    sa.nonce_i = d0.get(M.Nonce).data
+    sa.init_request = r.grams[0].message
+    sa.pending = _Pending(ex, 0, r.grams[0].message, now, now + 4)
+    sa.my_mid = 1
+    r.feed(1, now)
+    assert sa.spi_r == d1.spi_r and sa.nonce_r == d1.get(M.Nonce).data
+    # our key derivation agrees with charon's
+    for name, label in (("SK_d", "Sk_d secret"), ("SK_ei", "Sk_ei secret"), ("SK_er", "Sk_er secret"),
+                        ("SK_pi", "Sk_pi secret"), ("SK_pr", "Sk_pr secret")):
+        assert getattr(sa.keys, name) == dumps(r.log, label)[0], name
+    # strongSwan's own NAT detection tells us whether it faked a NAT (kernel-libipsec vectors)
+    assert isinstance(sa.pending.exchange, ike_auth.IkeAuth)
+
+    # IKE_AUTH: the pending request is made A's (its Child SA offer); strongSwan's answer in
+    d2 = r.msg(2)
+    req = ChildRequest(d2.get(M.SA).proposals[0].spi, d2.get(M.SA).proposals, d2.get(M.TSi).selectors,
+                       d2.get(M.TSr).selectors)
+    sa.pending.exchange.req = req
+    # strongSwan's initiator AUTH verifies with our responder-side check as well
+    idi = d2.get(M.IDi)
+    assert ike_auth._auth_ok(sa, vector.psk, of_initiator=True, id_body=idi.body(), received=d2.get(M.AUTH).data)
+    r.feed(3, now + 1)
+    kinds = [type(e).__name__ for e in r.events]
+    assert kinds == ["IkeSaUp", "ChildSaInstalled"], kinds
+    first = r.events[1]
+    child_keys = logged_child_keys(r.log)
+    if child_keys:
+        k = child_keys[0]
+        assert (first.encr_key_out, first.encr_key_in) == (k.ei, k.er)
+        assert (first.integ_key_out, first.integ_key_in) == (k.ai, k.ar)
+    d3 = r.msg(3)
+    assert first.spi_out == int.from_bytes(d3.get(M.SA).proposals[0].spi, "big")
+    assert first.spi_in == int.from_bytes(req.spi_in, "big")
+
+    # Child SA rekey (PFS where the vector has it)
+    d4, d5 = r.msg(4), r.msg(5)
+    (child,) = sa.children
+    sa.queue_exchange(ChildRekey(child), now + 2)
+    ex = sa.pending.exchange
+    assert isinstance(ex, ChildRekey) and sa.pending.message_id == d4.message_id
+    ke4 = d4.get(M.KE)
+    dh = dumps(r.log, "DH secret")
+    ex.req = ChildRequest(d4.get(M.SA).proposals[0].spi, d4.get(M.SA).proposals, d4.get(M.TSi).selectors,
+                          d4.get(M.TSr).selectors, d4.get(M.Nonce).data,
+                          LoggedKe(ke4.dh_group, ke4.data, d5.get(M.KE).data, dh[0]) if ke4 else None)
+    r.events.clear()
+    r.feed(5, now + 2)
+    kinds = [type(e).__name__ for e in r.events]
+    assert kinds == ["ChildSaInstalled", "ChildSaRekeyed", "ChildSaOutboundRemoved"], kinds
+    if child_keys:
+        k = child_keys[1]
+        assert k.dh == (dh[0] if ke4 else None)
+        assert (r.events[0].encr_key_out, r.events[0].encr_key_in) == (k.ei, k.er)
+    # our DELETE of the old pair went out as message 3, like A's; strongSwan's answer completes it
+    assert sa.pending is not None and sa.pending.message_id == r.msg(6).message_id
+    r.events.clear()
+    r.feed(7, now + 3)
+    assert [type(e).__name__ for e in r.events] == ["ChildSaDeleted"]
+    assert r.events[0].spi_in == first.spi_in
+
+    if vector is not STRONGSWAN_PSK_X25519:
+        return   # in the recorded vectors strongSwan's responder rekeys the IKE SA next
+
+    # IKE SA rekey (§2.18), from A as well in this vector
+    d8, d9 = r.msg(8), r.msg(9)
+    ike_rekey.start(sa, now + 4)
+    ex = sa.pending.exchange
+    assert isinstance(ex, ike_rekey.IkeRekey) and sa.pending.message_id == d8.message_id
+    ex.spi = d8.get(M.SA).proposals[0].spi
+    ex.ni = d8.get(M.Nonce).data
+    ex.offered = d8.get(M.SA).proposals
+    ex.ke = LoggedKe(d8.get(M.KE).dh_group, d8.get(M.KE).data, d9.get(M.KE).data, g_ir[1])
+    r.events.clear()
+    r.feed(9, now + 4)
+    assert [type(e).__name__ for e in r.events] == ["IkeSaRekeyed"]
+    new = sa.rekeyed_to
+    assert new is not None and (new.spi_i, new.spi_r) == (d8.get(M.SA).proposals[0].spi,
+                                                          d9.get(M.SA).proposals[0].spi)
+    assert new.keys.SK_d == dumps(r.log, "Sk_d secret")[1]
+    assert new.keys.SK_ei == dumps(r.log, "Sk_ei secret")[1]
+    assert len(new.children) == 1 and not sa.children
+    # our DELETE of the old IKE SA is message 5 like A's; strongSwan's answer retires it quietly
+    assert sa.pending.message_id == r.msg(10).message_id
+    r.events.clear()
+    r.feed(11, now + 5)
+    assert r.events == [] and not sa.alive
+    # terminate: DELETE on the new IKE SA (message 0 of its own window), strongSwan answers
+    engine.terminate("p", now + 6)
+    assert new.pending is not None and new.pending.message_id == r.msg(12).message_id == 0
+    r.feed(13, now + 6)
+    assert [type(e).__name__ for e in r.events] == ["ChildSaDeleted", "IkeSaDown"]
+    assert engine.sas() == []
