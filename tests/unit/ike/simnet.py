@@ -130,8 +130,12 @@ class Faults:
 
 
 class SimNet:
-    def __init__(self, engines: dict[str, IkeEngine], faults: Faults | None = None, now: float = 1000.0) -> None:
+    def __init__(self, engines: dict[str, IkeEngine], faults: Faults | None = None, now: float = 1000.0,
+                 nat: dict[tuple[str, int], tuple[str, int]] | None = None) -> None:
         self.engines = engines
+        # a NAT in front of some engines: private (address, port) -> public (address, port)
+        self.nat = dict(nat or {})
+        self._unnat = {v: k for k, v in self.nat.items()}
         self.planes = {ip: DataPlane() for ip in engines}
         self.events: dict[str, list] = {ip: [] for ip in engines}
         self.faults = faults or Faults()
@@ -147,6 +151,8 @@ class SimNet:
         for ip, e in self.engines.items():
             for d in e.datagrams_to_send():
                 assert d.src[0] == ip, (d, ip)
+                if d.src in self.nat:
+                    d = Datagram(d.data, self.nat[d.src], d.dst)
                 for delay in self.faults.decide(d):
                     self._seq += 1
                     heapq.heappush(self._heap, _Item(self.now + delay, self._seq, d))
@@ -177,6 +183,8 @@ class SimNet:
         if t_net is not None and t_net <= self.now and (t_timer is None or t_net <= t_timer):
             item = heapq.heappop(self._heap)
             d = item.dgram
+            if d.dst in self._unnat:
+                d = Datagram(d.data, d.src, self._unnat[d.dst])
             target = self.engines.get(d.dst[0])
             if target is not None:
                 self.delivered.append((self.now, d))

@@ -453,3 +453,41 @@ def test_no_secret_in_reprs():
         assert PSK.decode() not in t
         for s in secrets:
             assert s.hex() not in t and repr(s) not in t
+
+
+# ------------------------------------------------------------------ NAT detection (§2.23)
+
+
+def test_nat_detection_floats_to_4500_and_encapsulates():
+    import random as _r
+
+    private, public = "10.0.0.1", "198.51.100.1"
+    ta = tunnel("a", local_addr=private)
+    tb = tunnel("b", remote_addr=public)
+    a = IkeEngine([ta], random=_r.Random(1).randbytes)
+    b = IkeEngine([tb], random=_r.Random(2).randbytes)
+    nat = {(private, 500): (public, 40500), (private, 4500): (public, 41500)}
+    net = SimNet({private: a, B_ADDR: b}, nat=nat)
+    a.start(net.now)
+    net.run(5)
+    (ca,), (cb,) = of(net, private, ev.ChildSaInstalled), of(net, B_ADDR, ev.ChildSaInstalled)
+    assert ca.udp_encap and cb.udp_encap
+    assert (ca.local_addr, ca.local_port, ca.remote_addr, ca.remote_port) == (private, 4500, B_ADDR, 4500)
+    assert (cb.local_addr, cb.local_port, cb.remote_addr, cb.remote_port) == (B_ADDR, 4500, public, 41500)
+    sa_a, sa_b = a.current_sa("to-b"), b.current_sa("to-a")
+    assert (sa_a.nat_local, sa_a.nat_remote) == (True, False)
+    assert (sa_b.nat_local, sa_b.nat_remote) == (False, True)
+    # IKE_SA_INIT on 500, everything after on 4500
+    ports = [(M.parse_header(d.data).exchange_type, d.dst[1]) for _t, d in net.delivered]
+    assert ports[:2] == [(ExchangeType.IKE_SA_INIT, 500)] * 2
+    assert all(p in (4500, 41500) for _x, p in ports[2:])
+    # a rekey keeps working through the NAT
+    b.rekey_child("to-a", net.now)
+    net.run(5)
+    assert len(of(net, private, ev.ChildSaRekeyed)) == 1
+
+
+def test_no_nat_no_encapsulation():
+    net = up()
+    (ca,) = of(net, A_ADDR, ev.ChildSaInstalled)
+    assert not ca.udp_encap and ca.remote_port == 500
