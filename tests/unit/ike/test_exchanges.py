@@ -491,3 +491,23 @@ def test_no_nat_no_encapsulation():
     net = up()
     (ca,) = of(net, A_ADDR, ev.ChildSaInstalled)
     assert not ca.udp_encap and ca.remote_port == 500
+
+
+def test_initiator_retries_with_the_cookie_it_is_given():
+    """§2.6: a responder under load answers IKE_SA_INIT with a COOKIE; the initiator repeats its
+    request with that COOKIE as the first payload (responder-side cookies are a later issue)."""
+    import random as _r
+
+    a = IkeEngine([tunnel("a")], random=_r.Random(1).randbytes)
+    a.start(0.0)
+    (first,) = a.datagrams_to_send()
+    req, _ = M.parse_message(first.data)
+    cookie = M.Message(req.spi_i, bytes(8), ExchangeType.IKE_SA_INIT, 0, True, False,
+                       [M.Notify(NotifyType.COOKIE, data=b"C" * 16)])
+    a.receive_datagram(M.encode_message(cookie), first.dst, first.src, 0.1)
+    (second,) = a.datagrams_to_send()
+    again, _ = M.parse_message(second.data)
+    assert again.message_id == 0 and again.spi_i == req.spi_i
+    assert isinstance(again.payloads[0], M.Notify) and again.payloads[0].notify_type == NotifyType.COOKIE
+    assert again.payloads[0].data == b"C" * 16
+    assert [type(p) for p in again.payloads[1:4]] == [M.SA, M.KE, M.Nonce]
