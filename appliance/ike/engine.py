@@ -24,6 +24,7 @@ new one started.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import logging
 from collections import deque
@@ -58,6 +59,7 @@ class _Tunnel:
     reconnect_at: float | None = None
     failures: int = 0
     hold: bool = False                 # no automatic (re)initiation until connect()
+    restart: bool = False              # DPD action restart on a tunnel with start=False
     child_retry_at: float | None = None
     child_failures: int = 0
 
@@ -74,9 +76,16 @@ class IkeEngine:
         self._sas: dict[bytes, IkeSa] = {}                       # by our SPI
         self._half_open: dict[tuple[bytes, Endpoint], IkeSa] = {}
         self._child_spis: set[bytes] = set()
+        # alive SAs by tunnel name, and the timer bookkeeping: each SA's next timer is cached
+        # and recomputed only for SAs touched since (every entry point touches what it acts on)
+        self._by_tunnel: dict[str, set[IkeSa]] = {}
+        self._timer_of: dict[IkeSa, float] = {}
+        self._timer_heap: list[tuple[float, int, IkeSa]] = []
+        self._dirty: set[IkeSa] = set()
         self._out: list[Datagram] = []
         self._events: deque[ev.Event] = deque()
         self._started = False
+        self._seq = 0
         for t in tunnels:
             self.add_tunnel(t)
 
@@ -117,12 +126,14 @@ class IkeEngine:
         t = self._tunnels[name]
         t.hold = True
         t.reconnect_at = None
+        self._touch_tunnel(name)
         for sa in self._alive_sas(name):
             informational.delete_ike_sa(sa, now, "terminated locally")
 
     def rekey_child(self, name: str, now: float) -> None:
         from appliance.ike import child_rekey
 
+        self._touch_tunnel(name)
         sa = self.current_sa(name)
         if sa is None:
             raise LookupError(f"tunnel {name} has no established IKE SA")
@@ -130,6 +141,7 @@ class IkeEngine:
             child_rekey.start(sa, c, now)
 
     def rekey_ike(self, name: str, now: float) -> None:
+        self._touch_tunnel(name)
         sa = self.current_sa(name)
         if sa is None:
             raise LookupError(f"tunnel {name} has no established IKE SA")
@@ -140,6 +152,7 @@ class IkeEngine:
         sa = self.current_sa(name)
         if sa is not None:
             sa.last_heard = max(sa.last_heard, now)
+            self._touch(sa)
 
     # ------------------------------------------------------------------ I/O
     def receive_datagram(self, data: bytes, src: Endpoint, dst: Endpoint, now: float) -> None:
@@ -174,24 +187,64 @@ class IkeEngine:
                 if sa.spi_r != ZERO_SPI and sa.spi_r != hdr.spi_r:
                     return
             sa.receive(data, hdr, src, dst, now)
+            self._touch(sa)
         finally:
             self._maintain(now)
 
     def handle_timer(self, now: float) -> None:
-        for sa in list(self._sas.values()):
+        self._refresh_timers()
+        due: list[IkeSa] = []
+        heap = self._timer_heap
+        while heap and heap[0][0] <= now:
+            t, _n, sa = heapq.heappop(heap)
+            if self._timer_of.get(sa) == t and sa not in due:
+                due.append(sa)
+                del self._timer_of[sa]
+        for sa in due:
             if sa.alive:
-                t = sa.next_timer()
-                if t is not None and t <= now:
-                    sa.handle_timer(now)
+                sa.handle_timer(now)
+            self._touch(sa)
         self._maintain(now)
 
     def get_timer(self) -> float | None:
-        times = [t for t in (sa.next_timer() for sa in self._sas.values() if sa.alive) if t is not None]
+        self._refresh_timers()
+        heap = self._timer_heap
+        while heap and self._timer_of.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)    # stale entry
+        times = [heap[0][0]] if heap else []
         for tun in self._tunnels.values():
             for t in (tun.reconnect_at, tun.child_retry_at):
                 if t is not None:
                     times.append(t)
         return min(times) if times else None
+
+    def _touch(self, sa: IkeSa) -> None:
+        """`sa` may have changed its timers; cross-SA effects (duplicates, INITIAL_CONTACT,
+        rekeys) stay within a tunnel, so a unique tunnel's other SAs are touched as well."""
+        self._dirty.add(sa)
+        for o in (sa.peer_rekey, sa.rekeyed_to, sa.rekey_replaces):
+            if o is not None and o.alive:
+                self._dirty.add(o)
+        t = self._tunnels.get(sa.tunnel)
+        if t is not None and t.config.unique:
+            self._dirty.update(self._by_tunnel.get(sa.tunnel, ()))
+
+    def _touch_tunnel(self, name: str) -> None:
+        self._dirty.update(self._by_tunnel.get(name, ()))
+
+    def _refresh_timers(self) -> None:
+        while self._dirty:
+            sa = self._dirty.pop()
+            t = sa.next_timer() if sa.alive else None
+            if t is None:
+                self._timer_of.pop(sa, None)
+            elif self._timer_of.get(sa) != t:
+                self._timer_of[sa] = t
+                self._seq += 1
+                heapq.heappush(self._timer_heap, (t, self._seq, sa))
+        if len(self._timer_heap) > 4 * len(self._timer_of) + 64:   # drop stale entries now and then
+            self._timer_heap = [(t, n, sa) for t, n, sa in self._timer_heap if self._timer_of.get(sa) == t]
+            heapq.heapify(self._timer_heap)
 
     def datagrams_to_send(self) -> list[Datagram]:
         out, self._out = self._out, []
@@ -203,11 +256,7 @@ class IkeEngine:
     # ------------------------------------------------------------------ status
     def sas(self, name: str | None = None) -> list[IkeSa]:
         """Alive IKE SAs (of one tunnel), for status output."""
-        seen: list[IkeSa] = []
-        for sa in self._sas.values():
-            if sa.alive and sa not in seen and (name is None or sa.tunnel == name):
-                seen.append(sa)
-        return seen
+        return [sa for sa in self._sas.values() if sa.alive and (name is None or sa.tunnel == name)]
 
     def current_sa(self, name: str) -> IkeSa | None:
         """The tunnel's established IKE SA (not replaced, not a duplicate being deleted)."""
@@ -244,12 +293,28 @@ class IkeEngine:
 
     def register(self, sa: IkeSa) -> None:
         self._sas[sa.my_spi] = sa
+        self._by_tunnel.setdefault(sa.tunnel, set()).add(sa)
+        self._touch(sa)
+
+    def retag(self, sa: IkeSa, old_name: str) -> None:
+        """A responder SA learnt its tunnel in IKE_AUTH (it may differ from its first guess)."""
+        if old_name != sa.tunnel:
+            self._by_tunnel.get(old_name, set()).discard(sa)
+            self._by_tunnel.setdefault(sa.tunnel, set()).add(sa)
+        self._touch(sa)
 
     def register_peer_spi(self, sa: IkeSa) -> None:
         """The responder's SPI is known now (IKE_SA_INIT response)."""
 
     def register_half_open(self, sa: IkeSa) -> None:
-        self._half_open[(sa.spi_i, sa.remote)] = sa
+        key = (sa.spi_i, sa.remote)
+        sa.half_open_key = key
+        self._half_open[key] = sa
+
+    def _forget_half_open(self, sa: IkeSa) -> None:
+        key = sa.half_open_key
+        if key is not None and self._half_open.get(key) is sa:
+            del self._half_open[key]
 
     def cookie_required(self, src: Endpoint, now: float) -> bool:
         """Hook for RFC 7296 §2.6 cookies under load (a later issue): never, for now."""
@@ -286,6 +351,8 @@ class IkeEngine:
     def initial_contact(self, sa: IkeSa, now: float) -> None:
         """The peer sent INITIAL_CONTACT: it has no other IKE SA with us, so older ones that
         were up before this SA started are stale; drop them without a DELETE (§2.4)."""
+        if sa.config is not None and not sa.config.unique:
+            return
         for o in self._alive_sas(sa.tunnel):
             if o is sa or o.established_at is None or o.established_at >= sa.created_at:
                 continue
@@ -304,11 +371,12 @@ class IkeEngine:
         if t is not None:
             t.failures = 0
             t.reconnect_at = None
-        self._half_open = {k: v for k, v in self._half_open.items() if v is not sa}
+        self._forget_half_open(sa)
         self._resolve_duplicate_ike_sas(sa.tunnel, now)
 
     def on_ike_rekeyed(self, old: IkeSa, new: IkeSa, now: float) -> None:
         self.register(new)
+        self._touch(old)
         self._resolve_duplicate_ike_sas(new.tunnel, now)
 
     def child_created(self, sa: IkeSa, child: ChildSa, now: float) -> None:
@@ -326,10 +394,14 @@ class IkeEngine:
         t.child_retry_at = now + self._backoff(t.config, t.child_failures)
 
     def on_removed(self, sa: IkeSa, now: float, reason: str, *, peer_dead: bool, failed: bool) -> None:
-        for k in [k for k, v in self._sas.items() if v is sa]:
-            del self._sas[k]
-        self._half_open = {k: v for k, v in self._half_open.items() if v is not sa}
-        for o in self._sas.values():
+        if self._sas.get(sa.my_spi) is sa:
+            del self._sas[sa.my_spi]
+        for members in self._by_tunnel.values():
+            members.discard(sa)
+        self._timer_of.pop(sa, None)
+        self._dirty.discard(sa)
+        self._forget_half_open(sa)
+        for o in self._by_tunnel.get(sa.tunnel, ()):
             if o.peer_rekey is sa:
                 o.peer_rekey = None
         t = self._tunnels.get(sa.tunnel)
@@ -342,6 +414,7 @@ class IkeEngine:
             if cfg.dpd.action == "restart":
                 t.failures = 0
                 t.reconnect_at = now
+                t.restart = cfg.remote_addr is not None and cfg.local_addr is not None
             else:
                 t.hold = True
             return
@@ -358,12 +431,9 @@ class IkeEngine:
         return min(cfg.reconnect_max_delay, base) * (1.0 + 0.2 * r)
 
     def _alive_sas(self, name: str) -> list[IkeSa]:
-        out: list[IkeSa] = []
-        for sa in self._sas.values():
-            if sa.alive and sa.tunnel == name and sa not in out and (sa.config is not None or sa.initiator
-                                                                     or len(sa.candidates) == 1):
-                out.append(sa)
-        return out
+        # half-open SAs of several candidate tunnels belong to none of them yet
+        return [sa for sa in self._by_tunnel.get(name, ())
+                if sa.alive and (sa.config is not None or sa.initiator or len(sa.candidates) == 1)]
 
     def _is_current(self, sa: IkeSa) -> bool:
         return (sa.state == IkeState.ESTABLISHED and sa.rekeyed_to is None and not sa.redundant
@@ -385,11 +455,14 @@ class IkeEngine:
     def _maintain(self, now: float) -> None:
         for t in self._tunnels.values():
             name = t.config.name
+            if not t.config.start and not t.restart:
+                t.reconnect_at = t.child_retry_at = None
+                continue
             # a half-open SA the peer started does not count: it may never complete
             live = [sa for sa in self._alive_sas(name) if sa.initiator or sa.established_at is not None]
             if not live:
                 t.child_retry_at = None
-                if self._started and t.config.start and not t.hold and t.config.remote_addr is not None:
+                if (self._started or t.restart) and not t.hold and t.config.remote_addr is not None:
                     if t.reconnect_at is None:
                         t.reconnect_at = now + self._backoff(t.config, max(1, t.failures))
                     if now >= t.reconnect_at:
@@ -398,8 +471,11 @@ class IkeEngine:
                     t.reconnect_at = None
                 continue
             t.reconnect_at = None
+            t.restart = False
+            if not t.config.start:
+                continue
             cur = self.current_sa(name)
-            if cur is None or not t.config.start:
+            if cur is None:
                 t.child_retry_at = None
                 continue
             if (cur.children_in_use() or any(c.alive and not c.redundant for c in cur.children)
@@ -411,10 +487,14 @@ class IkeEngine:
             if now >= t.child_retry_at:
                 t.child_retry_at = None
                 child_create.start_new_child(cur, now)
+                self._touch(cur)
 
     def _resolve_duplicate_ike_sas(self, name: str, now: float) -> None:
         """Crossing initiations left two IKE SAs up for one tunnel: keep the one whose
         IKE_SA_INIT holds the higher lowest nonce (§2.8.1's rule), on both peers alike."""
+        t = self._tunnels.get(name)
+        if t is not None and not t.config.unique:
+            return
         current = [sa for sa in self._alive_sas(name) if self._is_current(sa)]
         if len(current) < 2:
             return

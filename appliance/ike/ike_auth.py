@@ -130,7 +130,9 @@ def respond(sa: IkeSa, msg: Message, src: Endpoint, dst: Endpoint, now: float) -
                   + (f" asking for {wanted}" if wanted is not None else ""))
         sa.after_response(lambda t: sa.fail(t, reason, auth=True))
         return [Notify(NotifyType.AUTHENTICATION_FAILED)]
+    old_name = sa.tunnel
     sa.config = cfg
+    sa.engine.retag(sa, old_name)
     if auth.method != AuthMethod.SHARED_KEY_MIC:
         reason = f"peer {peer} authenticates with method {_aname(auth.method)}; tunnel {cfg.name} uses a pre-shared key"
         sa.after_response(lambda t: sa.fail(t, reason, auth=True))

@@ -9,6 +9,7 @@ Defaults: IKE SA 24 h, Child SA 1 h, margin 9 min.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -282,6 +283,10 @@ class TunnelConfig:
     reconnect_max_delay: float = 300.0
     local_ts: tuple[str, ...] = ("0.0.0.0/0", "::/0")
     remote_ts: tuple[str, ...] = ("0.0.0.0/0", "::/0")
+    #: One IKE SA per tunnel (duplicates from crossing initiations are resolved, INITIAL_CONTACT
+    #: replaces older SAs). False accepts any number of IKE SAs for the tunnel (a responder for
+    #: many initiators with the same identity, as strongSwan's unique=never; the benchmark).
+    unique: bool = True
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -314,10 +319,10 @@ class TunnelConfig:
         _nets(self.local_ts, f"tunnel {self.name}: local_ts")
         _nets(self.remote_ts, f"tunnel {self.name}: remote_ts")
 
-    @property
+    @functools.cached_property
     def local_nets(self):
         return _nets(self.local_ts, "local_ts")
 
-    @property
+    @functools.cached_property
     def remote_nets(self):
         return _nets(self.remote_ts, "remote_ts")

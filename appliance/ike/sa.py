@@ -41,6 +41,18 @@ log = logging.getLogger("isthmus.ike")
 Endpoint = tuple[str, int]
 
 
+class _Summary:
+    """Formats a message summary only if the log record is emitted."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: Message) -> None:
+        self.msg = msg
+
+    def __str__(self) -> str:
+        return self.msg.summary()
+
+
 class IkeState(enum.Enum):
     CONNECTING = "connecting"    # IKE_SA_INIT / IKE_AUTH under way
     ESTABLISHED = "established"
@@ -113,6 +125,7 @@ class IkeSa:
         self.created_at = now
         self.established_at: float | None = None
         self.half_open_deadline: float | None = None
+        self.half_open_key: tuple | None = None
 
         # negotiated
         self.proposal: Proposal | None = None
@@ -251,7 +264,7 @@ class IkeSa:
             msg = Message(self.spi_i, self.spi_r, ex.exchange_type, self.my_mid, False,
                           self.initiator, payloads, encrypted=ex.encrypted)
             data = self._encode(msg)
-            log.debug("%s: sending %s", self, msg.summary())
+            log.debug("%s: sending %s", self, _Summary(msg))
             cfg = self._retransmit_cfg()
             deadline = now + ex.give_up_after if ex.give_up_after is not None else None
             self.pending = _Pending(ex, self.my_mid, data, now, now + cfg.timeout, 0, deadline)
@@ -271,7 +284,7 @@ class IkeSa:
         msg = Message(self.spi_i, self.spi_r, request.exchange_type, request.message_id, True,
                       self.initiator, payloads, encrypted=encrypted)
         data = self._encode(msg)
-        log.debug("%s: sending %s", self, msg.summary())
+        log.debug("%s: sending %s", self, _Summary(msg))
         self.last_response = _CachedResponse(request.message_id, data, dst, src)
         self.engine.send(data, dst, src)
 
@@ -325,12 +338,12 @@ class IkeSa:
         self.last_heard = now
         self._peer_moved(src, dst)
         if hdr.is_response:
-            log.debug("%s: received %s", self, msg.summary())
+            log.debug("%s: received %s", self, _Summary(msg))
             self._finish_pending(msg, now)
         else:
             if self._answer_retransmit(hdr.message_id, src, dst):
                 return
-            log.debug("%s: received %s", self, msg.summary())
+            log.debug("%s: received %s", self, _Summary(msg))
             self.peer_mid = (self.peer_mid + 1) & 0xFFFFFFFF
             self._dispatch_request(msg, src, dst, now)
         self.engine.after_activity(self, now)

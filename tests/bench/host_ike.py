@@ -147,10 +147,33 @@ class StrongSwanInitiator:
             self.daemon = None
 
 
+class IsthmusResponder:
+    """Our IKE engine's responder (appliance/ikerunner.py in the namespace, one tunnel that
+    accepts any number of IKE SAs: unique=False, as strongSwan's unique=never)."""
+
+    label = "isthmus engine"
+
+    def __init__(self) -> None:
+        self.proc = None
+
+    def start(self, side: Side, peer: Side, workdir: Path) -> None:
+        from tests.host.ikerunner_proc import EngineProc, tunnel_json
+
+        t = tunnel_json(side, peer, "bench", local_id=RESPONDER_ID, remote_id=INITIATOR_ID,
+                        psk=PSK.encode(), start=False, unique=False, ike_proposals=[IKE_PROPOSAL],
+                        esp_proposals=[ESP_PROPOSAL], dpd={"interval": 0, "timeout": 30, "action": "clear"})
+        self.proc = EngineProc(workdir, side, [t], log_level="WARNING")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()   # no DELETE storm: only the setup rate is measured
+            self.proc.close()
+            self.proc = None
+
+
 def responders() -> list[type]:
-    """The responders to compare; strongSwan's first (the anchor). Our engine's responder is added
-    here once its runner exists (issue 4, item 8)."""
-    return [StrongSwanResponder]
+    """The responders to compare; strongSwan's first (the anchor)."""
+    return [StrongSwanResponder, IsthmusResponder]
 
 
 def measure(responder_classes: list[type], initiator_class: type, tunnels: int, window: int, rounds: int,
