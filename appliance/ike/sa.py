@@ -84,9 +84,6 @@ class Exchange:
     def sent(self, sa: "IkeSa", datagram: bytes) -> None:
         """Called with the encoded request once it is first sent."""
 
-    def conflicts(self, other: "Exchange") -> bool:
-        return False
-
 
 @dataclass
 class _Pending:
