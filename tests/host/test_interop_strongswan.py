@@ -12,6 +12,7 @@ to port 4500, and its Child SAs say udp_encap.
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 
@@ -203,3 +204,42 @@ def test_a_wrong_psk_is_a_clear_failure(tmp_path, ns_pair, strongswan_factory):
         sw.initiate_async("c")
         f = us.wait_event(lambda e: e["event"] == "AuthFailed", 20)
         assert "does not verify with the pre-shared key" in f["reason"]
+
+
+@pytest.mark.parametrize("what", ["child", "ike"])
+def test_rekey_collision_with_strongswan(tmp_path, ns_pair, strongswan_factory, what):
+    """Both sides rekey at the same moment (§2.8.1 / §2.8.2): strongSwan and we must agree on
+    which new SA is redundant (lowest nonce) and end with one IKE SA and one matching pair."""
+    side_us, side_sw = ns_pair
+    sw = strongswan_factory(side_sw, "sw")
+    sw.load(swan_conn(side_sw, side_us))
+    with ours(tmp_path, side_us, side_sw, start=True) as us:
+        us.wait_event(lambda e: e["event"] == "ChildSaInstalled", 20)
+        before = sw.wait_ike_up()
+        m = us.mark()
+        if what == "child":
+            us.send("rekey_child to-b")
+            sw.rekey(child="c")
+            us.wait_event(lambda e: e["event"] == "ChildSaRekeyed", 15, since=m)
+        else:
+            us.send("rekey_ike to-b")
+            sw.rekey(ike="p")
+            us.wait_event(lambda e: e["event"] == "IkeSaRekeyed", 15, since=m)
+
+        def settled(sas):
+            if len(sas) != 1 or len(sas[0].installed()) != 1 or sas[0].tasks["active"] or sas[0].tasks["queued"]:
+                return None
+            if len(sas[0].children) != 1:
+                return None
+            return sas[0]
+
+        time.sleep(2.0)   # let both sides finish their DELETEs
+        sa = sw.wait_for(settled, timeout=20, what="strongSwan settled on one IKE SA and one pair")
+        if what == "ike":
+            assert sa.spi_i != before.spi_i
+            # (if strongSwan's rekey was done before our command ran, ours rekeys the new SA)
+            rk = us.of("IkeSaRekeyed", since=m)
+            assert 1 <= len(rk) <= 2 and (rk[-1]["new_spi_i"], rk[-1]["new_spi_r"]) == (sa.spi_i, sa.spi_r)
+        pair = current_pair(us)
+        check_pair(us, sw, pair)
+        assert not us.of("IkeSaDown") and not us.of("PeerDead") and not us.of("ChildSaFailed")
