@@ -25,7 +25,7 @@ from appliance.ike.constants import ExchangeType, NotifyType, ProtocolId, Transf
 from appliance.ike.crypto import CryptoError, InvalidKeyExchange, KeyExchange, child_keymat_for
 from appliance.ike.message import KE, SA, TSi, TSr, Message, Nonce, Notify, Payload, TrafficSelector
 from appliance.ike.proposals import Proposal, accepts_selection, select_proposal
-from appliance.ike.sa import Exchange, IkeSa, IkeState
+from appliance.ike.sa import Exchange, IkeSa
 
 log = logging.getLogger("isthmus.ike")
 

@@ -33,7 +33,7 @@ from appliance.ike.child_create import (
 )
 from appliance.ike.constants import ExchangeType, NotifyType, ProtocolId
 from appliance.ike.message import Message, Notify, Payload
-from appliance.ike.sa import Exchange, IkeSa, IkeState
+from appliance.ike.sa import Exchange, IkeSa
 
 log = logging.getLogger("isthmus.ike")
 

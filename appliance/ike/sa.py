@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 from appliance.ike import events as ev
 from appliance.ike.child import ChildSa, ChildState
-from appliance.ike.constants import ExchangeType, NotifyType, ProtocolId
+from appliance.ike.constants import ExchangeType, ProtocolId
 from appliance.ike.crypto import CryptoError, IkeKeys, IntegrityError, SkCipher
 from appliance.ike.message import (
     Header,

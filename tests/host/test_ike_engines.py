@@ -3,7 +3,6 @@ UDP sockets on the host kernel: IKE SA + Child SA, rekeys from both sides, DPD, 
 
 from __future__ import annotations
 
-import pytest
 
 from tests.host.ikerunner_proc import EngineProc, tunnel_json
 from tests.peers.fixtures import ns_pair  # noqa: F401

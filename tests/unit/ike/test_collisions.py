@@ -8,7 +8,6 @@ import pytest
 from appliance.ike import events as ev
 from appliance.ike import informational
 from appliance.ike import message as M
-from appliance.ike.child import ChildState
 from appliance.ike.constants import ExchangeType
 from appliance.ike.message import TrafficSelector
 from tests.unit.ike.simnet import (
@@ -204,7 +203,6 @@ def test_delete_crossing_our_rekey_of_the_same_pair():
     """The peer deletes the pair (not a rekey) while we rekey it: the peer answers our rekey
     with TEMPORARY_FAILURE or CHILD_SA_NOT_FOUND; a new pair is created from scratch."""
     net = up(9)
-    a = sa_of(net, A_ADDR)
     b = sa_of(net, B_ADDR)
     net.engines[A_ADDR].rekey_child("to-b", net.now)
     informational.delete_child(b, b.children[0], net.now, "closing")

@@ -17,7 +17,6 @@ import random
 
 import pytest
 
-from appliance.ike import events as ev
 from appliance.ike import ike_auth, ike_rekey
 from appliance.ike import message as M
 from appliance.ike.child_create import ChildRequest

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 
 import pytest
 from hypothesis import given, settings
@@ -10,7 +9,7 @@ from hypothesis import strategies as st
 
 from appliance.ike import events as ev
 from appliance.ike import message as M
-from appliance.ike.constants import ExchangeType, NotifyType, PayloadType
+from appliance.ike.constants import ExchangeType, NotifyType
 from appliance.ike.engine import IkeEngine
 from appliance.ike.policy import DpdConfig, Identity
 from tests.unit.ike.simnet import (

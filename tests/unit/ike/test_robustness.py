@@ -4,17 +4,20 @@ engine, and the tunnel must survive or recover."""
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from appliance.ike import message as M
 from appliance.ike.constants import ExchangeType
+from appliance.ike.policy import DpdConfig
 from tests.unit.ike.simnet import A_ADDR, B_ADDR, SimNet, installed_pair_ok, make_engines, one_ike_sa_each
 from tests.unit.ike.test_message import _payloads
 
 
 def _up() -> SimNet:
-    a, b = make_engines(3)
+    # with liveness checks, so that a side whose SA the forged message removed is noticed
+    dpd = DpdConfig(interval=10, timeout=30, action="restart")
+    a, b = make_engines(3, dict(dpd=dpd), dict(dpd=dpd))
     net = SimNet({A_ADDR: a, B_ADDR: b})
     a.start(net.now)
     net.run(2)
@@ -22,6 +25,7 @@ def _up() -> SimNet:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(ExchangeType.INFORMATIONAL, False, [M.Delete(1, [])], B_ADDR, 1)
 @given(st.sampled_from([ExchangeType.IKE_AUTH, ExchangeType.CREATE_CHILD_SA, ExchangeType.INFORMATIONAL, 99]),
        st.booleans(), st.lists(_payloads, max_size=6), st.sampled_from([A_ADDR, B_ADDR]),
        st.integers(0, 4))
