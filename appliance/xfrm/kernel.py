@@ -272,8 +272,10 @@ def policy_message(spec: PolicySpec) -> m.xfrm_userpolicy_info:
     """XFRM_MSG_NEWPOLICY / UPDPOLICY body for `spec`."""
     msg = m.xfrm_userpolicy_info()
     _selector_into(msg, spec.selector)
+    # no limits: XFRM_INF for byte and packet counts, but 0 for times (the kernel adds a time
+    # limit to the add/use time, so XFRM_INF there would overflow and expire the policy at once)
     for n in m.LIFETIME_CFG_NAMES:
-        msg[f"lft_{n}"] = m.XFRM_INF
+        msg[f"lft_{n}"] = 0 if n.endswith("_seconds") else m.XFRM_INF
     msg["priority"] = spec.priority
     msg["dir"] = DIRECTIONS[spec.direction]
     msg["action"] = m.XFRM_POLICY_ALLOW
