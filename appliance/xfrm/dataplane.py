@@ -372,6 +372,8 @@ class Dataplane:
         if not link.up:
             self.links.set_up(link.index, True)
             tx.added(f"set {link.ifname} down again", lambda: self.links.set_up(link.index, False))
+        # the kernel drops IPv6 addresses when an interface goes down (keep_addr_on_down=0)
+        self.links.sync_addresses(link.index, t.iface.addresses)
         clamp = nft.MssClamp(t.iface.tunnel, t.iface.ifname, mtu.mss4, mtu.mss6)
         if self._clamps.get(t.iface.tunnel) != clamp:
             before = dict(self._clamps)

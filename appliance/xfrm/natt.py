@@ -18,10 +18,15 @@ def enable_espinudp(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP)
 
 
-def open_natt_socket(family: int, port: int = 4500, address: str | None = None) -> socket.socket:
-    """A UDP socket on `port` with ESP-in-UDP decapsulation on (for tests and tools; the daemon
-    marks its own IKE socket with :func:`enable_espinudp`)."""
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+def open_natt_socket(family: int, port: int = 4500, address: str | None = None,
+                     netns: str | None = None) -> socket.socket:
+    """A UDP socket on `port` with ESP-in-UDP decapsulation on, in network namespace `netns`
+    (for tests and tools; the daemon marks its own IKE socket with :func:`enable_espinudp`)."""
+    if netns is None:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    else:
+        from pyroute2 import netns as pyroute2_netns
+        sock = pyroute2_netns.create_socket(netns=netns, family=family, socket_type=socket.SOCK_DGRAM, flags=0)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     sock.bind((address or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
