@@ -65,6 +65,9 @@ class NetlinkError(OSError):
         detail = f"{reason} ({name})" + (f": {self.extack}" if self.extack else "")
         super().__init__(code, f"{what}: {detail}")
 
+    def __str__(self) -> str:
+        return self.args[1]
+
     @property
     def reason(self) -> str:
         """The kernel's reason in words, e.g. ``File exists (EEXIST)``."""
@@ -74,6 +77,9 @@ class NetlinkError(OSError):
 
 class NamespaceError(OSError):
     """The network namespace a socket was asked for does not exist or cannot be entered."""
+
+    def __str__(self) -> str:
+        return str(self.args[1]) if len(self.args) > 1 else super().__str__()
 
 
 def open_netlink_socket(protocol: int, netns: str | None = None) -> socket.socket:

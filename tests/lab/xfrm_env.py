@@ -210,8 +210,10 @@ def link(ns: Netns, ifname: str) -> dict | None:
         return None
     info = json.loads(r.stdout)[0]
     data = info.get("linkinfo", {}).get("info_data", {})
+    if_id = data.get("if_id")
     return {"ifname": info["ifname"], "mtu": info["mtu"], "up": "UP" in info["flags"],
-            "kind": info.get("linkinfo", {}).get("info_kind"), "if_id": data.get("if_id"),
+            "kind": info.get("linkinfo", {}).get("info_kind"),
+            "if_id": int(if_id, 0) if isinstance(if_id, str) else if_id,
             "alias": info.get("ifalias"), "ifindex": info["ifindex"]}
 
 
