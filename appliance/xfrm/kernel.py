@@ -399,6 +399,12 @@ class Xfrm:
     def close(self) -> None:
         self.sock.close()
 
+    def __enter__(self) -> "Xfrm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # requests, for batches
     @staticmethod
     def add_sa_request(spec: SaSpec, update: bool = False) -> Request:
