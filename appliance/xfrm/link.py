@@ -10,6 +10,7 @@ pyroute2's IPRoute keeps per-thread state: one :class:`Links` is used from one t
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -155,11 +156,11 @@ class Links:
             raise NetlinkError(errno.ENODEV, f"interface {iface.ifname} vanished after creation")
         try:
             self.set_alias(info.index, iface.tunnel)
-            self.sync_addresses(info.index, iface.addresses)
+            self.sync_addresses(info.index, iface.addresses, fresh=True)
         except Exception:
             self.delete(info.index)
             raise
-        return self.by_index(info.index) or info
+        return dataclasses.replace(info, alias=ALIAS_PREFIX + iface.tunnel)
 
     def delete(self, index: int) -> None:
         try:
@@ -186,9 +187,10 @@ class Links:
         except Pyroute2NetlinkError as e:
             raise _wrap(e, f"setting the MTU of interface #{index} to {mtu}") from None
 
-    def sync_addresses(self, index: int, wanted: tuple[IPInterface, ...]) -> None:
-        """Make the interface's addresses exactly `wanted` (IPv6 link-local ones aside)."""
-        have = self.addresses(index)
+    def sync_addresses(self, index: int, wanted: tuple[IPInterface, ...], fresh: bool = False) -> None:
+        """Make the interface's addresses exactly `wanted` (IPv6 link-local ones aside); `fresh`:
+        the interface was just created and has none yet."""
+        have = set() if fresh else self.addresses(index)
         for a in have - set(wanted):
             try:
                 self.ipr.addr("del", index=index, address=str(a.ip), prefixlen=a.network.prefixlen)

@@ -48,9 +48,21 @@ _RECV_BUFSIZE = 1 << 18
 _NLM_F_CAPPED = 0x100
 _NLM_F_ACK_TLVS = 0x200
 _NLMSGERR_ATTR_MSG = 1
-# The largest datagram one sendmsg carries (the kernel's default wmem limit is ~200 KiB); batches
-# are cut into chunks below it.
+# A batch goes out in datagrams of at most this many bytes and messages: every message gets its
+# own ack skb (~1 KiB of receive buffer each), which must fit the socket's receive buffer.
 _BATCH_BYTES = 1 << 16
+_BATCH_MESSAGES = 128
+_SO_RCVBUFFORCE = 33
+_SO_SNDBUFFORCE = 32
+
+
+def _size_buffers(sock: socket.socket, size: int) -> None:
+    """Receive/send buffers of `size` bytes: forced past net.core.rmem_max when we may (root)."""
+    for force, plain in ((_SO_RCVBUFFORCE, socket.SO_RCVBUF), (_SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
 class NetlinkError(OSError):
@@ -134,8 +146,7 @@ class XfrmSocket:
     def __init__(self, netns: str | None = None):
         self.netns = netns
         self.sock = open_netlink_socket(NETLINK_XFRM, netns)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        _size_buffers(self.sock, 4 << 20)
         try:
             self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
         except OSError:  # pragma: no cover - every supported kernel has extended acks
@@ -256,7 +267,7 @@ class XfrmSocket:
 
         for r in requests:
             seq, data = self._encode(r.msg, r.msg_type, r.flags | NLM_F_REQUEST | NLM_F_ACK)
-            if size + len(data) > _BATCH_BYTES:
+            if size + len(data) > _BATCH_BYTES or len(chunk) >= _BATCH_MESSAGES:
                 flush()
             chunk.append((seq, data, r.what))
             size += len(data)
@@ -274,7 +285,7 @@ class XfrmEventSocket:
 
     def __init__(self, groups: Iterable[int], netns: str | None = None):
         self.sock = open_netlink_socket(NETLINK_XFRM, netns)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        _size_buffers(self.sock, 4 << 20)
         self.sock.bind((0, 0))
         for g in groups:
             self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, g)

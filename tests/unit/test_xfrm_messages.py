@@ -267,3 +267,33 @@ def test_netlink_error_wording():
     assert str(e) == "adding the outbound SA 0x00000100 192.0.2.1 -> 192.0.2.2: File exists (EEXIST): SA exists"
     assert e.reason == "File exists (EEXIST): SA exists" and e.errno == 17
     assert str(NetlinkError(3, "deleting SA")) == "deleting SA: No such process (ESRCH)"
+
+
+def _generic(cls):
+    """The same message class with pyroute2's own field-by-field codec."""
+    from pyroute2.netlink import nlmsg_decoder_generic, nlmsg_encoder_generic
+    return type(f"generic_{cls.__name__}", (cls,), {"__slots__": (), "ft_encode": nlmsg_encoder_generic.ft_encode,
+                                                    "ft_decode": nlmsg_decoder_generic.ft_decode})
+
+
+@settings(max_examples=60, deadline=None)
+@given(sa_specs())
+def test_struct_codec_matches_pyroute2s_generic_codec(spec):
+    fast = sa_message(spec)
+    slow = _generic(m.xfrm_usersa_info)()
+    slow.update({k: v for k, v in fast.items() if k not in ("header", "attrs")})
+    slow["attrs"] = [list(a) for a in fast["attrs"]]
+    data = encode(fast, m.XFRM_MSG_NEWSA)
+    assert encode(slow, m.XFRM_MSG_NEWSA) == data
+    decoded_slow = _generic(m.xfrm_usersa_info)(data)
+    decoded_slow.decode()
+    decoded_fast = m.xfrm_usersa_info(data)
+    decoded_fast.decode()
+    for name, fmt in m.USERSA_INFO_FIELDS:
+        if not fmt.endswith("x"):
+            assert decoded_fast[name] == decoded_slow[name], name
+    pol = policy_message(PolicySpec("in", ipaddress.ip_network("::/0"), spec.if_id, spec.reqid, spec.src, spec.dst))
+    slow_pol = _generic(m.xfrm_userpolicy_info)()
+    slow_pol.update({k: v for k, v in pol.items() if k not in ("header", "attrs")})
+    slow_pol["attrs"] = [list(a) for a in pol["attrs"]]
+    assert encode(slow_pol, m.XFRM_MSG_NEWPOLICY) == encode(pol, m.XFRM_MSG_NEWPOLICY)
