@@ -74,13 +74,18 @@ class Links:
 
     def __init__(self, netns: str | None = None):
         self.netns = netns
+        if netns is None:
+            self.ipr = IPRoute(groups=0, ext_ack=True)
+            return
+        path = netns if "/" in netns else f"/var/run/netns/{netns}"
+        if not os.path.exists(path):
+            raise NamespaceError(errno.ENOENT, f"network namespace {netns!r} does not exist ({path})")
         try:
-            if netns is None:
-                self.ipr = IPRoute(groups=0, ext_ack=True)
-            else:
-                self.ipr = IPRoute(netns=netns, flags=0, groups=0, ext_ack=True)
-        except FileNotFoundError as e:
-            raise NamespaceError(errno.ENOENT, f"network namespace {netns!r} does not exist") from e
+            # flags=0: never create the namespace (pyroute2's default would)
+            self.ipr = IPRoute(netns=netns, flags=0, groups=0, ext_ack=True)
+        except (OSError, TimeoutError, RuntimeError) as e:
+            raise NamespaceError(getattr(e, "errno", None) or errno.EIO,
+                                 f"cannot open an rtnetlink socket in network namespace {netns!r}: {e}") from e
 
     def close(self) -> None:
         self.ipr.close()

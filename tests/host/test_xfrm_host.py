@@ -155,3 +155,9 @@ def test_underlay_mtu_follows_the_route():
             assert links.get("wan").mtu == 1400 and links.get("nope") is None
         finally:
             links.close()
+
+
+def test_links_refuse_a_missing_namespace_and_never_create_it():
+    with pytest.raises(NamespaceError, match="network namespace 'ist-no-such-ns' does not exist"):
+        Links("ist-no-such-ns")
+    assert not __import__("os").path.exists("/var/run/netns/ist-no-such-ns")
