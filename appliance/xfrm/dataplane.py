@@ -95,7 +95,7 @@ class DataplaneError(Exception):
         if self.undone:
             text += f" (rolled back: {'; '.join(self.undone)})"
         if self.undo_failed:
-            text += f" (ROLLBACK INCOMPLETE, left in the kernel: {'; '.join(self.undo_failed)})"
+            text += f" (ROLLBACK INCOMPLETE, not undone: {'; '.join(self.undo_failed)})"
         super().__init__(text)
 
 
@@ -202,6 +202,7 @@ class _Transaction:
         self.undo: list[tuple[str, Callable[[], None]]] = []
 
     def added(self, what: str, undo: Callable[[], None]) -> None:
+        """`what` names the change (e.g. "the inbound SA 0x..."), `undo` reverts it."""
         self.undo.append((what, undo))
 
     def failed(self, exc: BaseException) -> DataplaneError:
@@ -338,14 +339,14 @@ class Dataplane:
 
     def _add_sa(self, tx: _Transaction, spec: SaSpec) -> None:
         self.xfrm.add_sa(spec)
-        tx.added(f"removed the {spec.describe()}", lambda: self.xfrm.delete_sa(spec.dst, spec.spi, missing_ok=True))
+        tx.added(f"the {spec.describe()}", lambda: self.xfrm.delete_sa(spec.dst, spec.spi, missing_ok=True))
 
     def _add_policies(self, tx: _Transaction, t: _Tunnel, ep: Endpoints) -> None:
         specs = _policy_specs(t, ep)
         results = self.xfrm.batch([self.xfrm.add_policy_request(s) for s in specs])
         for spec, err in zip(specs, results):
             if err is None:
-                tx.added(f"removed the {spec.direction} policy {spec.selector}",
+                tx.added(f"the {spec.direction} policy {spec.selector}",
                          lambda s=spec: self.xfrm.delete_policy(s.direction, s.selector, s.if_id, missing_ok=True))
         for err in results:
             if err is not None:
@@ -354,7 +355,7 @@ class Dataplane:
     def _move_policies(self, tx: _Transaction, t: _Tunnel, old: Endpoints, new: Endpoints) -> None:
         for spec, back in zip(_policy_specs(t, new), _policy_specs(t, old)):
             self.xfrm.add_policy(spec, update=True)
-            tx.added(f"restored the {back.direction} policy {back.selector}",
+            tx.added(f"the move of the {back.direction} policy {back.selector}",
                      lambda b=back: self.xfrm.add_policy(b, update=True))
 
     def _apply_clamps(self, clamps: dict[str, nft.MssClamp]) -> None:
@@ -367,18 +368,18 @@ class Dataplane:
         mtu = tunnel_mtu(t.iface, child, self.links.underlay_mtu(child.endpoints.remote))
         if link.mtu != mtu.mtu:
             self.links.set_mtu(link.index, mtu.mtu)
-            tx.added(f"restored the MTU of {link.ifname} to {link.mtu}",
+            tx.added(f"the MTU of {link.ifname} ({mtu.mtu}, was {link.mtu})",
                      lambda: self.links.set_mtu(link.index, link.mtu))
         if not link.up:
             self.links.set_up(link.index, True)
-            tx.added(f"set {link.ifname} down again", lambda: self.links.set_up(link.index, False))
+            tx.added(f"{link.ifname} up", lambda: self.links.set_up(link.index, False))
         # the kernel drops IPv6 addresses when an interface goes down (keep_addr_on_down=0)
         self.links.sync_addresses(link.index, t.iface.addresses)
         clamp = nft.MssClamp(t.iface.tunnel, t.iface.ifname, mtu.mss4, mtu.mss6)
         if self._clamps.get(t.iface.tunnel) != clamp:
             before = dict(self._clamps)
             self._apply_clamps({**self._clamps, t.iface.tunnel: clamp})
-            tx.added(f"restored the MSS clamps", lambda: self._apply_clamps(before))
+            tx.added("the MSS clamp", lambda: self._apply_clamps(before))
         return mtu
 
     def _fire(self, event: str, t: _Tunnel, child: ChildSa | None, old: ChildSa | None = None) -> None:
@@ -583,9 +584,9 @@ class Dataplane:
         new_spec = _spec(t, child, outbound, new_ep, replay, state.current)
         restore = dataclasses.replace(old_spec, replay=back, current=state.current)
         self.xfrm.delete_sa(old_spec.dst, old_spec.spi)
-        tx.added(f"restored the {old_spec.describe()}", lambda: self.xfrm.add_sa(restore))
+        tx.added(f"the removal of the {old_spec.describe()}", lambda: self.xfrm.add_sa(restore))
         self.xfrm.add_sa(new_spec)
-        tx.added(f"removed the {new_spec.describe()}",
+        tx.added(f"the {new_spec.describe()}",
                  lambda: self.xfrm.delete_sa(new_spec.dst, new_spec.spi, missing_ok=True))
 
     def counters(self, tunnel: str) -> list[ChildSaCounters]:
@@ -674,8 +675,11 @@ class Dataplane:
                 continue
             want = wanted.get(info.ifname)
             if want is None or not self._matches(info, want):
-                self.links.delete(info.index)
-                removed.append(info.ifname)
+                try:
+                    self.links.delete(info.index)
+                    removed.append(info.ifname)
+                except _FAILURES as e:
+                    errors.append(f"interface {info.ifname}: {_explain(e)}")
         for iface in tunnels:
             existed = self.links.get(iface.ifname)
             try:
@@ -685,12 +689,15 @@ class Dataplane:
                 continue
             (adopted if existed is not None and existed.index == info.index else created).append(iface.ifname)
             self._tunnels[iface.tunnel] = _Tunnel(iface, info.index)
-        n_sas, n_pols = self.xfrm.flush_ours()
         stale: list[str] = []
-        if self.nft_enabled:
-            previous = nft.read_clamps(self.netns) or []
-            stale = sorted({c.tunnel for c in previous})
-            nft.apply([], self.netns)
+        try:
+            n_sas, n_pols = self.xfrm.flush_ours()
+            if self.nft_enabled:
+                previous = nft.read_clamps(self.netns) or []
+                stale = sorted({c.tunnel for c in previous})
+                nft.apply([], self.netns)
+        except _FAILURES as e:
+            raise DataplaneError("(all)", "reconciling", _explain(e), code=getattr(e, "code", None)) from None
         self._clamps = {}
         report = ReconcileReport(created=tuple(created), adopted=tuple(adopted), removed_interfaces=tuple(removed),
                                  removed_sas=n_sas, removed_policies=n_pols, removed_clamps=tuple(stale),

@@ -23,7 +23,7 @@ import itertools
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from pyroute2 import netns as pyroute2_netns
@@ -132,9 +132,10 @@ def _extack(chunk: bytes) -> str | None:
 
 @dataclass
 class Request:
-    """One message of a batch: what to send and what to call it in errors."""
+    """One message of a batch: what to send and what to call it in errors. The message may hold
+    key bytes, so it is left out of the repr."""
 
-    msg: nlmsg
+    msg: nlmsg = field(repr=False)
     msg_type: int
     flags: int
     what: str

@@ -91,7 +91,7 @@ def test_duplicate_spi_rolls_back_the_inbound_sa(lab):
     text = str(e.value)
     assert text.startswith("tunnel 'to-x': installing Child SA")
     assert "File exists (EEXIST)" in text and "duplicate SPI" in text
-    assert f"rolled back: removed the inbound SA {cx.spi_in:#010x}" in text
+    assert f"rolled back: the inbound SA {cx.spi_in:#010x}" in text
     assert e.value.code == 17 and e.value.undo_failed == ()
     _no_key_in(text + repr(e.value) + repr(cx), cx)
     assert kernel_snapshot(lab.a) == before
@@ -109,8 +109,8 @@ def test_policy_refused_rolls_back_sas_and_policies(lab):
             lab.dpa.install("to-x", cx)
         text = str(e.value)
         assert "adding the fwd policy ::/0" in text and "EEXIST" in text
-        for what in (f"removed the inbound SA {cx.spi_in:#010x}", f"removed the outbound SA {cx.spi_out:#010x}",
-                     "removed the out policy 0.0.0.0/0", "removed the in policy ::/0"):
+        for what in (f"the inbound SA {cx.spi_in:#010x}", f"the outbound SA {cx.spi_out:#010x}",
+                     "the out policy 0.0.0.0/0", "the in policy ::/0"):
             assert what in text, text
         assert kernel_snapshot(lab.a) == before  # the foreign policy is still there, nothing of ours is
     finally:
