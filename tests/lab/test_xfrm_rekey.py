@@ -170,3 +170,44 @@ def test_expire_and_acquire_events(lab):
             lab.down()
     finally:
         events.close()
+
+
+def test_sa_update_lookup_and_time_limits(lab):
+    """The low-level operations on their own: NEWSA with time limits, GETSA by id (no key comes
+    back), UPDSA changing the NAT-T port, the kernel's soft and hard EXPIRE after 1 and 3 s."""
+    import dataclasses
+    import ipaddress
+
+    from appliance.xfrm import EspAlgorithms, SaKeys
+    from appliance.xfrm.kernel import SaSpec, decode_sa
+    from appliance.xfrm.messages import XFRM_MSG_EXPIRE, XFRMNLGRP_EXPIRE
+    from appliance.xfrm.model import IF_ID_MIN
+    from appliance.xfrm.netlink import XfrmEventSocket
+
+    x = lab.dpa.xfrm
+    key = SaKeys(bytes.fromhex("5a" * 36))
+    spec = SaSpec(src=ipaddress.ip_address(WAN4[0]), dst=ipaddress.ip_address("198.51.100.9"), spi=0x7001,
+                  algorithms=EspAlgorithms.from_proposal("aes256gcm16"), keys=key, if_id=IF_ID_MIN + 0x77, reqid=9,
+                  outbound=True, encap=(4500, 4500), lifetime=Lifetime(soft_seconds=1, hard_seconds=3))
+    events = XfrmEventSocket([XFRMNLGRP_EXPIRE], lab.a.name)
+    try:
+        x.add_sa(spec)
+        st = x.get_sa(spec.dst, spec.spi)
+        assert (st.encryption, st.icv_bits, st.encap, st.if_id, st.reqid) == (
+            "rfc4106(gcm(aes))", 128, (2, 4500, 4500), IF_ID_MIN + 0x77, 9)
+        assert (st.lifetime.soft_seconds, st.lifetime.hard_seconds) == (1, 3) and st.ours
+        assert "5a5a" not in repr(st)
+        x.add_sa(dataclasses.replace(spec, encap=(4500, 31000)), update=True)
+        assert {s["spi"]: s["encap"] for s in xfrm_states(lab.a)}[0x7001] == ("espinudp", 4500, 31000)
+        assert 0x7001 in {s.spi for s in x.dump_sas()}
+        hard = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(h for h, _ in hard):
+            select.select([events], [], [], 0.5)
+            hard += [(bool(msg["hard"]), decode_sa(msg).spi) for msg in events.read()
+                     if msg["header"]["type"] == XFRM_MSG_EXPIRE]
+        assert hard == [(False, 0x7001), (True, 0x7001)], hard
+        assert x.get_sa(spec.dst, spec.spi) is None
+    finally:
+        events.close()
+        x.delete_sa(spec.dst, spec.spi, missing_ok=True)
