@@ -149,6 +149,9 @@ class Tunnel:
     interface: InterfaceSettings
     bgp: TunnelBgp | None
     peer_profile: PeerProfile | None
+    #: Prefixes reached over this tunnel without BGP: routes on the tunnel's interface while its
+    #: Child SA is up, withdrawn the moment it goes down.
+    routes: tuple[IPNetwork, ...] = ()
     line: int = field(default=0, compare=False)  # where the tunnel starts in the file
 
 
@@ -193,6 +196,9 @@ class BgpSettings:
 class ApplianceSettings:
     name: str | None = None
     router_id: IPv4Address | None = None
+    #: On a clean shutdown (SIGTERM) delete every SA (DELETE to the peers) and remove the kernel
+    #: state; false leaves the kernel's SAs carrying traffic until the next start reconciles them.
+    delete_on_shutdown: bool = True
 
 
 @dataclass(frozen=True)

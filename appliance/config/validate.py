@@ -30,15 +30,19 @@ from appliance.config.yamlmarks import DuplicateKey, MarkedMap, MarkedSeq
 ProposalParser = Callable[[str, str], Any]
 
 INSIDE_SUPERNET = IPv4Network("169.254.0.0/16")
+# The if_ids Isthmus owns (appliance.xfrm.model.IF_ID_MIN/MAX, repeated here so that validating a
+# config does not import the data plane): XFRM interfaces, SAs and policies in this range are ours.
+IF_ID_MIN = 0x49000000
+IF_ID_MAX = 0x49FFFFFF
 IFNAMSIZ = 16  # Linux: names up to 15 characters plus NUL
 _TUNNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _MISSING = object()
 
 TOP_KEYS = ("appliance", "tunnels", "bgp")
-APPLIANCE_KEYS = ("name", "router_id")
+APPLIANCE_KEYS = ("name", "router_id", "delete_on_shutdown")
 TUNNEL_KEYS = ("remote", "local", "local_id", "remote_id", "auth", "ike", "esp", "dpd", "nat_traversal",
-               "mobike", "start", "interface", "bgp", "peer_profile")
+               "mobike", "start", "interface", "bgp", "peer_profile", "routes")
 AUTH_KEYS = ("psk_file", "certificate", "key", "ca")
 SA_KEYS = ("proposals", "lifetime", "rekey_margin")
 DPD_KEYS = ("interval", "timeout", "action")
@@ -236,6 +240,15 @@ def to_ifname(value: Any) -> str:
     return name
 
 
+def to_if_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Bad(f"expected a number {IF_ID_MIN:#x}..{IF_ID_MAX:#x}, got {_type_name(value)}")
+    if not IF_ID_MIN <= value <= IF_ID_MAX:
+        raise Bad(f"if_id {value} ({value:#x}) is outside the range Isthmus owns; allowed: "
+                  f"{IF_ID_MIN:#x}..{IF_ID_MAX:#x} (omit it to derive one from the interface name)")
+    return value
+
+
 def to_mtu(value: Any) -> int | None:
     if value == "auto":
         return None
@@ -415,7 +428,9 @@ def _appliance(ctx: Ctx, top: MarkedMap) -> ApplianceSettings:
         return ApplianceSettings()
     ctx.keys(m, "appliance", APPLIANCE_KEYS)
     return ApplianceSettings(name=ctx.field(m, "name", "appliance", to_str, default=None),
-                             router_id=ctx.field(m, "router_id", "appliance", to_ipv4, default=None))
+                             router_id=ctx.field(m, "router_id", "appliance", to_ipv4, default=None),
+                             delete_on_shutdown=_or(ctx.field(m, "delete_on_shutdown", "appliance", to_bool,
+                                                              default=True), True))
 
 
 # --- tunnels ---
@@ -432,6 +447,7 @@ class _Partial:
         self.networks: list[tuple[Any, str]] = []   # (inside network, field name)
         self.remote: Any = None
         self.remote_id: Identity | None = None
+        self.routes: list[tuple[Any, int]] = []     # (prefix, line)
 
 
 class _Seen:
@@ -549,11 +565,13 @@ def _tunnel(ctx: Ctx, name: str, value: Any, key_line: int, bgp: BgpSettings | N
         partial.ifname, partial.if_id = interface.name, interface.if_id
     elif if_m is not None:
         partial.ifname = _lenient(to_ifname, if_m.get("name"))
-        partial.if_id = _lenient(int_range(1, 0xFFFFFFFF), if_m.get("if_id"))
+        partial.if_id = _lenient(int_range(IF_ID_MIN, IF_ID_MAX), if_m.get("if_id"))
     addr4 = interface.address if interface else _lenient(to_inside_v4, if_m.get("address") if if_m else None)
     addr6 = interface.address6 if interface else _lenient(to_inside_v6, if_m.get("address6") if if_m else None)
     partial.networks = [(a.network, f) for a, f in ((addr4, "address"), (addr6, "address6")) if a is not None]
     tunnel_bgp = _tunnel_bgp(ctx, m, path, interface, bgp)
+    routes = _routes(ctx, m, path, remote)
+    partial.routes = list(routes or ())
 
     # Preset: fields the provider wants spelled out, then its documented limits.
     if preset is not None:
@@ -586,7 +604,43 @@ def _tunnel(ctx: Ctx, name: str, value: Any, key_line: int, bgp: BgpSettings | N
         return None
     return Tunnel(name=name, remote=remote, local=local, local_id=local_id, remote_id=remote_id, auth=auth,
                   ike=ike, esp=esp, dpd=dpd, nat_traversal=nat, mobike=mobike, start=start,
-                  interface=interface, bgp=tunnel_bgp, peer_profile=profile, line=key_line)
+                  interface=interface, bgp=tunnel_bgp, peer_profile=profile,
+                  routes=tuple(net for net, _ in routes or ()), line=key_line)
+
+
+def _routes(ctx: Ctx, m: MarkedMap, path: str, remote: Any) -> list[tuple[Any, int]] | None:
+    """``routes``: prefixes reached over the tunnel (installed on its interface while its Child SA
+    is up). None when there is a problem (already reported)."""
+    rpath = f"{path}.routes"
+    if m.get("routes") is None:
+        return []
+    raw = m["routes"]
+    if not isinstance(raw, MarkedSeq):
+        ctx.error(m.value_line("routes"), rpath, f"expected a list of prefixes, e.g. [10.2.0.0/16], "
+                                                 f"got {_type_name(raw)}")
+        return None
+    out: list[tuple[Any, int]] = []
+    ok = True
+    for i, item in enumerate(raw):
+        line = raw.item_line(i)
+        try:
+            net = to_network(item)
+        except Bad as exc:
+            ctx.error(line, f"{rpath}[{i}]", str(exc))
+            ok = False
+            continue
+        if any(net == o for o, _ in out):
+            ctx.error(line, f"{rpath}[{i}]", f"{net} is listed twice")
+            ok = False
+            continue
+        if remote is not None and net.version == remote.version and remote in net:
+            ctx.error(line, f"{rpath}[{i}]",
+                      f"{net} contains the tunnel's remote address {remote}: the tunnel's own IKE and ESP "
+                      f"packets would be routed into it; allowed: prefixes that do not contain {remote}")
+            ok = False
+            continue
+        out.append((net, line))
+    return out if ok else None
 
 
 def _lenient(conv: Callable[[Any], Any], value: Any) -> Any:
@@ -751,8 +805,9 @@ def _sa(ctx: Ctx, sm: MarkedMap | None, path: str, kind: str, parent: MarkedMap,
 
 
 def _default_if_id(ifname: str) -> int:
-    """A stable if_id from the interface name (1..2^32-1): renaming other tunnels changes nothing."""
-    return zlib.crc32(ifname.encode()) % 0xFFFFFFFE + 1
+    """A stable if_id from the interface name, inside the range Isthmus owns: renaming other
+    tunnels changes nothing."""
+    return IF_ID_MIN + zlib.crc32(ifname.encode()) % (IF_ID_MAX - IF_ID_MIN + 1)
 
 
 def _interface(ctx: Ctx, im: MarkedMap | None, m: MarkedMap, path: str, tunnel: str, key_line: int,
@@ -771,7 +826,7 @@ def _interface(ctx: Ctx, im: MarkedMap | None, m: MarkedMap, path: str, tunnel: 
             ctx.error(im.line, f"{ipath}.name", f"is required: the default '{default_name}' is longer than "
                                                 f"{IFNAMSIZ - 1} characters")
             name = None
-    if_id = ctx.field(im, "if_id", ipath, int_range(1, 0xFFFFFFFF), default=None)
+    if_id = ctx.field(im, "if_id", ipath, to_if_id, default=None)
     if if_id is None and name is not None and "if_id" not in im:
         if_id = _default_if_id(name)
     address = ctx.field(im, "address", ipath, to_inside_v4, default=None)
@@ -987,6 +1042,7 @@ def _cross_tunnel(ctx: Ctx) -> None:
     if_ids: dict[int, _Partial] = {}
     nets: list[tuple[Any, _Partial]] = []
     peers: dict[tuple[Any, Any], _Partial] = {}
+    routed: dict[Any, _Partial] = {}
     for t in ctx.partials:
         ctx.tunnel = t.name
         path = f"tunnels.{t.name}"
@@ -1004,7 +1060,7 @@ def _cross_tunnel(ctx: Ctx) -> None:
                 o = if_ids[t.if_id]
                 explicit = "interface.if_id" in t.seen.explicit
                 ctx.error(t.seen.line("interface.if_id"), f"{path}.interface.if_id",
-                          f"if_id {t.if_id} is already used by tunnel '{o.name}' (line {o.line}); "
+                          f"if_id {t.if_id:#x} is already used by tunnel '{o.name}' (line {o.line}); "
                           + ("each tunnel needs its own" if explicit else
                              "the default derived from the interface name collides: set interface.if_id"))
             else:
@@ -1015,6 +1071,14 @@ def _cross_tunnel(ctx: Ctx) -> None:
                     ctx.error(t.seen.line(f"interface.{field_name}"), f"{path}.interface.{field_name}",
                               f"inside network {net} overlaps {other_net} of tunnel '{o.name}' (line {o.line})")
         nets.extend((net, t) for net, _ in t.networks)
+        for net, line in t.routes:
+            o = routed.get(net)
+            if o is not None:
+                ctx.error(line, f"{path}.routes",
+                          f"{net} is already routed over tunnel '{o.name}' (line {o.line}); a prefix can be "
+                          f"routed over one tunnel only")
+            else:
+                routed[net] = t
         if t.remote is not None and t.remote_id is not None:
             key = (t.remote, t.remote_id)
             if key in peers:

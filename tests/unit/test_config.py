@@ -58,7 +58,7 @@ def test_design_example(tmp_path):
     assert (t.nat_traversal, t.mobike, t.start) == ("auto", True, True)
     assert t.interface.name == "xfrm-b" and t.interface.address == IPv4Interface("169.254.21.1/30")
     assert t.interface.mtu is None and t.interface.address6 is None
-    assert 1 <= t.interface.if_id <= 0xFFFFFFFF
+    assert 0x49000000 <= t.interface.if_id <= 0x49FFFFFF   # the range the data plane owns
     assert t.bgp is not None and (t.bgp.peer_as, t.bgp.peer_address, t.bgp.hold_time) == \
         (65002, IPv4Address("169.254.21.2"), 30)
     assert (t.bgp.import_policy, t.bgp.export_policy) == ("from-b", "to-b")
@@ -175,17 +175,17 @@ def test_duplicate_if_id_overlapping_inside_and_indistinguishable_peers(tmp_path
           a:
             remote: 198.51.100.2
             auth: {psk_file: secrets/to-b.psk}
-            interface: {if_id: 7, address: 169.254.21.1/30, address6: 'fd00:1::1/126'}
+            interface: {if_id: 0x49000007, address: 169.254.21.1/30, address6: 'fd00:1::1/126'}
           b:
             remote: 198.51.100.2
             auth: {psk_file: secrets/to-b.psk}
-            interface: {if_id: 7, address: 169.254.21.2/30, address6: 'fd00:1::2/126'}
+            interface: {if_id: 0x49000007, address: 169.254.21.2/30, address6: 'fd00:1::2/126'}
     """)
     issues = issues_of(path)
     by_path = {i.path: i for i in issues}
     assert set(by_path) == {"tunnels.b.interface.if_id", "tunnels.b.interface.address",
                             "tunnels.b.interface.address6", "tunnels.b.remote_id"}, issues
-    assert "if_id 7 is already used by tunnel 'a'" in by_path["tunnels.b.interface.if_id"].message
+    assert "if_id 0x49000007 is already used by tunnel 'a'" in by_path["tunnels.b.interface.if_id"].message
     assert "overlaps 169.254.21.0/30 of tunnel 'a'" in by_path["tunnels.b.interface.address"].message
     assert "could not tell them apart" in by_path["tunnels.b.remote_id"].message
     assert all(i.line == 9 for i in issues if "interface" in i.path)

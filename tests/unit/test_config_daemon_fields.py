@@ -1,0 +1,89 @@
+"""Config fields the daemon added: static routes per tunnel, delete_on_shutdown, the if_id range the
+data plane owns."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network, IPv6Network
+
+from appliance.config import load_config
+from appliance.config import validate
+from appliance.xfrm import model as xfrm_model
+from tests.unit.config_util import line_of, one_issue, tunnel, write_config, write_psk
+
+
+def test_routes_parse_in_order(tmp_path):
+    write_psk(tmp_path)
+    cfg = load_config(write_config(tmp_path, tunnel("routes: [10.2.0.0/16, 'fd00:2::/48']")))
+    assert cfg.tunnels["to-b"].routes == (IPv4Network("10.2.0.0/16"), IPv6Network("fd00:2::/48"))
+
+
+def test_routes_default_empty_and_change_is_a_tunnel_change(tmp_path):
+    write_psk(tmp_path)
+    a = load_config(write_config(tmp_path, tunnel(""), "a.yaml"))
+    b = load_config(write_config(tmp_path, tunnel("routes: [10.2.0.0/16]"), "b.yaml"))
+    assert a.tunnels["to-b"].routes == ()
+    assert a.tunnels["to-b"] != b.tunnels["to-b"]
+
+
+def test_route_with_host_bits_names_line_field_and_fix(tmp_path):
+    write_psk(tmp_path)
+    path = write_config(tmp_path, tunnel("routes:\n  - 10.2.0.0/16\n  - 10.3.0.1/16"))
+    issue = one_issue(path)
+    assert issue.line == line_of(path, "10.3.0.1/16")
+    assert issue.path == "tunnels.to-b.routes[1]" and issue.tunnel == "to-b"
+    assert "host bits set; did you mean 10.3.0.0/16" in issue.message
+
+
+def test_route_containing_the_remote_is_refused(tmp_path):
+    write_psk(tmp_path)
+    path = write_config(tmp_path, tunnel("routes: [0.0.0.0/0]"))
+    issue = one_issue(path)
+    assert issue.path == "tunnels.to-b.routes[0]"
+    assert "contains the tunnel's remote address 198.51.100.2" in issue.message
+
+
+def test_route_not_a_list_and_duplicates(tmp_path):
+    write_psk(tmp_path)
+    assert "expected a list of prefixes" in one_issue(write_config(tmp_path, tunnel("routes: 10.2.0.0/16"))).message
+    issue = one_issue(write_config(tmp_path, tunnel("routes: [10.2.0.0/16, 10.2.0.0/16]"), "dup.yaml"))
+    assert issue.path == "tunnels.to-b.routes[1]" and "listed twice" in issue.message
+
+
+def test_same_prefix_on_two_tunnels_is_refused(tmp_path):
+    write_psk(tmp_path)
+    path = write_config(tmp_path, """
+        tunnels:
+          a:
+            remote: 198.51.100.2
+            auth: {psk_file: secrets/to-b.psk}
+            routes: [10.2.0.0/16]
+          b:
+            remote: 198.51.100.3
+            auth: {psk_file: secrets/to-b.psk}
+            routes: [10.2.0.0/16, 10.3.0.0/16]
+    """)
+    issue = one_issue(path)
+    assert issue.tunnel == "b" and issue.path == "tunnels.b.routes"
+    assert "already routed over tunnel 'a'" in issue.message
+
+
+def test_delete_on_shutdown(tmp_path):
+    write_psk(tmp_path)
+    assert load_config(write_config(tmp_path, tunnel(""))).appliance.delete_on_shutdown is True
+    cfg = load_config(write_config(tmp_path, "appliance: {delete_on_shutdown: false}\n" + tunnel(""), "b.yaml"))
+    assert cfg.appliance.delete_on_shutdown is False
+    issue = one_issue(write_config(tmp_path, "appliance: {delete_on_shutdown: maybe}\n" + tunnel(""), "c.yaml"))
+    assert issue.path == "appliance.delete_on_shutdown" and "true or false" in issue.message
+
+
+def test_if_id_range_is_the_data_planes(tmp_path):
+    assert (validate.IF_ID_MIN, validate.IF_ID_MAX) == (xfrm_model.IF_ID_MIN, xfrm_model.IF_ID_MAX)
+    write_psk(tmp_path)
+    issue = one_issue(write_config(tmp_path, tunnel("interface: {if_id: 7}")))
+    assert issue.path == "tunnels.to-b.interface.if_id"
+    assert "outside the range Isthmus owns; allowed: 0x49000000..0x49ffffff" in issue.message
+    cfg = load_config(write_config(tmp_path, tunnel("interface: {if_id: 0x49000007}"), "ok.yaml"))
+    assert cfg.tunnels["to-b"].interface.if_id == 0x49000007
+    # the derived default is in the range too, and the data plane accepts it
+    t = load_config(write_config(tmp_path, tunnel(""), "d.yaml")).tunnels["to-b"]
+    xfrm_model.TunnelInterface("to-b", t.interface.name, if_id=t.interface.if_id)
