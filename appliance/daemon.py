@@ -1,19 +1,828 @@
-"""`isthmusd`: the appliance daemon."""
+"""`isthmusd`: the appliance daemon - a thin asyncio shell around the sans-IO IKE engine.
+
+::
+
+    isthmusd --config /etc/isthmus/isthmus.yaml --run-dir /run/isthmus \\
+             --metrics-listen 127.0.0.1:9477 --log-format auto --log-level info
+
+What it holds together (aioquic's protocol-layer idea: the protocol state lives in the engine,
+this module only moves bytes, time and events):
+
+* the config (:mod:`appliance.config`) turned into plans (:mod:`appliance.tunnels`);
+* one :class:`~appliance.ike.engine.IkeEngine` for all tunnels, fed by UDP 500/4500 on IPv4 and
+  IPv6 (:mod:`appliance.ikesockets`) and by its own timer;
+* the data plane (:mod:`appliance.dpworker` around :class:`appliance.xfrm.Dataplane`) in a single
+  thread: Child SA events become XFRM SAs, policies, the interface's MTU and MSS clamp, user
+  hooks and the tunnel's static routes; ``reconcile`` at start;
+* the control socket (:mod:`appliance.control`: status, tunnels, sas, routes, bgp, initiate,
+  terminate, rekey, reload, and the event stream), Prometheus metrics, JSON logs, systemd
+  notifications (:mod:`appliance.sdnotify`) and a pid file in the run directory.
+
+Reload (SIGHUP or ``isthmus reload``) validates the whole new file first; a file with a problem
+changes nothing and the problems (file:line, field) go back to the caller. Otherwise unchanged
+tunnels are not touched, changed ones are deleted (DELETE to the peer) and negotiated again,
+removed ones are deleted, added ones start.
+
+When the data plane fails for a Child SA (the kernel refuses an SA, the interface cannot be
+made...), the daemon publishes ``dataplane_error`` (and ``tunnel_state`` ``error``) with the data
+plane's message, deletes the tunnel's IKE SA with a DELETE to the peer - SAs the kernel does not
+hold would black-hole traffic - and, for ``start: true`` tunnels, initiates again with back-off
+(2 s doubling to 60 s).
+
+SIGTERM / SIGINT: with ``appliance.delete_on_shutdown`` (default) every IKE SA is deleted (DELETE
+to the peers), then routes, SAs, policies, MSS rules and interfaces of ours are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import click
 
-from appliance import __version__
+from appliance import __version__, sdnotify
+from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, ConfigReadError, Issue, load_config
+from appliance.control import (ControlError, ControlServer, ControlSocketInUse, EventBus, RunDirError, check_params,
+                               format_spi, param, resolve_run_dir, socket_path, unknown_tunnel)
+from appliance.dpworker import DataplaneWorker, DpResult, describe_hook
+from appliance.ike import events as ev
+from appliance.ike.engine import IkeEngine
+from appliance.ike.message import TrafficSelector
+from appliance.ike.sa import IkeState
+from appliance.ikesockets import IkeSockets, SocketsError
+from appliance.logs import register_secret, setup_logging
+from appliance.metrics import IsthmusMetrics, MetricsServer, Registry, parse_listen
+from appliance.tunnels import TunnelPlan, diff_plans, plan_tunnels
+
+log = logging.getLogger("isthmus.daemon")
+
+PID_FILE = "isthmusd.pid"
+DEFAULT_HOOKS_DIR = "/etc/isthmus/hooks"
+RETRY_FIRST = 2.0
+RETRY_MAX = 60.0
+SHUTDOWN_WAIT = 3.0
 
 
+class StartError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+@dataclass
+class _TunnelState:
+    """The daemon's own view of a tunnel (loop thread only)."""
+
+    up_since: float | None = None          # the kernel holds a Child SA (monotonic time)
+    spis: tuple[int, int] | None = None    # the pair carrying traffic
+    routes: tuple = ()                     # static routes in the kernel
+    error: str | None = None               # last data plane failure, until the next success
+    failures: int = 0
+    retry: asyncio.TimerHandle | None = None
+    reconnect_on_down: bool = False        # a changed tunnel: initiate as soon as the old IKE SA is gone
+
+    def cancel_retry(self) -> None:
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+
+
+def _spi8(b: bytes) -> str:
+    return format_spi(int.from_bytes(b, "big"), 8)
+
+
+def _endpoint(ep: tuple[str, int]) -> str:
+    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
+
+
+def _ts_text(ts: TrafficSelector) -> str:
+    try:
+        start = ipaddress.ip_address(ts.start_addr)
+        end = ipaddress.ip_address(ts.end_addr)
+        nets = list(ipaddress.summarize_address_range(start, end))
+        text = str(nets[0]) if len(nets) == 1 else f"{start}-{end}"
+    except (ValueError, TypeError):
+        text = f"{ts.start_addr.hex()}-{ts.end_addr.hex()}"
+    if ts.ip_protocol or (ts.start_port, ts.end_port) != (0, 65535):
+        text += f"[{ts.ip_protocol}/{ts.start_port}-{ts.end_port}]"
+    return text
+
+
+class Daemon:
+    """One appliance: see the module docstring. ``await Daemon(...).run()`` returns an exit status."""
+
+    def __init__(self, config_path: str | os.PathLike[str], run_dir: str | os.PathLike[str] | None = None, *,
+                 metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9477), hooks_dir: str | None = DEFAULT_HOOKS_DIR,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config_path = Path(config_path)
+        self.run_dir = resolve_run_dir(run_dir)
+        self.metrics_listen = metrics_listen
+        self.hooks_dir = hooks_dir
+        self.clock = clock
+        self.started = clock()
+        self.config: Config | None = None
+        self.plans: dict[str, TunnelPlan] = {}
+        self.state: dict[str, _TunnelState] = {}
+        self.bus = EventBus()
+        self.metrics = IsthmusMetrics(Registry())
+        self.metrics.registry.add_collector(self._collect)
+        self.engine: IkeEngine | None = None
+        self.sockets: IkeSockets | None = None
+        self.control: ControlServer | None = None
+        self.http: MetricsServer | None = None
+        self.worker = DataplaneWorker()
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="isthmus-dataplane")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._stop = asyncio.Event()
+        self._stop_reason = "stopped"
+        self._reload_lock = asyncio.Lock()
+        self._pid_file: Path | None = None
+        self._dp_pending: set[concurrent.futures.Future] = set()
+
+    # ================================================================== life cycle
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._start()
+        except StartError as e:
+            log.error("%s", e)
+            await self._close()
+            raise
+        for sig, fn in ((signal.SIGTERM, lambda: self.stop("SIGTERM")), (signal.SIGINT, lambda: self.stop("SIGINT")),
+                        (signal.SIGHUP, self._sighup)):
+            self._loop.add_signal_handler(sig, fn)
+        sdnotify.ready(f"{len(self.plans)} tunnels")
+        log.info("isthmusd %s ready: %d tunnels, run dir %s", __version__, len(self.plans), self.run_dir,
+                 extra={"pid": os.getpid()})
+        await self._stop.wait()
+        await self._shutdown()
+        return 0
+
+    def stop(self, reason: str = "stopped") -> None:
+        self._stop_reason = reason
+        self._stop.set()
+
+    async def _start(self) -> None:
+        try:
+            config = load_config(self.config_path)
+            plans = plan_tunnels(config)
+        except ConfigReadError as e:
+            raise StartError(str(e)) from None
+        except ConfigError as e:
+            raise StartError(f"the configuration has {len(e.issues)} problem(s):\n" + str(e)) from None
+        self._register_secrets(config)
+        self.config, self.plans = config, plans
+        self.state = {n: _TunnelState() for n in plans}
+
+        self.control = ControlServer(socket_path(self.run_dir), self._handlers(), events=self.bus)
+        try:
+            await self.control.start()
+        except ControlSocketInUse as e:
+            self.control = None
+            raise StartError(f"another isthmusd is running with run directory {self.run_dir} ({e}); stop it or "
+                             f"give this one its own --run-dir") from None
+        except RunDirError as e:
+            self.control = None
+            raise StartError(str(e)) from None
+        self._write_pid_file()
+
+        try:
+            await self._dp(self.worker.open, self.hooks_dir, self._hook_result_threadsafe)
+        except Exception as e:  # noqa: BLE001 - netlink sockets cannot be opened: nothing works
+            raise StartError(f"the kernel data plane cannot be opened: {e}") from None
+        try:
+            report, flushed = await self._dp(self.worker.reconcile, plans)
+        except Exception as e:  # noqa: BLE001
+            log.error("reconciling the kernel state failed: %s", e)
+            self.bus.publish("dataplane_error", None, message=f"reconciling the kernel state failed: {e}")
+        else:
+            log.info("kernel state reconciled: interfaces created %s, adopted %s, removed %s; stale SAs %d, "
+                     "policies %d, MSS rules of %s, routes %d removed",
+                     list(report.created), list(report.adopted), list(report.removed_interfaces),
+                     report.removed_sas, report.removed_policies, list(report.removed_clamps), flushed)
+            for err in report.errors:
+                log.error("data plane: %s", err)
+                self.bus.publish("dataplane_error", None, message=err)
+
+        self.engine = IkeEngine([p.ike for p in plans.values()], random=os.urandom)
+        self.sockets = IkeSockets(self._datagram)
+        try:
+            for w in self.sockets.open():
+                log.warning("%s", w)
+        except SocketsError as e:
+            raise StartError(str(e)) from None
+        log.info("IKE listening on %s", ", ".join(f"{f} UDP {p}" for f, p in self.sockets.bound))
+
+        if self.metrics_listen is not None:
+            host, port = self.metrics_listen
+            self.http = MetricsServer(self.metrics.registry, host, port)
+            try:
+                await self.http.start()
+            except OSError as e:
+                log.error("metrics not served: cannot listen on %s:%d (%s); use --metrics-listen HOST:PORT or off",
+                          host, port, e.strerror or e)
+                self.http = None
+        self._engine_call(self.engine.start)
+
+    async def _shutdown(self) -> None:
+        reason = self._stop_reason
+        sdnotify.stopping(f"stopping ({reason})")
+        log.info("stopping (%s)", reason)
+        self.bus.publish("daemon_stopping", None, reason=reason)
+        for st in self.state.values():
+            st.cancel_retry()
+        delete = self.config.appliance.delete_on_shutdown if self.config else True
+        if delete and self.engine is not None:
+            for name in list(self.plans):
+                self._engine_call(lambda now, n=name: self.engine.terminate(n, now))
+            deadline = self.clock() + SHUTDOWN_WAIT
+            while self.engine.sas() and self.clock() < deadline:
+                await asyncio.sleep(0.05)
+            left = self.engine.sas()
+            if left:
+                log.warning("%d IKE SA(s) not confirmed deleted by their peers within %.0f s", len(left),
+                            SHUTDOWN_WAIT)
+            await self._dp_drain()
+            problems = await self._dp(self.worker.teardown)
+            for p in problems:
+                log.error("removing kernel state: %s", p)
+            log.info("kernel state of this appliance removed")
+        elif not delete:
+            log.info("delete_on_shutdown is false: SAs stay in the kernel until the next start")
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.sockets is not None:
+            self.sockets.close()
+        if self.http is not None:
+            await self.http.close()
+        if self.control is not None:
+            await self.control.close()
+        with contextlib.suppress(Exception):
+            await self._dp(self.worker.close)
+        self.executor.shutdown(wait=True)
+        self._remove_pid_file()
+
+    def _write_pid_file(self) -> None:
+        path = self.run_dir / PID_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.chmod(tmp, 0o644)
+        tmp.replace(path)
+        self._pid_file = path
+
+    def _remove_pid_file(self) -> None:
+        if self._pid_file is None:
+            return
+        with contextlib.suppress(OSError):
+            if self._pid_file.read_text().strip() == str(os.getpid()):
+                self._pid_file.unlink()
+        self._pid_file = None
+
+    @staticmethod
+    def _register_secrets(config: Config) -> None:
+        for t in config.tunnels.values():
+            psk = getattr(t.auth, "psk", None)
+            if psk is not None:
+                register_secret(psk)
+            key = getattr(t.auth, "key_pem", None)
+            if key is not None:
+                register_secret(key)
+
+    # ================================================================== engine I/O
+    def _datagram(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        assert self.engine is not None
+        self.engine.receive_datagram(data, src, dst, self.clock())
+        self._flush()
+
+    def _engine_call(self, fn: Callable[[float], Any]) -> Any:
+        """Run an engine command (``fn(now)``) and act on what it produced."""
+        try:
+            return fn(self.clock())
+        finally:
+            self._flush()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.engine is not None:
+            self.engine.handle_timer(self.clock())
+            self._flush()
+
+    def _flush(self) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        for d in engine.datagrams_to_send():
+            if self.sockets is not None:
+                self.sockets.send(d.data, d.src, d.dst)
+        while (e := engine.next_event()) is not None:
+            try:
+                self._on_event(e)
+            except Exception:  # noqa: BLE001 - a bug in one event's handling must not stop the engine
+                log.exception("handling %s failed", type(e).__name__)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = engine.get_timer()
+        if when is not None and self._loop is not None:
+            self._timer = self._loop.call_later(max(0.0, when - self.clock()), self._on_timer)
+
+    def _later(self, fn: Callable[[float], Any]) -> None:
+        """An engine command from inside event handling: run it after the current flush."""
+        assert self._loop is not None
+        self._loop.call_soon(lambda: self._engine_call(fn))
+
+    # ================================================================== events
+    def _on_event(self, e: ev.Event) -> None:
+        name = e.tunnel
+        if isinstance(e, (ev.ChildSaInstalled, ev.ChildSaOutboundInstalled, ev.ChildSaDeleted)):
+            self._dp_submit(e)
+            if isinstance(e, ev.ChildSaDeleted):
+                self.bus.publish("child_sa_down", name, spi_in=format_spi(e.spi_in), spi_out=format_spi(e.spi_out),
+                                 reason=e.reason)
+                self.metrics.forget_sa(name, e.spi_in, e.spi_out)
+            return
+        if isinstance(e, ev.IkeSaUp):
+            log.info("IKE SA up with %s (%s)", _endpoint(e.remote), e.remote_id,
+                     extra={"tunnel": name, "spi_i": int.from_bytes(e.spi_i, "big"),
+                            "spi_r": int.from_bytes(e.spi_r, "big"), "proposal": e.proposal})
+            self.bus.publish("ike_sa_up", name, role="initiator" if e.initiator else "responder",
+                             local=_endpoint(e.local), remote=_endpoint(e.remote), remote_id=e.remote_id,
+                             spi_i=_spi8(e.spi_i), spi_r=_spi8(e.spi_r), proposal=e.proposal)
+        elif isinstance(e, ev.IkeSaRekeyed):
+            log.info("IKE SA rekeyed", extra={"tunnel": name, "spi_i": int.from_bytes(e.new_spi_i, "big")})
+            self.metrics.rekeys.inc(tunnel=name, kind="ike")
+            self.bus.publish("ike_sa_rekeyed", name, old_spi_i=_spi8(e.old_spi_i), old_spi_r=_spi8(e.old_spi_r),
+                             spi_i=_spi8(e.new_spi_i), spi_r=_spi8(e.new_spi_r), proposal=e.proposal)
+        elif isinstance(e, ev.IkeSaDown):
+            log.info("IKE SA down: %s", e.reason, extra={"tunnel": name})
+            self.bus.publish("ike_sa_down", name, spi_i=_spi8(e.spi_i), spi_r=_spi8(e.spi_r), reason=e.reason)
+            st = self.state.get(name)
+            if st is not None and st.reconnect_on_down:
+                st.reconnect_on_down = False
+                self._later(lambda now: self._connect_if_configured(name, now))
+        elif isinstance(e, ev.IkeSaFailed):
+            log.warning("IKE SA not established: %s", e.reason, extra={"tunnel": name})
+            self.bus.publish("ike_sa_failed", name, reason=e.reason)
+        elif isinstance(e, ev.AuthFailed):
+            log.warning("authentication failed: %s", e.reason, extra={"tunnel": name})
+            self.metrics.auth_failures.inc(tunnel=name or "")
+            self.bus.publish("auth_failed", name or None, reason=e.reason)
+        elif isinstance(e, ev.PeerDead):
+            log.warning("peer dead (no answer to liveness checks); action %s", e.action, extra={"tunnel": name})
+            self.metrics.dpd_failures.inc(tunnel=name)
+            plan = self.plans.get(name)
+            self.bus.publish("dpd_timeout", name, remote=str(plan.tunnel.remote) if plan else None,
+                             reason=f"no answer to liveness checks; action {e.action}")
+        elif isinstance(e, ev.ChildSaRekeyed):
+            self.metrics.rekeys.inc(tunnel=name, kind="child")
+            self.bus.publish("child_sa_rekeyed", name, old_spi_in=format_spi(e.old_spi_in),
+                             old_spi_out=format_spi(e.old_spi_out), spi_in=format_spi(e.new_spi_in),
+                             spi_out=format_spi(e.new_spi_out))
+        elif isinstance(e, ev.ChildSaFailed):
+            log.warning("Child SA not created: %s", e.reason, extra={"tunnel": name})
+            self.bus.publish("child_sa_failed", name, reason=e.reason)
+
+    def _connect_if_configured(self, name: str, now: float) -> None:
+        plan = self.plans.get(name)
+        if plan is not None and plan.ike.start and self.engine is not None:
+            self.engine.connect(name, now)
+
+    # ================================================================== data plane
+    async def _dp(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn` in the data plane thread, after every job queued before it."""
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self.executor, fn, *args)
+
+    async def _dp_drain(self) -> None:
+        await self._dp(lambda: None)
+
+    def _dp_submit(self, e: ev.Event) -> None:
+        fut = self.executor.submit(self.worker.apply, e)
+        self._dp_pending.add(fut)
+        loop = self._loop
+        assert loop is not None
+
+        def done(f: concurrent.futures.Future) -> None:
+            self._dp_pending.discard(f)
+            with contextlib.suppress(RuntimeError):   # loop closed at exit
+                loop.call_soon_threadsafe(self._dp_done, e, f)
+        fut.add_done_callback(done)
+
+    def _dp_done(self, e: ev.Event, fut: concurrent.futures.Future) -> None:
+        try:
+            r: DpResult = fut.result()
+        except Exception as exc:  # noqa: BLE001 - a bug in the worker: report like a failure
+            log.exception("data plane job for %s failed", type(e).__name__)
+            r = DpResult("failed", e.tunnel, error=f"internal error: {exc}")
+        name = r.tunnel
+        st = self.state.get(name)
+        if r.kind == "failed":
+            self._dp_failed(name, r.error or "unknown error", e)
+            return
+        for p in r.route_problems:
+            log.error("route %s", p, extra={"tunnel": name})
+            self.bus.publish("dataplane_error", name, message=f"route {p}")
+        if st is None:
+            return
+        if r.kind == "up":
+            st.up_since, st.spis, st.error, st.failures = self.clock(), (r.spi_in, r.spi_out), None, 0
+            st.routes = r.routes
+            mtu = r.mtu.mtu if r.mtu else None
+            log.info("tunnel up on %s (MTU %s): Child SA %s/%s", r.interface, mtu, format_spi(r.spi_in),
+                     format_spi(r.spi_out), extra={"tunnel": name})
+            self.bus.publish("child_sa_up", name, spi_in=format_spi(r.spi_in), spi_out=format_spi(r.spi_out),
+                             proposal=self._child_proposal(name, r.spi_in), interface=r.interface)
+            for prefix in r.routes:
+                self.bus.publish("route_added", name, prefix=str(prefix), interface=r.interface)
+            self.bus.publish("tunnel_state", name, state="up", interface=r.interface)
+            self.metrics.tunnel_up.set(1, tunnel=name)
+        elif r.kind in ("rekeyed", "outbound"):
+            if r.kind == "outbound" or (isinstance(e, ev.ChildSaInstalled) and e.outbound):
+                st.spis = (r.spi_in, r.spi_out)
+            st.error, st.failures = None, 0
+        elif r.kind == "down":
+            self._went_down(name, st, r)
+
+    def _went_down(self, name: str, st: _TunnelState, r: DpResult) -> None:
+        st.up_since, st.spis = None, None
+        for prefix in st.routes:
+            self.bus.publish("route_withdrawn", name, prefix=str(prefix), interface=r.interface)
+        st.routes = ()
+        log.info("tunnel down on %s", r.interface, extra={"tunnel": name})
+        self.bus.publish("tunnel_state", name, state="down", interface=r.interface)
+        self.metrics.tunnel_up.set(0, tunnel=name)
+
+    def _child_proposal(self, name: str, spi_in: int) -> str | None:
+        if self.engine is None:
+            return None
+        for sa in self.engine.sas(name):
+            for c in sa.children:
+                if c.spi_in_int == spi_in:
+                    return str(c.proposal)
+        return None
+
+    def _dp_failed(self, name: str, error: str, e: ev.Event) -> None:
+        """The kernel did not take a Child SA change: say so, delete the IKE SA (DELETE to the
+        peer: SAs the kernel does not hold would black-hole traffic) and try again later."""
+        st = self.state.get(name)
+        log.error("data plane: %s", error, extra={"tunnel": name})
+        self.bus.publish("dataplane_error", name, message=error)
+        if st is None or self.engine is None or name not in self.plans:
+            return
+        st.error = error
+        st.failures += 1
+        self.bus.publish("tunnel_state", name, state="error", reason=error)
+        if st.up_since is not None:
+            # what is left in the kernel goes too: routes first
+            fut = self.executor.submit(self.worker.down, name)
+            fut.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._after_failure_down, name, f))
+        self._engine_call(lambda now: self.engine.terminate(name, now))
+        plan = self.plans[name]
+        st.cancel_retry()
+        if plan.ike.start:
+            delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (st.failures - 1))
+            log.info("initiating again in %.0f s", delay, extra={"tunnel": name})
+            assert self._loop is not None
+            st.retry = self._loop.call_later(delay, self._retry, name)
+
+    def _after_failure_down(self, name: str, fut: concurrent.futures.Future) -> None:
+        st = self.state.get(name)
+        r = fut.result()
+        if st is not None and r.kind == "down":
+            self._went_down(name, st, r)
+
+    def _retry(self, name: str) -> None:
+        st = self.state.get(name)
+        if st is None:
+            return
+        st.retry = None
+        if name in self.plans and self.engine is not None:
+            self._engine_call(lambda now: self.engine.connect(name, now))
+
+    def _hook_result_threadsafe(self, r) -> None:
+        if self._loop is None or r.ok:
+            return
+        text = describe_hook(r)
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(lambda: self.bus.publish("hook_failed", r.tunnel, message=text))
+
+    # ================================================================== reload
+    def _sighup(self) -> None:
+        async def run() -> None:
+            try:
+                result = await self.reload()
+                log.info("reloaded on SIGHUP: %s", result)
+            except ControlError as e:
+                log.error("reload refused: %s", e.message)
+                for issue in (e.data or {}).get("issues", []):
+                    log.error("%s", Issue(**issue))
+        asyncio.ensure_future(run())
+
+    async def reload(self) -> dict[str, list[str]]:
+        """Apply the config file again, atomically (see the module docstring)."""
+        async with self._reload_lock:
+            try:
+                config = load_config(self.config_path)
+                plans = plan_tunnels(config)
+            except ConfigError as e:   # includes ConfigReadError
+                issues = [i.as_dict() for i in e.issues]
+                log.error("reload refused: %d problem(s) in %s; nothing was changed", len(issues), self.config_path)
+                raise ControlError("invalid_config", f"the configuration has {len(issues)} problem(s); "
+                                                     f"nothing was changed", {"issues": issues}) from None
+            assert self.engine is not None
+            sdnotify.reloading()
+            try:
+                return await self._apply(config, plans)
+            finally:
+                sdnotify.ready(f"{len(self.plans)} tunnels")
+
+    async def _apply(self, config: Config, plans: dict[str, TunnelPlan]) -> dict[str, list[str]]:
+        assert self.engine is not None
+        d = diff_plans(self.plans, plans)
+        self._register_secrets(config)
+        engine = self.engine
+        # 1. the engine: delete what goes (DELETE to the peers)
+        for name in (*d.removed, *d.changed):
+            st = self.state.get(name)
+            if st is not None:
+                st.cancel_retry()
+            self._engine_call(lambda now, n=name: engine.remove_tunnel(n, now))
+        # 2. the kernel: routes, SAs, policies and interfaces of what goes; interfaces of what comes
+        for name in (*d.removed, *d.changed):
+            for p in await self._dp(self.worker.remove_tunnel, name):
+                log.error("removing tunnel: %s", p, extra={"tunnel": name})
+            st = self.state.pop(name, None)
+            if st is not None and st.up_since is not None:
+                for prefix in st.routes:
+                    self.bus.publish("route_withdrawn", name, prefix=str(prefix), interface=None)
+                self.bus.publish("tunnel_state", name, state="down", reason="removed from the configuration"
+                                 if name in d.removed else "changed in the configuration")
+            self.metrics.forget_tunnel(name)
+        self.config = config
+        for name in (*d.changed, *d.added):
+            err = await self._dp(self.worker.add_tunnel, plans[name])
+            if err:
+                log.error("data plane: %s", err, extra={"tunnel": name})
+                self.bus.publish("dataplane_error", name, message=err)
+        # 3. the engine: new and changed tunnels start (changed ones once their old IKE SA is gone)
+        self.plans = dict(plans)
+        for name in (*d.changed, *d.added):
+            self.state[name] = _TunnelState(reconnect_on_down=name in d.changed)
+            self._engine_call(lambda now, n=name: engine.add_tunnel(plans[n].ike))
+            if plans[name].ike.start:
+                self._engine_call(lambda now, n=name: engine.connect(n, now))
+        result = {"added": list(d.added), "removed": list(d.removed), "changed": list(d.changed),
+                  "unchanged": list(d.unchanged)}
+        log.info("configuration reloaded: %d added, %d removed, %d changed, %d unchanged", len(d.added),
+                 len(d.removed), len(d.changed), len(d.unchanged))
+        self.bus.publish("config_reloaded", None, added=result["added"], removed=result["removed"],
+                         changed=result["changed"])
+        return result
+
+    # ================================================================== control handlers
+    def _handlers(self) -> dict[str, Any]:
+        return {"status": self.h_status, "tunnels": self.h_tunnels, "sas": self.h_sas, "routes": self.h_routes,
+                "bgp": self.h_bgp, "initiate": self.h_initiate, "terminate": self.h_terminate,
+                "rekey": self.h_rekey, "reload": self.h_reload}
+
+    def _tunnel_param(self, params: dict[str, Any]) -> str:
+        name = param(params, "tunnel", str)
+        if name not in self.plans:
+            raise unknown_tunnel(name, self.plans)
+        return name
+
+    async def _counters(self) -> dict[str, Any]:
+        try:
+            return await self._dp(self.worker.counters)
+        except Exception as e:  # noqa: BLE001 - status without counters beats no status
+            log.debug("counters: %s", e)
+            return {}
+
+    def _tunnel_state_name(self, name: str) -> str:
+        st = self.state.get(name)
+        if st is not None and st.up_since is not None:
+            return "up"
+        if st is not None and st.error is not None:
+            return "error"
+        if self.engine is not None and self.engine.sas(name):
+            return "connecting"
+        return "down"
+
+    async def h_status(self, params: dict[str, Any]) -> dict[str, Any]:
+        check_params(params, ())
+        assert self.engine is not None and self.config is not None
+        sas = self.engine.sas()
+        return {
+            "name": self.config.appliance.name, "version": __version__, "pid": os.getpid(),
+            "uptime": round(self.clock() - self.started, 1), "config": str(self.config_path),
+            "tunnels": {"configured": len(self.plans),
+                        "up": sum(1 for n in self.plans if self._tunnel_state_name(n) == "up")},
+            "sas": {"ike": sum(1 for sa in sas if sa.state != IkeState.CONNECTING),
+                    "child": sum(1 for sa in sas for c in sa.children if c.alive),
+                    "half_open": sum(1 for sa in sas if sa.state == IkeState.CONNECTING)},
+            "bgp": None,
+        }
+
+    async def h_tunnels(self, params: dict[str, Any]) -> dict[str, Any]:
+        check_params(params, ())
+        assert self.engine is not None
+        counters = await self._counters()
+        now = self.clock()
+        rows = []
+        for name, plan in self.plans.items():
+            st = self.state.get(name, _TunnelState())
+            sas = self.engine.sas(name)
+            traffic = {"bytes_in": 0, "packets_in": 0, "bytes_out": 0, "packets_out": 0}
+            for c in counters.get(name, []):
+                if c.inbound is not None:
+                    traffic["bytes_in"] += c.inbound.bytes
+                    traffic["packets_in"] += c.inbound.packets
+                if c.outbound is not None:
+                    traffic["bytes_out"] += c.outbound.bytes
+                    traffic["packets_out"] += c.outbound.packets
+            rows.append({
+                "name": name, "state": self._tunnel_state_name(name), "remote": str(plan.tunnel.remote),
+                "remote_id": str(plan.ike.remote_id) if plan.ike.remote_id else None,
+                "local": plan.ike.local_addr, "local_id": str(plan.ike.local_id),
+                "interface": plan.interface.ifname, "start": plan.ike.start,
+                "ike_sas": len(sas), "child_sas": sum(1 for sa in sas for c in sa.children_in_use()),
+                "established": round(now - st.up_since, 1) if st.up_since is not None else None,
+                **traffic,
+            })
+        return {"tunnels": rows}
+
+    async def h_sas(self, params: dict[str, Any]) -> dict[str, Any]:
+        check_params(params, ("tunnel",))
+        assert self.engine is not None
+        only = self._tunnel_param(params) if "tunnel" in params else None
+        counters = await self._counters()
+        now = self.clock()
+        by_spi = {c.spi_in: c for cs in counters.values() for c in cs}
+        ike_rows, child_rows = [], []
+        for sa in sorted(self.engine.sas(only), key=lambda s: (s.tunnel, s.created_at)):
+            nat = {(False, False): "none", (True, False): "local", (False, True): "remote",
+                   (True, True): "both"}[(sa.nat_local, sa.nat_remote)]
+            cfg = sa.config
+            ike_rows.append({
+                "tunnel": sa.tunnel, "state": sa.state.value, "role": "initiator" if sa.initiator else "responder",
+                "local": _endpoint(sa.local), "remote": _endpoint(sa.remote),
+                "local_id": str(cfg.local_id) if cfg is not None else None,
+                "remote_id": sa.remote_id_text or None, "spi_i": _spi8(sa.spi_i), "spi_r": _spi8(sa.spi_r),
+                "proposal": str(sa.proposal) if sa.proposal is not None else None, "nat": nat,
+                "age": round(now - (sa.established_at or sa.created_at), 1),
+                "rekey_in": round(sa.rekey_at - now, 1) if sa.rekey_at is not None else None,
+            })
+            plan = self.plans.get(sa.tunnel)
+            for c in sa.children:
+                if not c.alive:
+                    continue
+                k = by_spi.get(c.spi_in_int)
+                ts_local, ts_remote = (c.ts_i, c.ts_r) if c.we_initiated else (c.ts_r, c.ts_i)
+                state = c.state.value if c.outbound_installed else f"{c.state.value} (inbound only)"
+                child_rows.append({
+                    "tunnel": sa.tunnel, "state": state, "spi_in": format_spi(c.spi_in_int),
+                    "spi_out": format_spi(c.spi_out_int), "proposal": str(c.proposal),
+                    "interface": plan.interface.ifname if plan else None, "if_id": plan.interface.if_id if plan else None,
+                    "encap": sa.udp_encap, "ts_local": [_ts_text(t) for t in ts_local],
+                    "ts_remote": [_ts_text(t) for t in ts_remote], "age": round(now - c.created_at, 1),
+                    "rekey_in": round(c.rekey_at - now, 1) if c.state.value == "installed" else None,
+                    "bytes_in": k.inbound.bytes if k and k.inbound else None,
+                    "packets_in": k.inbound.packets if k and k.inbound else None,
+                    "bytes_out": k.outbound.bytes if k and k.outbound else None,
+                    "packets_out": k.outbound.packets if k and k.outbound else None,
+                })
+        return {"ike_sas": ike_rows, "child_sas": child_rows}
+
+    async def h_routes(self, params: dict[str, Any]) -> dict[str, Any]:
+        check_params(params, ())
+        try:
+            kernel = await self._dp(self.worker.installed_routes)
+            ifindexes = await self._dp(self.worker.ifindexes)
+        except Exception:  # noqa: BLE001
+            kernel, ifindexes = set(), {}
+        rows = []
+        for name, plan in self.plans.items():
+            for prefix in plan.routes:
+                rows.append({"prefix": str(prefix), "next_hop": None, "interface": plan.interface.ifname,
+                             "tunnel": name, "source": "static", "as_path": None,
+                             "installed": (str(prefix), ifindexes.get(name, -1)) in kernel})
+        return {"routes": rows}
+
+    async def h_bgp(self, params: dict[str, Any]) -> dict[str, Any]:
+        check_params(params, ())
+        raise ControlError("unavailable", "BGP is not available: the route manager is not part of this build yet "
+                                          "(networks behind a peer are reached with tunnels.<name>.routes)")
+
+    async def h_initiate(self, params: dict[str, Any]) -> dict[str, Any]:
+        check_params(params, ("tunnel",))
+        name = self._tunnel_param(params)
+        assert self.engine is not None
+        st = self.state.get(name)
+        if st is not None:
+            st.cancel_retry()
+        if self.engine.current_sa(name) is not None:
+            return {"tunnel": name, "state": self._tunnel_state_name(name), "message": "already established"}
+        self._engine_call(lambda now: self.engine.connect(name, now))
+        return {"tunnel": name, "state": "connecting", "message": "initiating"}
+
+    async def h_terminate(self, params: dict[str, Any]) -> dict[str, Any]:
+        check_params(params, ("tunnel",))
+        name = self._tunnel_param(params)
+        assert self.engine is not None
+        st = self.state.get(name)
+        if st is not None:
+            st.cancel_retry()
+        had = bool(self.engine.sas(name))
+        self._engine_call(lambda now: self.engine.terminate(name, now))
+        return {"tunnel": name, "state": "terminating" if had else "down",
+                "message": "deleting the IKE SA (DELETE sent); no automatic re-initiation until 'up'" if had
+                else "no SA to delete; no automatic re-initiation until 'up'"}
+
+    async def h_rekey(self, params: dict[str, Any]) -> dict[str, Any]:
+        check_params(params, ("tunnel", "kind"))
+        name = self._tunnel_param(params)
+        kind = param(params, "kind", str, "child")
+        if kind not in ("child", "ike"):
+            raise ControlError("invalid_params", f"kind {kind!r}: allowed child or ike")
+        assert self.engine is not None
+        engine = self.engine
+        try:
+            self._engine_call(lambda now: (engine.rekey_child if kind == "child" else engine.rekey_ike)(name, now))
+        except LookupError as e:
+            raise ControlError("failed", f"cannot rekey {name}: {e.args[0] if e.args else e}") from None
+        return {"tunnel": name, "state": "rekeying", "message": f"{'Child' if kind == 'child' else 'IKE'} SA rekey started"}
+
+    async def h_reload(self, params: dict[str, Any]) -> dict[str, Any]:
+        check_params(params, ())
+        return await self.reload()
+
+    # ================================================================== metrics
+    async def _collect(self) -> None:
+        if self.engine is None:
+            return
+        sas = self.engine.sas()
+        ike = Counter(sa.state.value for sa in sas if sa.state != IkeState.CONNECTING)
+        child = Counter(c.state.value for sa in sas for c in sa.children if c.alive)
+        self.metrics.set_sa_states(dict(ike), dict(child), sum(1 for sa in sas if sa.state == IkeState.CONNECTING))
+        for name in self.plans:
+            self.metrics.tunnel_up.set(1 if self._tunnel_state_name(name) == "up" else 0, tunnel=name)
+        for name, cs in (await self._counters()).items():
+            for c in cs:
+                if c.inbound is None and c.outbound is None:
+                    continue
+                self.metrics.set_sa_traffic(
+                    name, spi_in=c.spi_in, spi_out=c.spi_out,
+                    bytes_in=c.inbound.bytes if c.inbound else 0, packets_in=c.inbound.packets if c.inbound else 0,
+                    bytes_out=c.outbound.bytes if c.outbound else 0,
+                    packets_out=c.outbound.packets if c.outbound else 0)
+
+
+# ====================================================================== command line
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="isthmusd")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default="/etc/isthmus/isthmus.yaml",
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=DEFAULT_CONFIG_PATH,
               show_default=True, help="Configuration file.")
-@click.option("--run-dir", default="/run/isthmus", show_default=True, envvar="ISTHMUS_RUN_DIR",
-              help="Directory for the control socket and pid file.")
-def main(config_file: str, run_dir: str) -> None:
-    """Run the Isthmus IKEv2 + BGP appliance daemon."""
-    raise click.ClickException("the daemon is not implemented yet")
+@click.option("--run-dir", default=None, envvar="ISTHMUS_RUN_DIR",
+              help="Directory for the control socket and pid file [default: $ISTHMUS_RUN_DIR or /run/isthmus].")
+@click.option("--metrics-listen", default="127.0.0.1:9477", show_default=True, metavar="HOST:PORT|off",
+              help="Where Prometheus metrics are served (GET /metrics).")
+@click.option("--log-format", type=click.Choice(["auto", "json", "human"]), default="auto", show_default=True,
+              help="auto: JSON lines unless stdout is a terminal (under systemd: JSON).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              default="info", show_default=True)
+@click.option("--hooks-dir", default=DEFAULT_HOOKS_DIR, show_default=True,
+              help="User hooks run on tunnel up/rekey/down (see docs/dataplane.md); ignored if absent.")
+def main(config_file: str, run_dir: str | None, metrics_listen: str, log_format: str, log_level: str,
+         hooks_dir: str) -> None:
+    """Run the Isthmus IKEv2 appliance daemon (route-based tunnels on XFRM interfaces)."""
+    try:
+        listen = parse_listen(metrics_listen)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--metrics-listen") from None
+    setup_logging(log_level, log_format)
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)   # its debug output is per netlink message
+    daemon = Daemon(config_file, run_dir, metrics_listen=listen, hooks_dir=hooks_dir)
+    try:
+        status = asyncio.run(daemon.run())
+    except StartError as e:
+        click.echo(f"isthmusd: {e}", err=True)
+        sys.exit(1)
+    sys.exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover
