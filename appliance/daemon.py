@@ -207,10 +207,11 @@ class Daemon:
             log.error("reconciling the kernel state failed: %s", e)
             self.bus.publish("dataplane_error", None, message=f"reconciling the kernel state failed: {e}")
         else:
-            log.info("kernel state reconciled: interfaces created %s, adopted %s, removed %s; stale SAs %d, "
+            log.info("kernel state reconciled: interfaces created: %s; adopted: %s; removed: %s; stale SAs %d, "
                      "policies %d, MSS rules of %s, routes %d removed",
-                     list(report.created), list(report.adopted), list(report.removed_interfaces),
-                     report.removed_sas, report.removed_policies, list(report.removed_clamps), flushed)
+                     ", ".join(report.created) or "none", ", ".join(report.adopted) or "none",
+                     ", ".join(report.removed_interfaces) or "none", report.removed_sas, report.removed_policies,
+                     ", ".join(report.removed_clamps) or "no tunnel", flushed)
             for err in report.errors:
                 log.error("data plane: %s", err)
                 self.bus.publish("dataplane_error", None, message=err)
@@ -443,8 +444,8 @@ class Daemon:
             st.up_since, st.spis, st.error, st.failures = self.clock(), (r.spi_in, r.spi_out), None, 0
             st.routes = r.routes
             mtu = r.mtu.mtu if r.mtu else None
-            log.info("tunnel up on %s (MTU %s): Child SA %s/%s", r.interface, mtu, format_spi(r.spi_in),
-                     format_spi(r.spi_out), extra={"tunnel": name})
+            log.info("tunnel up on %s (MTU %s): Child SA %s/%s installed in %.2f s", r.interface, mtu,
+                     format_spi(r.spi_in), format_spi(r.spi_out), r.seconds, extra={"tunnel": name})
             self.bus.publish("child_sa_up", name, spi_in=format_spi(r.spi_in), spi_out=format_spi(r.spi_out),
                              proposal=self._child_proposal(name, r.spi_in), interface=r.interface)
             for prefix in r.routes:
@@ -600,6 +601,13 @@ class Daemon:
                 "bgp": self.h_bgp, "initiate": self.h_initiate, "terminate": self.h_terminate,
                 "rekey": self.h_rekey, "reload": self.h_reload}
 
+    def _running(self) -> IkeEngine:
+        """The engine, or 'unavailable' while the daemon is still starting (the control socket is
+        bound first, so that a second daemon on the same run directory is refused early)."""
+        if self.engine is None or self.config is None:
+            raise ControlError("unavailable", "isthmusd is starting; try again in a moment")
+        return self.engine
+
     def _tunnel_param(self, params: dict[str, Any]) -> str:
         name = param(params, "tunnel", str)
         if name not in self.plans:
@@ -625,6 +633,7 @@ class Daemon:
 
     async def h_status(self, params: dict[str, Any]) -> dict[str, Any]:
         check_params(params, ())
+        self._running()
         assert self.engine is not None and self.config is not None
         sas = self.engine.sas()
         return {
@@ -640,6 +649,7 @@ class Daemon:
 
     async def h_tunnels(self, params: dict[str, Any]) -> dict[str, Any]:
         check_params(params, ())
+        self._running()
         assert self.engine is not None
         counters = await self._counters()
         now = self.clock()
@@ -668,6 +678,7 @@ class Daemon:
 
     async def h_sas(self, params: dict[str, Any]) -> dict[str, Any]:
         check_params(params, ("tunnel",))
+        self._running()
         assert self.engine is not None
         only = self._tunnel_param(params) if "tunnel" in params else None
         counters = await self._counters()
@@ -710,6 +721,7 @@ class Daemon:
 
     async def h_routes(self, params: dict[str, Any]) -> dict[str, Any]:
         check_params(params, ())
+        self._running()
         try:
             kernel = await self._dp(self.worker.installed_routes)
             ifindexes = await self._dp(self.worker.ifindexes)
@@ -730,6 +742,7 @@ class Daemon:
 
     async def h_initiate(self, params: dict[str, Any]) -> dict[str, Any]:
         check_params(params, ("tunnel",))
+        self._running()
         name = self._tunnel_param(params)
         assert self.engine is not None
         st = self.state.get(name)
@@ -742,6 +755,7 @@ class Daemon:
 
     async def h_terminate(self, params: dict[str, Any]) -> dict[str, Any]:
         check_params(params, ("tunnel",))
+        self._running()
         name = self._tunnel_param(params)
         assert self.engine is not None
         st = self.state.get(name)
@@ -755,6 +769,7 @@ class Daemon:
 
     async def h_rekey(self, params: dict[str, Any]) -> dict[str, Any]:
         check_params(params, ("tunnel", "kind"))
+        self._running()
         name = self._tunnel_param(params)
         kind = param(params, "kind", str, "child")
         if kind not in ("child", "ike"):
@@ -769,6 +784,7 @@ class Daemon:
 
     async def h_reload(self, params: dict[str, Any]) -> dict[str, Any]:
         check_params(params, ())
+        self._running()
         return await self.reload()
 
     # ================================================================== metrics

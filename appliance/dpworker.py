@@ -27,6 +27,7 @@ own message (it names the tunnel, the step and the kernel's reason).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class DpResult:
     error: str | None = None
     routes: tuple = ()                     # prefixes installed (up) or withdrawn (down)
     route_problems: list[RouteProblem] = field(default_factory=list)
+    seconds: float = 0.0                   # how long the kernel work took
 
 
 class DataplaneWorker:
@@ -133,12 +135,15 @@ class DataplaneWorker:
     # ------------------------------------------------------------------ engine events
     def apply(self, e: ev.Event) -> DpResult:
         name = e.tunnel
+        t0 = time.monotonic()
         try:
-            return self._apply(e)
+            r = self._apply(e)
         except _FAILURES as exc:
             spi_in = getattr(e, "spi_in", 0)
             spi_out = getattr(e, "spi_out", 0)
-            return DpResult("failed", name, spi_in, spi_out, error=str(exc))
+            r = DpResult("failed", name, spi_in, spi_out, error=str(exc))
+        r.seconds = time.monotonic() - t0
+        return r
 
     def _apply(self, e: ev.Event) -> DpResult:
         dp = self.dp

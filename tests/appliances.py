@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from appliance.control import ControlClient, DaemonUnreachable
+from appliance.control import ControlClient, DaemonUnreachable, RemoteError
 
 T = TypeVar("T")
 
@@ -110,7 +110,12 @@ class Appliance:
         def ready():
             if self.proc is not None and self.proc.poll() is not None:
                 raise ApplianceError(f"{self.name}: isthmusd exited with {self.proc.returncode}:\n{self.log_tail()}")
-            return self.call("status", timeout=2)
+            try:
+                return self.call("status", timeout=2)
+            except RemoteError as e:
+                if e.code == "unavailable":   # still starting
+                    return None
+                raise
         return wait_for(f"{self.name} to answer on its control socket", ready, timeout, 0.2, self)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:

@@ -123,7 +123,7 @@ def ensure_deps_disk(log: Callable[[str], None] = print) -> Path:
     wheels = _wheel_dir(lock)
     if not (wheels / ".complete").exists():
         raise LabError(f"no wheel cache at {wheels}: run image/lab/setup-host.sh (make setup)")
-    key = _digest([lock], str(wheels))
+    key = _digest([lock], str(wheels) + " with .pyc")
     img = CACHE / "lab" / f"deps-{key}.img"
     if img.exists():
         return img
@@ -134,7 +134,7 @@ def ensure_deps_disk(log: Callable[[str], None] = print) -> Path:
         with tempfile.TemporaryDirectory(prefix="isthmus-deps-") as tmp:
             target = Path(tmp) / "deps"
             subprocess.run([GUEST_PYTHON, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore",
-                            "--no-index", "--find-links", str(wheels), "--no-compile",
+                            "--no-index", "--find-links", str(wheels),
                             "--target", str(target), "-r", str(lock)], check=True)
             _mkfs(target, img.with_suffix(".tmp"), "isthmus-deps")
             os.replace(img.with_suffix(".tmp"), img)
