@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 .PHONY: help setup lab-image test test-unit test-host test-lab demo lab bench clean distclean
 
 help:
-	@echo "make demo   - boot the lab and show an ESP tunnel between two namespaces carrying traffic"
+	@echo "make demo   - boot the lab: two isthmusd regions negotiate a tunnel; LAN A pings and sends a file to LAN B"
 	@echo "make test   - every test tier: unit, host (network namespaces), lab (VM with a real IPsec kernel)"
 	@echo "make lab    - boot the lab with a shell, or run CMD='...' in it"
 	@echo "make bench  - benchmarks, printed as ratios against an anchor measured in the same run"
@@ -36,7 +36,7 @@ test-lab: lab-image
 	$(PY) -m pytest tests/lab $(PYTEST_ARGS)
 
 demo: lab-image
-	$(PY) -m image.lab.runner run -- sh image/lab/demo.sh
+	$(PY) -m image.lab.runner run -- python3 image/lab/demo.py
 
 lab: lab-image
 ifdef CMD
