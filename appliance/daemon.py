@@ -53,7 +53,7 @@ from typing import Any
 import click
 
 from appliance import __version__, sdnotify
-from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, ConfigReadError, Issue, load_config
+from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, ConfigReadError, load_config
 from appliance.control import (ControlError, ControlServer, ControlSocketInUse, EventBus, RunDirError, check_params,
                                format_spi, param, resolve_run_dir, socket_path, unknown_tunnel)
 from appliance.dpworker import DataplaneWorker, DpResult, describe_hook
@@ -529,9 +529,7 @@ class Daemon:
                 result = await self.reload()
                 log.info("reloaded on SIGHUP: %s", result)
             except ControlError as e:
-                log.error("reload refused: %s", e.message)
-                for issue in (e.data or {}).get("issues", []):
-                    log.error("%s", Issue(**issue))
+                log.error("reload on SIGHUP refused: %s", e.message)
         asyncio.ensure_future(run())
 
     async def reload(self) -> dict[str, list[str]]:
@@ -543,6 +541,8 @@ class Daemon:
             except ConfigError as e:   # includes ConfigReadError
                 issues = [i.as_dict() for i in e.issues]
                 log.error("reload refused: %d problem(s) in %s; nothing was changed", len(issues), self.config_path)
+                for issue in e.issues:
+                    log.error("%s", str(issue))
                 raise ControlError("invalid_config", f"the configuration has {len(issues)} problem(s); "
                                                      f"nothing was changed", {"issues": issues}) from None
             assert self.engine is not None

@@ -1,0 +1,159 @@
+"""appliance.tunnels: config -> engine TunnelConfig / data plane TunnelInterface, and negotiated
+Child SA -> kernel ChildSa."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from appliance.config import ConfigError, load_config
+from appliance.ike.constants import EncrId, IntegId, IdType
+from appliance.ike.events import ChildSaInstalled
+from appliance.tunnels import (KERNEL_LIFETIME_SLACK, diff_plans, esp_algorithms, kernel_child, outer_mtu_limit,
+                               plan_tunnels)
+from appliance.xfrm import DataplaneInputError
+from appliance.xfrm.mtu import esp_inner_mtu
+from tests.unit.config_util import PSK, make_pki, tunnel, write_config, write_psk
+
+
+def _cfg(tmp_path, body: str, name: str = "isthmus.yaml"):
+    write_psk(tmp_path)
+    return load_config(write_config(tmp_path, tunnel(body), name))
+
+
+def test_plan_maps_every_field(tmp_path):
+    cfg = _cfg(tmp_path, """
+        local: 192.0.2.1
+        local_id: a.example.net
+        remote_id: b@example.net
+        start: false
+        ike: {proposals: [aes128gcm16-prfsha256-ecp256], lifetime: 8h, rekey_margin: 10m}
+        esp: {proposals: [aes128gcm16-ecp256, chacha20poly1305], lifetime: 30m, rekey_margin: 5m}
+        dpd: {interval: 5s, timeout: 20s, action: clear}
+        interface: {name: xfrm-b, if_id: 0x49000042, address: 169.254.21.1/30, address6: 'fd00:21::1/126'}
+        routes: [10.2.0.0/16]
+    """)
+    p = plan_tunnels(cfg, resolve_local=lambda r: pytest.fail("local is configured"))["to-b"]
+    ike = p.ike
+    assert (ike.name, ike.local_addr, ike.remote_addr, ike.start) == ("to-b", "192.0.2.1", "198.51.100.2", False)
+    assert (ike.local_id.id_type, ike.local_id.data) == (IdType.ID_FQDN, b"a.example.net")
+    assert (ike.remote_id.id_type, ike.remote_id.data) == (IdType.ID_RFC822_ADDR, b"b@example.net")
+    assert ike.psk == PSK.encode() and PSK not in repr(ike) and PSK not in repr(p)
+    assert [str(x) for x in ike.ike_proposals] == ["aes128gcm16-prfsha256-ecp256"]
+    assert [str(x) for x in ike.esp_proposals] == ["aes128gcm16-ecp256", "chacha20poly1305"]
+    assert (ike.ike_lifetime, ike.ike_rekey_margin, ike.child_lifetime, ike.child_rekey_margin) == \
+        (8 * 3600, 600, 1800, 300)
+    assert (ike.dpd.interval, ike.dpd.timeout, ike.dpd.action) == (5, 20, "clear")
+    assert ike.if_id == p.interface.if_id == 0x49000042
+    assert (p.interface.tunnel, p.interface.ifname) == ("to-b", "xfrm-b")
+    assert p.interface.addresses == (ipaddress.ip_interface("169.254.21.1/30"), ipaddress.ip_interface("fd00:21::1/126"))
+    assert p.interface.mtu is None
+    assert p.routes == (ipaddress.ip_network("10.2.0.0/16"),)
+
+
+def test_local_address_and_default_local_id_come_from_the_route_to_the_peer(tmp_path):
+    cfg = _cfg(tmp_path, "")
+    asked = []
+    p = plan_tunnels(cfg, resolve_local=lambda r: asked.append(r) or ipaddress.ip_address("203.0.113.9"))["to-b"]
+    assert asked == [ipaddress.ip_address("198.51.100.2")]
+    assert p.ike.local_addr == "203.0.113.9"
+    assert (p.ike.local_id.id_type, p.ike.local_id.data) == (IdType.ID_IPV4_ADDR, bytes([203, 0, 113, 9]))
+
+
+def test_no_route_to_the_peer_is_a_config_issue_with_line_and_field(tmp_path):
+    cfg = _cfg(tmp_path, "")
+    with pytest.raises(ConfigError) as exc:
+        plan_tunnels(cfg, resolve_local=lambda r: None)
+    (issue,) = exc.value.issues
+    assert (issue.line, issue.path, issue.tunnel) == (cfg.tunnels["to-b"].line, "tunnels.to-b.local", "to-b")
+    assert "no route to remote 198.51.100.2" in issue.message and "set local:" in issue.message
+
+
+def test_certificate_auth_is_refused_until_the_engine_has_it(tmp_path):
+    make_pki(tmp_path)
+    text = tunnel("").replace("    auth: {psk_file: secrets/to-b.psk}\n", "") + \
+        "    auth: {certificate: certs/a.pem, key: private/a.key, ca: certs/ca.pem}\n"
+    cfg = load_config(write_config(tmp_path, text))
+    with pytest.raises(ConfigError) as exc:
+        plan_tunnels(cfg, resolve_local=lambda r: ipaddress.ip_address("192.0.2.1"))
+    (issue,) = exc.value.issues
+    assert issue.path == "tunnels.to-b.auth" and "certificate authentication is not implemented" in issue.message
+    assert "allowed for now: auth: {psk_file: ...}" in issue.message
+
+
+def test_rekey_margin_close_to_the_lifetime_fits_the_engine(tmp_path):
+    cfg = _cfg(tmp_path, "esp: {lifetime: 1h, rekey_margin: 50m}\nike: {lifetime: 1h, rekey_margin: 59m}")
+    ike = plan_tunnels(cfg, resolve_local=lambda r: ipaddress.ip_address("192.0.2.1"))["to-b"].ike
+    for life, margin in ((ike.child_lifetime, ike.child_rekey_margin), (ike.ike_lifetime, ike.ike_rekey_margin)):
+        assert margin * (1 + ike.rekey_jitter) < life
+
+
+def test_outer_mtu_gives_the_interface_an_mtu_for_the_costliest_proposal(tmp_path):
+    cfg = _cfg(tmp_path, "peer_profile: gcp\nesp: {proposals: [aes256gcm16, aes256-sha256]}")
+    p = plan_tunnels(cfg, resolve_local=lambda r: ipaddress.ip_address("192.0.2.1"))["to-b"]
+    cbc = esp_inner_mtu(esp_algorithms(EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_256_128), 4, True, 1460)
+    gcm = esp_inner_mtu(esp_algorithms(EncrId.AES_GCM_16, 256, None), 4, True, 1460)
+    assert cbc < gcm and p.interface.mtu == cbc
+    assert outer_mtu_limit(p.ike.esp_proposals, 4, 1460) == cbc
+
+
+@pytest.mark.parametrize("encr,bits,integ,kernel,icv", [
+    (EncrId.AES_GCM_16, 256, None, "rfc4106(gcm(aes))", 128),
+    (EncrId.AES_GCM_12, 128, None, "rfc4106(gcm(aes))", 96),
+    (EncrId.AES_GCM_8, 128, None, "rfc4106(gcm(aes))", 64),
+    (EncrId.CHACHA20_POLY1305, None, None, "rfc7539esp(chacha20,poly1305)", 128),
+    (EncrId.AES_CBC, 128, IntegId.HMAC_SHA2_256_128, "cbc(aes)", 128),
+    (EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_512_256, "cbc(aes)", 256),
+])
+def test_esp_transform_names_for_the_kernel(encr, bits, integ, kernel, icv):
+    alg = esp_algorithms(encr, bits, integ)
+    assert alg.encryption == kernel and alg.icv_bits == icv
+    if integ is not None:
+        assert alg.integrity.startswith("hmac(sha")
+
+
+def test_unsupported_esp_transforms_say_what_is_allowed():
+    with pytest.raises(DataplaneInputError, match="AES_CTR is not supported.*allowed: AES-GCM"):
+        esp_algorithms(EncrId.AES_CTR, 128, IntegId.HMAC_SHA2_256_128)
+    with pytest.raises(DataplaneInputError, match="allowed with AES-CBC: sha256"):
+        esp_algorithms(EncrId.AES_CBC, 128, IntegId.HMAC_SHA1_96)
+
+
+def _installed(**kw) -> ChildSaInstalled:
+    base = dict(tunnel="to-b", spi_in=0xC0000001, spi_out=0xC0000002, protocol=3, encr_id=EncrId.AES_GCM_16,
+                encr_key_bits=256, integ_id=None, esn=False, local_addr="192.0.2.1", remote_addr="192.0.2.2",
+                local_port=500, remote_port=500, udp_encap=False, if_id=0x49000001, lifetime_soft=3000.0,
+                lifetime_hard=3600.0, outbound=True, encr_key_in=b"\x11" * 36, encr_key_out=b"\x22" * 36)
+    base.update(kw)
+    return ChildSaInstalled(**base)
+
+
+def test_kernel_child_from_a_negotiated_pair():
+    c = kernel_child(_installed())
+    assert (c.spi_in, c.spi_out) == (0xC0000001, 0xC0000002)
+    assert c.keys_in.encryption == b"\x11" * 36 and c.keys_out.encryption == b"\x22" * 36
+    assert str(c.endpoints.local) == "192.0.2.1" and c.endpoints.encap is None
+    assert c.lifetime.hard_seconds == 3600 + KERNEL_LIFETIME_SLACK and c.lifetime.soft_seconds is None
+    assert "11" * 8 not in repr(c) and "22" * 8 not in repr(c)
+    n = kernel_child(_installed(udp_encap=True, local_port=4500, remote_port=4501))
+    assert (n.endpoints.encap.local_port, n.endpoints.encap.remote_port) == (4500, 4501)
+
+
+def test_kernel_child_refuses_a_key_of_the_wrong_length():
+    with pytest.raises(DataplaneInputError, match="key is 20 bytes"):
+        kernel_child(_installed(encr_key_in=b"\x11" * 20))
+
+
+def test_diff_plans(tmp_path):
+    one = _cfg(tmp_path, "routes: [10.2.0.0/16]", "one.yaml")
+    resolve = lambda r: ipaddress.ip_address("192.0.2.1")  # noqa: E731
+    p1 = plan_tunnels(one, resolve)
+    assert diff_plans(p1, plan_tunnels(_cfg(tmp_path, "routes: [10.2.0.0/16]", "again.yaml"), resolve)).unchanged == \
+        ("to-b",)
+    d = diff_plans(p1, plan_tunnels(_cfg(tmp_path, "routes: [10.3.0.0/16]", "two.yaml"), resolve))
+    assert (d.added, d.removed, d.changed, d.unchanged) == ((), (), ("to-b",), ())
+    # the same config but the route to the peer now leaves from another address: changed
+    d = diff_plans(p1, plan_tunnels(one, lambda r: ipaddress.ip_address("192.0.2.7")))
+    assert d.changed == ("to-b",)
+    assert diff_plans(p1, {}).removed == ("to-b",) and diff_plans({}, p1).added == ("to-b",)
