@@ -148,7 +148,8 @@ class Daemon:
         self._stop_reason = "stopped"
         self._reload_lock = asyncio.Lock()
         self._pid_file: Path | None = None
-        self._dp_pending: set[concurrent.futures.Future] = set()
+        self._dp_outstanding = 0                 # Child SA jobs submitted, not yet handled
+        self._held: list[list] = []              # datagrams waiting for them
 
     # ================================================================== life cycle
     async def run(self) -> int:
@@ -327,20 +328,44 @@ class Daemon:
         engine = self.engine
         if engine is None:
             return
-        for d in engine.datagrams_to_send():
-            if self.sockets is not None:
-                self.sockets.send(d.data, d.src, d.dst)
+        datagrams = engine.datagrams_to_send()
         while (e := engine.next_event()) is not None:
             try:
                 self._on_event(e)
             except Exception:  # noqa: BLE001 - a bug in one event's handling must not stop the engine
                 log.exception("handling %s failed", type(e).__name__)
+        self._send(datagrams)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         when = engine.get_timer()
         if when is not None and self._loop is not None:
             self._timer = self._loop.call_later(max(0.0, when - self.clock()), self._on_timer)
+
+    def _send(self, datagrams: list) -> None:
+        """Send what the engine produced - but only once the kernel holds what the events before
+        it asked for. The peer acts on our messages at once: it sends on a new Child SA when our
+        IKE_AUTH or CREATE_CHILD_SA answer arrives, and removes an old inbound SA when our DELETE
+        or its answer does (RFC 7296 §1.4.1, §2.8). Sent before the data plane finished, those
+        messages would let traffic reach SAs we have not installed yet or have just stopped
+        using; so while data plane jobs are pending, datagrams wait (in order) behind them."""
+        if not datagrams:
+            return
+        if self._dp_outstanding or self._held:
+            self._held.append(datagrams)
+            return
+        self._transmit(datagrams)
+
+    def _transmit(self, datagrams: list) -> None:
+        if self.sockets is None:
+            return
+        for d in datagrams:
+            self.sockets.send(d.data, d.src, d.dst)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for batch in held:
+            self._transmit(batch)
 
     def _later(self, fn: Callable[[float], Any]) -> None:
         """An engine command from inside event handling: run it after the current flush."""
@@ -414,15 +439,24 @@ class Daemon:
 
     def _dp_submit(self, e: ev.Event) -> None:
         fut = self.executor.submit(self.worker.apply, e)
-        self._dp_pending.add(fut)
+        self._dp_outstanding += 1
         loop = self._loop
         assert loop is not None
 
         def done(f: concurrent.futures.Future) -> None:
-            self._dp_pending.discard(f)
             with contextlib.suppress(RuntimeError):   # loop closed at exit
-                loop.call_soon_threadsafe(self._dp_done, e, f)
+                loop.call_soon_threadsafe(self._dp_finished, e, f)
         fut.add_done_callback(done)
+
+    def _dp_finished(self, e: ev.Event, fut: concurrent.futures.Future) -> None:
+        # jobs finish in submission order (one thread), so at zero every job before the held
+        # datagrams is done
+        self._dp_outstanding -= 1
+        try:
+            self._dp_done(e, fut)
+        finally:
+            if self._dp_outstanding == 0:
+                self._release_held()
 
     def _dp_done(self, e: ev.Event, fut: concurrent.futures.Future) -> None:
         try:

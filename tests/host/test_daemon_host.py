@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from appliance.control import ControlClient, RemoteError
+from appliance.daemon import RETRY_FIRST as RETRY_FIRST_S
 from tests.appliances import Appliance, wait_for
 from tests.netns import Netns, veth_pair
 
@@ -266,17 +267,26 @@ def test_wrong_psk_is_an_auth_failure_in_events_metrics_and_logs(pair):
 
 
 def test_terminate_and_initiate_from_the_cli(pair):
+    """`isthmus down` stops the tunnel for good (also the data plane retry); `isthmus up` starts it.
+    On the host every IKE SA lives only until its Child SA fails in the data plane, so the tunnel's
+    life is followed in the event stream."""
     a, b = pair
     b.start()
     a.start()
-    wait_for("an IKE SA on B", lambda: b.sas()["ike_sas"], 60, log_of=b)
-    r = a.cli("down", "to-b")
-    assert "to-b:" in r.stdout
-    wait_for("A without IKE SAs", lambda: not a.sas()["ike_sas"], 30)
-    time.sleep(3)   # no automatic re-initiation after 'down' (the data plane retry is cancelled too)
-    assert not a.sas()["ike_sas"]
-    assert a.call("initiate", tunnel="to-b")["state"] == "connecting"
-    wait_for("a new IKE SA on B", lambda: b.sas()["ike_sas"], 60, log_of=b)
+    ev = Events(a)
+    try:
+        wait_for("an IKE SA coming up on A", lambda: ev.of("ike_sa_up"), 60, log_of=a)
+        r = a.cli("down", "to-b")
+        assert r.stdout.startswith("to-b: ")
+        time.sleep(0.5)
+        seen = len(ev.of("ike_sa_up"))
+        time.sleep(RETRY_FIRST_S * 3)   # longer than the first data plane retry: none may come
+        assert len(ev.of("ike_sa_up")) == seen, "re-initiated after 'down'"
+        assert not a.sas()["ike_sas"]
+        assert a.call("initiate", tunnel="to-b")["state"] == "connecting"
+        wait_for("a new IKE SA after 'up'", lambda: len(ev.of("ike_sa_up")) > seen, 60, log_of=a)
+    finally:
+        ev.close()
     with pytest.raises(RemoteError) as exc:
         a.call("rekey", tunnel="to-b", kind="sideways")
     assert exc.value.code == "invalid_params"

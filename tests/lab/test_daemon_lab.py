@@ -85,6 +85,59 @@ def test_show_sas_json_both_sides_agree_and_counters_grow(regions):
     assert ca["spi_in"] in text and "xfrm-b" in text
 
 
+@pytest.mark.parametrize("initiator", ["a", "b"])
+def test_child_sa_rekey_under_traffic_loses_nothing_and_leaves_one_pair(regions, initiator):
+    """`isthmus rekey` from either side while pings cross: RFC 7296 §2.8 make-before-break through
+    the daemon's event -> data plane mapping (the responder installs inbound first, outbound on
+    the old pair's DELETE)."""
+    a, b = regions.a, regions.b
+    old_a, old_b = _installed(a.app, "to-b"), _installed(b.app, "to-a")
+    ping = subprocess.Popen(["ip", "netns", "exec", a.lan.name, "ping", "-c", "1000", "-i", "0.005", "-W", "2", "-q",
+                             "10.2.0.10"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.3)
+    r = (a if initiator == "a" else b)
+    assert r.app.call("rekey", tunnel=r.tunnel, kind="child")["state"] == "rekeying"
+    # the new pair carries traffic on both sides before the pings end
+    wait_for("the new pair installed on both sides",
+             lambda: _installed(a.app, "to-b")["spi_in"] != old_a["spi_in"]
+             and _installed(b.app, "to-a")["spi_in"] != old_b["spi_in"], 60, 0.05)
+    rekeyed_during_ping = ping.poll() is None
+    out, _ = ping.communicate(timeout=300)
+    stats = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    print(f"\nChild SA rekey by {initiator.upper()} under load: {stats.group(0)}")
+    assert rekeyed_during_ping, "the pings ended before the rekey was done: the test proves nothing"
+    assert (int(stats.group(1)), int(stats.group(2))) == (1000, 1000), out
+
+    def settled():
+        ca, cb = a.app.installed_child("to-b"), b.app.installed_child("to-a")
+        return (ca and cb and ca["spi_in"] != old_a["spi_in"] and len(a.app.sas("to-b")["child_sas"]) == 1
+                and len(b.app.sas("to-a")["child_sas"]) == 1 and (ca, cb))
+    ca, cb = wait_for("one new Child SA pair on both sides", settled, 60, 0.2)
+    assert (ca["spi_in"], ca["spi_out"]) == (cb["spi_out"], cb["spi_in"])
+    assert {ca["spi_in"], ca["spi_out"]}.isdisjoint({old_a["spi_in"], old_a["spi_out"]})
+    for reg, c in ((a, ca), (b, cb)):
+        assert {s["spi"] for s in reg.xfrm_states()} == {int(c["spi_in"], 16), int(c["spi_out"], 16)}
+    assert old_b["spi_in"] == old_a["spi_out"]
+
+
+def test_ike_sa_rekey_keeps_the_child_sa(regions):
+    a, b = regions.a, regions.b
+    ike_before = a.app.sas("to-b")["ike_sas"][0]
+    child_before = _installed(a.app, "to-b")
+    a.app.cli("rekey", "--ike", "to-b")
+
+    def rekeyed():
+        ike = [s for s in a.app.sas("to-b")["ike_sas"] if s["state"] == "established"]
+        return len(a.app.sas("to-b")["ike_sas"]) == 1 and ike and ike[0]["spi_i"] != ike_before["spi_i"] and ike[0]
+    ike = wait_for("the IKE SA replaced", rekeyed, 60, 0.2)
+    peer = [s for s in b.app.sas("to-a")["ike_sas"] if s["state"] == "established"]
+    assert [(p["spi_i"], p["spi_r"]) for p in peer] == [(ike["spi_i"], ike["spi_r"])]
+    child = _installed(a.app, "to-b")
+    assert (child["spi_in"], child["spi_out"]) == (child_before["spi_in"], child_before["spi_out"])
+    assert regions.ping(count=3).returncode == 0
+    assert 'isthmus_rekeys_total{tunnel="to-b",kind="ike"} 1' in a.app.metrics()
+
+
 def test_reload_adds_a_tunnel_while_1000_pings_cross_the_first(regions):
     a, b = regions.a, regions.b
     before = _snapshot(regions)
