@@ -98,9 +98,11 @@ def test_child_sa_rekey_under_traffic_loses_nothing_and_leaves_one_pair(regions,
     r = (a if initiator == "a" else b)
     assert r.app.call("rekey", tunnel=r.tunnel, kind="child")["state"] == "rekeying"
     # the new pair carries traffic on both sides before the pings end
+    def switched(app, tunnel, old):
+        c = app.installed_child(tunnel)     # None while the old pair is 'rekeying'
+        return c is not None and c["spi_in"] != old["spi_in"]
     wait_for("the new pair installed on both sides",
-             lambda: _installed(a.app, "to-b")["spi_in"] != old_a["spi_in"]
-             and _installed(b.app, "to-a")["spi_in"] != old_b["spi_in"], 60, 0.05)
+             lambda: switched(a.app, "to-b", old_a) and switched(b.app, "to-a", old_b), 60, 0.05)
     rekeyed_during_ping = ping.poll() is None
     out, _ = ping.communicate(timeout=300)
     stats = re.search(r"(\d+) packets transmitted, (\d+) received", out)
