@@ -1,0 +1,163 @@
+"""The XFRM netlink layer, nft table and rtnetlink helpers against the host kernel, in network
+namespaces. The host kernel has the XFRM policy database (no ESP, no XFRM interfaces), so
+policies, SA lookups, batches, namespaces and the nft table are tested here; SAs and tunnels in
+tests/lab."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+
+import pytest
+
+from appliance.xfrm import nft
+from appliance.xfrm.kernel import PolicySpec, Xfrm
+from appliance.xfrm.link import Links
+from appliance.xfrm.netlink import NamespaceError, NetlinkError
+from tests.netns import Netns, veth_pair
+
+IP = ipaddress.ip_address
+NETS = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+OURS = 0x49000010
+
+
+def policies(ns: Netns) -> list[tuple]:
+    """(dir, src, dst, if_id, (tmpl src, tmpl dst)) of each policy, as `ip xfrm policy` shows it."""
+    found = []
+    for block in re.split(r"\n(?=src )", ns.run("ip xfrm policy").stdout.strip()):
+        if not block.startswith("src "):
+            continue
+        sel = re.match(r"src (\S+) dst (\S+)", block)
+        if_id = re.search(r"if_id (0x[0-9a-f]+)", block)
+        tmpl = re.search(r"tmpl src (\S+) dst (\S+)", block)
+        found.append((re.search(r"dir (\w+)", block).group(1), sel.group(1), sel.group(2),
+                      int(if_id.group(1), 16) if if_id else 0, tmpl.groups() if tmpl else None))
+    return sorted(found)
+
+
+def specs(if_id: int) -> list[PolicySpec]:
+    a, b = IP("192.0.2.1"), IP("192.0.2.2")
+    return [PolicySpec(d, net, if_id, if_id, a if d == "out" else b, b if d == "out" else a)
+            for net in NETS for d in ("out", "in", "fwd")]
+
+
+def test_policies_round_trip_through_the_kernel():
+    with Netns("x") as ns:
+        x = Xfrm(ns.name)
+        try:
+            for s in specs(OURS):
+                x.add_policy(s)
+            seen = policies(ns)  # iproute2 is the independent reader
+            assert len(seen) == 6
+            assert ("out", "0.0.0.0/0", "0.0.0.0/0", OURS, ("192.0.2.1", "192.0.2.2")) in seen
+            assert ("fwd", "::/0", "::/0", OURS, ("192.0.2.2", "192.0.2.1")) in seen
+            dumped = {(p.direction, str(p.src), p.if_id, p.templates[0][:2]) for p in x.dump_policies()}
+            assert ("in", "::/0", OURS, (IP("192.0.2.2"), IP("192.0.2.1"))) in dumped and len(dumped) == 6
+            with pytest.raises(NetlinkError) as e:
+                x.add_policy(specs(OURS)[0])
+            assert e.value.code == 17 and str(e.value).startswith("adding the out policy 0.0.0.0/0 if_id 0x49000010")
+            moved = PolicySpec("out", NETS[0], OURS, OURS, IP("198.51.100.1"), IP("192.0.2.2"))
+            x.add_policy(moved, update=True)
+            assert ("out", "0.0.0.0/0", "0.0.0.0/0", OURS, ("198.51.100.1", "192.0.2.2")) in policies(ns)
+            assert x.delete_policy("in", NETS[1], OURS) is True
+            assert x.delete_policy("in", NETS[1], OURS, missing_ok=True) is False
+            with pytest.raises(NetlinkError, match="No such file or directory"):
+                x.delete_policy("in", NETS[1], OURS)
+        finally:
+            x.close()
+
+
+def test_flush_ours_leaves_everyone_elses_objects():
+    with Netns("x") as ns:
+        ns.run("ip xfrm policy add dir out src 10.0.0.0/8 dst 10.0.0.0/8 if_id 5 "
+               "tmpl src 192.0.2.1 dst 192.0.2.9 proto esp mode tunnel && "
+               "ip xfrm policy add dir in src 10.0.0.0/8 dst 10.0.0.0/8 "
+               "tmpl src 192.0.2.9 dst 192.0.2.1 proto esp mode tunnel && "
+               f"ip xfrm policy add dir out src 10.1.0.0/16 dst 10.2.0.0/16 if_id {0x49ABCDEF:#x} "
+               "tmpl src 192.0.2.1 dst 192.0.2.9 proto esp mode tunnel")
+        with Xfrm(ns.name) as x:
+            x.batch([x.add_policy_request(s) for s in specs(OURS) + specs(OURS + 1)])
+            assert len(policies(ns)) == 15
+            assert x.flush_ours() == (0, 13)
+            assert x.flush_ours() == (0, 0)
+        assert policies(ns) == [("in", "10.0.0.0/8", "10.0.0.0/8", 0, ("192.0.2.9", "192.0.2.1")),
+                                ("out", "10.0.0.0/8", "10.0.0.0/8", 5, ("192.0.2.1", "192.0.2.9"))]
+
+
+def test_batch_reports_each_outcome():
+    with Netns("x") as ns, Xfrm(ns.name) as x:
+        many = [PolicySpec("out", ipaddress.ip_network(f"10.{i >> 8}.{i & 255}.0/24"), OURS, OURS,
+                           IP("192.0.2.1"), IP("192.0.2.2")) for i in range(600)]
+        reqs = [x.add_policy_request(s) for s in many]
+        reqs.insert(300, x.add_policy_request(many[10]))  # a duplicate in the middle
+        results = x.batch(reqs)
+        assert len(results) == 601 and [i for i, r in enumerate(results) if r is not None] == [300]
+        assert results[300].code == 17
+        assert len(x.dump_policies()) == 600
+        assert x.flush_ours() == (0, 600)
+
+
+def test_sa_lookups_and_missing_namespace():
+    with Netns("x") as ns, Xfrm(ns.name) as x:
+        assert x.get_sa(IP("192.0.2.2"), 0x1234) is None
+        assert x.dump_sas() == []
+        assert x.delete_sa(IP("192.0.2.2"), 0x1234, missing_ok=True) is False
+        with pytest.raises(NetlinkError, match=r"deleting SA 0x00001234 to 192.0.2.2: No such process \(ESRCH\)"):
+            x.delete_sa(IP("192.0.2.2"), 0x1234)
+    with pytest.raises(NamespaceError, match="network namespace 'ist-no-such-ns' does not exist"):
+        Xfrm("ist-no-such-ns")
+
+
+def test_namespaces_are_separate():
+    with Netns("x") as one, Netns("y") as two, Xfrm(one.name) as x:
+        x.add_policy(specs(OURS)[0])
+        assert len(policies(one)) == 1 and policies(two) == []
+
+
+def test_nft_table_is_replaced_whole_and_alone():
+    with Netns("x") as ns:
+        ns.run("nft add table inet other && nft add chain inet other c '{ type filter hook input priority 0; }'")
+        assert nft.read_clamps(ns.name) is None
+        nft.apply([nft.MssClamp("to-b", "xfrm-b", 1406, 1386), nft.MssClamp("to-c", "xfrm-c", 1382, 1362)], ns.name)
+        assert nft.read_clamps(ns.name) == [nft.MssClamp("to-b", "xfrm-b", 1406, 1386),
+                                            nft.MssClamp("to-c", "xfrm-c", 1382, 1362)]
+        nft.apply([nft.MssClamp("to-c", "xfrm-c", 1300, 1280)], ns.name)
+        assert nft.read_clamps(ns.name) == [nft.MssClamp("to-c", "xfrm-c", 1300, 1280)]
+        listing = json.loads(ns.run("nft -j list ruleset").stdout)["nftables"]
+        chains = {(c["chain"]["table"], c["chain"]["name"]) for c in listing if "chain" in c}
+        assert chains == {("other", "c"), ("isthmus", "mss_clamp")}
+        nft.apply([], ns.name)
+        assert nft.read_clamps(ns.name) == []
+        nft.remove(ns.name)
+        assert nft.read_clamps(ns.name) is None
+        nft.remove(ns.name)  # removing twice is fine
+        assert "table inet other" in ns.run("nft list ruleset").stdout
+
+
+def test_nft_refusal_carries_nfts_words():
+    with Netns("x") as ns:
+        with pytest.raises(nft.NftError, match="Error"):
+            nft.apply([nft.MssClamp("to-b", "xfrm-b", 99999, 1386)], ns.name)
+        assert nft.read_clamps(ns.name) is None  # the transaction left nothing
+
+
+def test_underlay_mtu_follows_the_route():
+    with Netns("x") as a, Netns("y") as b:
+        veth_pair(a, "wan", b, "wan")
+        a.run("ip link set wan mtu 1400 && ip addr add 192.0.2.1/24 dev wan && "
+              "ip route add 198.51.100.0/24 via 192.0.2.2 mtu 1300")
+        links = Links(a.name)
+        try:
+            assert links.underlay_mtu(IP("192.0.2.2")) == 1400
+            assert links.underlay_mtu(IP("198.51.100.7")) == 1300
+            assert links.underlay_mtu(IP("203.0.113.1")) == 1500  # no route at all
+            assert links.get("wan").mtu == 1400 and links.get("nope") is None
+        finally:
+            links.close()
+
+
+def test_links_refuse_a_missing_namespace_and_never_create_it():
+    with pytest.raises(NamespaceError, match="network namespace 'ist-no-such-ns' does not exist"):
+        Links("ist-no-such-ns")
+    assert not __import__("os").path.exists("/var/run/netns/ist-no-such-ns")
