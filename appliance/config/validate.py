@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import zlib
 from collections.abc import Callable, Iterable
 from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network,
                        ip_address, ip_interface, ip_network)
@@ -26,6 +25,7 @@ from appliance.config.model import (DEFAULT_DPD_ACTION, DEFAULT_DPD_INTERVAL, DE
                                     PskAuth, Tunnel, TunnelBgp)
 from appliance.config.secrets import SecretFileError, read_secret_file
 from appliance.config.yamlmarks import DuplicateKey, MarkedMap, MarkedSeq
+from appliance.xfrm.model import IF_ID_MAX, IF_ID_MIN, derive_if_id
 
 ProposalParser = Callable[[str, str], Any]
 
@@ -99,6 +99,15 @@ def int_range(lo: int, hi: int) -> Callable[[Any], int]:
             raise Bad(f"{value} is out of range; allowed: {lo}..{hi}")
         return value
     return conv
+
+
+def to_if_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Bad(f"expected a whole number, got {_type_name(value)}")
+    if not IF_ID_MIN <= value <= IF_ID_MAX:
+        raise Bad(f"{value:#x} is outside the if_id range Isthmus owns ({IF_ID_MIN:#x}-{IF_ID_MAX:#x}); "
+                  "leave it out to derive one from the tunnel name")
+    return value
 
 
 def parse_duration(value: Any) -> int:
@@ -750,11 +759,6 @@ def _sa(ctx: Ctx, sm: MarkedMap | None, path: str, kind: str, parent: MarkedMap,
     return cls(proposal_strings=tuple(texts), proposals=tuple(parsed), lifetime=lifetime, rekey_margin=margin)
 
 
-def _default_if_id(ifname: str) -> int:
-    """A stable if_id from the interface name (1..2^32-1): renaming other tunnels changes nothing."""
-    return zlib.crc32(ifname.encode()) % 0xFFFFFFFE + 1
-
-
 def _interface(ctx: Ctx, im: MarkedMap | None, m: MarkedMap, path: str, tunnel: str, key_line: int,
                default_outer_mtu: int | None, range_rules: bool = True) -> InterfaceSettings | None:
     ipath = f"{path}.interface"
@@ -771,9 +775,12 @@ def _interface(ctx: Ctx, im: MarkedMap | None, m: MarkedMap, path: str, tunnel: 
             ctx.error(im.line, f"{ipath}.name", f"is required: the default '{default_name}' is longer than "
                                                 f"{IFNAMSIZ - 1} characters")
             name = None
-    if_id = ctx.field(im, "if_id", ipath, int_range(1, 0xFFFFFFFF), default=None)
-    if if_id is None and name is not None and "if_id" not in im:
-        if_id = _default_if_id(name)
+    # The data plane owns one if_id range (reconciliation removes stale objects only there), so an
+    # explicit if_id must lie in it; the default is derived from the tunnel name (stable across
+    # restarts, rekeys and edits elsewhere in the file).
+    if_id = ctx.field(im, "if_id", ipath, to_if_id, default=None)
+    if if_id is None and "if_id" not in im:
+        if_id = derive_if_id(tunnel)
     address = ctx.field(im, "address", ipath, to_inside_v4, default=None)
     if address is not None:
         for problem in inside_v4_problems(address, range_rules):
@@ -1004,7 +1011,7 @@ def _cross_tunnel(ctx: Ctx) -> None:
                 o = if_ids[t.if_id]
                 explicit = "interface.if_id" in t.seen.explicit
                 ctx.error(t.seen.line("interface.if_id"), f"{path}.interface.if_id",
-                          f"if_id {t.if_id} is already used by tunnel '{o.name}' (line {o.line}); "
+                          f"if_id {t.if_id:#x} is already used by tunnel '{o.name}' (line {o.line}); "
                           + ("each tunnel needs its own" if explicit else
                              "the default derived from the interface name collides: set interface.if_id"))
             else:
