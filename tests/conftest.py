@@ -16,10 +16,10 @@ Options: `--lab=run` (default) or `--lab=skip` (skip lab tests, refused when CI=
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -64,6 +64,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return
     bridge = LabBridge(config, [i.nodeid for i in lab_items])
     config.stash[BRIDGE] = bridge
+    if config.getoption("--lab") == "run" and os.environ.get("ISTHMUS_LAB_PARALLEL", "1") != "0":
+        bridge.start()
     for n, item in enumerate(items):
         if item.get_closest_marker("lab"):
             stand_in = LabItem.from_parent(item.parent, name=item.name, bridge=bridge)
@@ -76,44 +78,82 @@ BRIDGE = pytest.StashKey["LabBridge"]()
 
 
 class LabBridge:
-    """Runs the selected lab tests in one guest boot and keeps their outcomes by node id."""
+    """Runs the selected lab tests in one guest boot and keeps their outcomes by node id.
+
+    The guest starts in a background thread as soon as collection ends, so it runs while the host
+    tiers run (their tests mostly wait on daemons and timers). Its console is buffered until the
+    first lab stand-in runs, then shown, then streamed live. ISTHMUS_LAB_PARALLEL=0 boots it only
+    when the first lab test runs.
+    """
 
     def __init__(self, config: pytest.Config, nodeids: list[str]):
         self.config = config
         self.nodeids = nodeids
         self.outcomes: dict[str, dict] | None = None
         self.failure: str | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._buffer: list[str] = []
+        self._live = False
+        self._result = None
+        self._error: str | None = None
 
-    def ensure_ran(self) -> None:
-        if self.outcomes is not None:
-            return
-        sys.path.insert(0, str(TOP))
-        from image.lab import runner
-
-        capman = self.config.pluginmanager.getplugin("capturemanager")
-        tw = self.config.get_terminal_writer()
-        self.outcomes = {}
-
-        def show(line: str) -> None:
-            tw.line(f"lab| {line}")
-
+    def _args(self) -> list[str]:
         args = ["python3", "-m", "pytest", "-p", "tests.lab.guest_report", "-p", "no:cacheprovider",
                 "-o", "addopts=", "-q", "-rA", "--tb=short",
                 "--color=" + ("yes" if self.config.get_terminal_writer().hasmarkup else "no"), *self.nodeids]
         verbosity = self.config.getoption("verbose")
         if verbosity > 0:
             args.append("-" + "v" * verbosity)
+        return args
+
+    def _show(self, line: str) -> None:
+        with self._lock:
+            if self._live:
+                self.config.get_terminal_writer().line(f"lab| {line}")
+            else:
+                self._buffer.append(line)
+
+    def _boot(self) -> None:
+        sys.path.insert(0, str(TOP))
+        from image.lab import runner
+
+        try:
+            self._result = runner.run(shlex.join(self._args()), timeout=self.config.getoption("--lab-timeout"),
+                                      output=self._show, log=self._show)
+        except runner.LabError as e:
+            self._error = f"the lab could not start: {e}"
+        except Exception as e:  # reported through the stand-ins, never lost in a thread
+            self._error = f"the lab runner failed: {e!r}"
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._boot, name="lab-guest", daemon=True)
+            self._thread.start()
+
+    def ensure_ran(self) -> None:
+        if self.outcomes is not None:
+            return
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        tw = self.config.get_terminal_writer()
+        self.outcomes = {}
         with capman.global_and_fixture_disabled():
             tw.line()
-            tw.sep("-", f"lab: booting the guest for {len(self.nodeids)} test(s)")
-            try:
-                res = runner.run(shlex.join(args), timeout=self.config.getoption("--lab-timeout"), output=show,
-                                 log=show)
-            except runner.LabError as e:
-                self.failure = f"the lab could not start: {e}"
-                tw.line(f"lab| {self.failure}", red=True)
-                return
-            tw.sep("-", f"lab: guest finished in {res.seconds:.0f} s (status {res.status})")
+            tw.sep("-", f"lab: the guest runs {len(self.nodeids)} test(s)")
+            with self._lock:
+                for line in self._buffer:
+                    tw.line(f"lab| {line}")
+                self._buffer.clear()
+                self._live = True
+            self.start()
+            assert self._thread is not None
+            self._thread.join()
+            res = self._result
+            if res is not None:
+                tw.sep("-", f"lab: guest finished in {res.seconds:.0f} s (status {res.status})")
+        if res is None:
+            self.failure = self._error or "the lab runner returned nothing"
+            return
         for r in res.results:
             self._merge(r)
         if res.timed_out:

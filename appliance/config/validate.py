@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import zlib
 from collections.abc import Callable, Iterable
 from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network,
                        ip_address, ip_interface, ip_network)
@@ -26,14 +25,11 @@ from appliance.config.model import (DEFAULT_DPD_ACTION, DEFAULT_DPD_INTERVAL, DE
                                     PskAuth, Tunnel, TunnelBgp)
 from appliance.config.secrets import SecretFileError, read_secret_file
 from appliance.config.yamlmarks import DuplicateKey, MarkedMap, MarkedSeq
+from appliance.xfrm.model import IF_ID_MAX, IF_ID_MIN, derive_if_id
 
 ProposalParser = Callable[[str, str], Any]
 
 INSIDE_SUPERNET = IPv4Network("169.254.0.0/16")
-# The if_ids Isthmus owns (appliance.xfrm.model.IF_ID_MIN/MAX, repeated here so that validating a
-# config does not import the data plane): XFRM interfaces, SAs and policies in this range are ours.
-IF_ID_MIN = 0x49000000
-IF_ID_MAX = 0x49FFFFFF
 IFNAMSIZ = 16  # Linux: names up to 15 characters plus NUL
 _TUNNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
@@ -103,6 +99,15 @@ def int_range(lo: int, hi: int) -> Callable[[Any], int]:
             raise Bad(f"{value} is out of range; allowed: {lo}..{hi}")
         return value
     return conv
+
+
+def to_if_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Bad(f"expected a whole number, got {_type_name(value)}")
+    if not IF_ID_MIN <= value <= IF_ID_MAX:
+        raise Bad(f"{value:#x} is outside the if_id range Isthmus owns ({IF_ID_MIN:#x}-{IF_ID_MAX:#x}); "
+                  "leave it out to derive one from the tunnel name")
+    return value
 
 
 def parse_duration(value: Any) -> int:
@@ -238,15 +243,6 @@ def to_ifname(value: Any) -> str:
         raise Bad(f"interface name '{name}' is not valid; allowed: up to 15 characters without '/', ':' "
                   f"or spaces")
     return name
-
-
-def to_if_id(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise Bad(f"expected a number {IF_ID_MIN:#x}..{IF_ID_MAX:#x}, got {_type_name(value)}")
-    if not IF_ID_MIN <= value <= IF_ID_MAX:
-        raise Bad(f"if_id {value} ({value:#x}) is outside the range Isthmus owns; allowed: "
-                  f"{IF_ID_MIN:#x}..{IF_ID_MAX:#x} (omit it to derive one from the interface name)")
-    return value
 
 
 def to_mtu(value: Any) -> int | None:
@@ -804,12 +800,6 @@ def _sa(ctx: Ctx, sm: MarkedMap | None, path: str, kind: str, parent: MarkedMap,
     return cls(proposal_strings=tuple(texts), proposals=tuple(parsed), lifetime=lifetime, rekey_margin=margin)
 
 
-def _default_if_id(ifname: str) -> int:
-    """A stable if_id from the interface name, inside the range Isthmus owns: renaming other
-    tunnels changes nothing."""
-    return IF_ID_MIN + zlib.crc32(ifname.encode()) % (IF_ID_MAX - IF_ID_MIN + 1)
-
-
 def _interface(ctx: Ctx, im: MarkedMap | None, m: MarkedMap, path: str, tunnel: str, key_line: int,
                default_outer_mtu: int | None, range_rules: bool = True) -> InterfaceSettings | None:
     ipath = f"{path}.interface"
@@ -826,9 +816,12 @@ def _interface(ctx: Ctx, im: MarkedMap | None, m: MarkedMap, path: str, tunnel: 
             ctx.error(im.line, f"{ipath}.name", f"is required: the default '{default_name}' is longer than "
                                                 f"{IFNAMSIZ - 1} characters")
             name = None
+    # The data plane owns one if_id range (reconciliation removes stale objects only there), so an
+    # explicit if_id must lie in it; the default is derived from the tunnel name (stable across
+    # restarts, rekeys and edits elsewhere in the file).
     if_id = ctx.field(im, "if_id", ipath, to_if_id, default=None)
-    if if_id is None and name is not None and "if_id" not in im:
-        if_id = _default_if_id(name)
+    if if_id is None and "if_id" not in im:
+        if_id = derive_if_id(tunnel)
     address = ctx.field(im, "address", ipath, to_inside_v4, default=None)
     if address is not None:
         for problem in inside_v4_problems(address, range_rules):

@@ -41,8 +41,8 @@ def test_udp_between_namespaces():
 
 
 def test_namespaces_are_isolated():
-    """No route between namespaces without a link: the same client times out."""
+    """No route between namespaces without a link: the same client fails."""
     with Netns("a") as a, Netns("b") as b:
         a.run("ip addr add 192.0.2.1/24 dev lo")
-        r = a.run(["python3", "-c", CLIENT], check=False)
+        r = a.run(["python3", "-c", CLIENT.replace("settimeout(5)", "settimeout(1)")], check=False)
         assert r.returncode != 0

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from appliance.config import (ConfigError, Identity, PskAuth, load_config, model, parse_config)
 from appliance.config.validate import Bad, parse_duration, to_identity
 from appliance.ike.proposals import Proposal
+from appliance.xfrm.model import derive_if_id
 from tests.unit.config_util import PSK, issues_of, line_of, one_issue, tunnel, write_config, write_psk
 
 # The example of DESIGN.md's "User-facing contract", verbatim but for the PSK path.
@@ -58,7 +59,7 @@ def test_design_example(tmp_path):
     assert (t.nat_traversal, t.mobike, t.start) == ("auto", True, True)
     assert t.interface.name == "xfrm-b" and t.interface.address == IPv4Interface("169.254.21.1/30")
     assert t.interface.mtu is None and t.interface.address6 is None
-    assert 0x49000000 <= t.interface.if_id <= 0x49FFFFFF   # the range the data plane owns
+    assert t.interface.if_id == derive_if_id("to-b")
     assert t.bgp is not None and (t.bgp.peer_as, t.bgp.peer_address, t.bgp.hold_time) == \
         (65002, IPv4Address("169.254.21.2"), 30)
     assert (t.bgp.import_policy, t.bgp.export_policy) == ("from-b", "to-b")
@@ -84,7 +85,7 @@ def test_defaults(tmp_path):
     assert t.interface.name == "xfrm-to-b" and t.interface.mtu is None and t.interface.outer_mtu is None
     assert t.local_id is None and t.remote_id == Identity("ipv4", "198.51.100.2")
     assert t.bgp is None and cfg.bgp is None and cfg.appliance.name is None
-    # the default if_id depends only on the interface name: stable across reloads and edits elsewhere
+    # the default if_id depends only on the tunnel name: stable across reloads and edits elsewhere
     again = load_config(write_config(tmp_path, tunnel("interface: {address: 169.254.21.1/30}")
                                      + "  other:\n    remote: 198.51.100.9\n    auth: {psk_file: secrets/to-b.psk}\n",
                                      "two.yaml"))
@@ -410,3 +411,10 @@ def test_no_tunnels_is_valid(tmp_path):
 def test_duration_spellings_agree(d, h, m, s):
     text = "".join(f"{v}{u}" for v, u in ((d, "d"), (h, "h"), (m, "m"), (s, "s")) if v) or "0s"
     assert parse_duration(text) == parse_duration(((d * 24 + h) * 60 + m) * 60 + s) == ((d * 24 + h) * 60 + m) * 60 + s
+
+
+def test_explicit_if_id_must_be_in_the_owned_range(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write_config(tmp_path, tunnel("interface: {if_id: 7, address: 169.254.21.1/30}")))
+    by_path = {i.path: i for i in e.value.issues}
+    assert "0x49000000-0x49ffffff" in by_path["tunnels.to-b.interface.if_id"].message
