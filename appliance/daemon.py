@@ -73,6 +73,7 @@ DEFAULT_HOOKS_DIR = "/etc/isthmus/hooks"
 RETRY_FIRST = 2.0
 RETRY_MAX = 60.0
 SHUTDOWN_WAIT = 3.0
+LIVENESS_POLL = 5.0      # seconds between reads of the inbound SA counters (DPD deferral)
 
 
 class StartError(Exception):
@@ -150,6 +151,7 @@ class Daemon:
         self._pid_file: Path | None = None
         self._dp_outstanding = 0                 # Child SA jobs submitted, not yet handled
         self._held: list[list] = []              # datagrams waiting for them
+        self._tasks: list[asyncio.Future] = []
 
     # ================================================================== life cycle
     async def run(self) -> int:
@@ -236,6 +238,29 @@ class Daemon:
                           host, port, e.strerror or e)
                 self.http = None
         self._engine_call(self.engine.start)
+        self._tasks.append(asyncio.ensure_future(self._liveness()))
+
+    async def _liveness(self) -> None:
+        """Inbound ESP proves the peer alive (RFC 7296 §2.4: liveness checks are for when nothing
+        is heard): every LIVENESS_POLL seconds (or half the shortest DPD interval) the inbound SA
+        counters are read and a tunnel whose counters moved has its DPD deferred
+        (engine.traffic_seen), so busy tunnels exchange no empty INFORMATIONAL messages."""
+        last: dict[tuple[str, int], int] = {}
+        while True:
+            intervals = [p.ike.dpd.interval for p in self.plans.values() if p.ike.dpd.interval > 0]
+            await asyncio.sleep(max(1.0, min([LIVENESS_POLL, *(i / 2 for i in intervals)])))
+            if self.engine is None:
+                continue
+            seen: dict[tuple[str, int], int] = {}
+            for name, cs in (await self._counters()).items():
+                for c in cs:
+                    if c.inbound is not None:
+                        seen[(name, c.spi_in)] = c.inbound.packets
+            moved = {name for (name, spi), n in seen.items() if n > last.get((name, spi), 0)}
+            last = seen
+            for name in moved:
+                if name in self.plans:
+                    self._engine_call(lambda now, n=name: self.engine.traffic_seen(n, now))
 
     async def _shutdown(self) -> None:
         reason = self._stop_reason
@@ -244,6 +269,8 @@ class Daemon:
         self.bus.publish("daemon_stopping", None, reason=reason)
         for st in self.state.values():
             st.cancel_retry()
+        for task in self._tasks:
+            task.cancel()
         delete = self.config.appliance.delete_on_shutdown if self.config else True
         if delete and self.engine is not None:
             for name in list(self.plans):

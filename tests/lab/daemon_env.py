@@ -42,6 +42,7 @@ def tunnel_yaml(c: dict, psk_file: str, extra: str = "") -> str:
     routes = f"    routes: {c['routes']}\n" if "routes" in c else ""
     return (f"  {c['tunnel']}:\n    remote: {c['remote']}\n    local: {c['local']}\n{ids}"
             f"    auth: {{psk_file: {psk_file}}}\n    start: {c['start']}\n"
+            f"    dpd: {{interval: 4s, timeout: 20s}}\n"
             f"    interface: {{name: {c['ifname']}, address: {c['inside']}}}\n{routes}{extra}")
 
 

@@ -140,6 +140,28 @@ def test_ike_sa_rekey_keeps_the_child_sa(regions):
     assert 'isthmus_rekeys_total{tunnel="to-b",kind="ike"} 1' in a.app.metrics()
 
 
+def _dpd_probes(app) -> int:
+    """Liveness checks A sent: empty INFORMATIONAL requests (RFC 7296 §2.4) in its debug log."""
+    return sum(1 for x in app.log_records() if "sending INFORMATIONAL request" in x.get("message", "")
+               and x["message"].endswith("[ SK{} ]"))
+
+
+def test_esp_traffic_defers_dpd_and_an_idle_tunnel_is_probed(regions):
+    """DPD interval 4 s in this topology: 10 s of steady pings across the tunnel send no liveness
+    check (the inbound SA counters prove the peer alive); 10 s of silence do."""
+    a = regions.a
+    assert regions.ping(count=15, interval=0.2, timeout=120).returncode == 0   # the peer was just heard
+    before = _dpd_probes(a.app)
+    r = regions.ping(count=50, interval=0.2, timeout=120)
+    assert r.returncode == 0
+    busy = _dpd_probes(a.app) - before
+    time.sleep(10)
+    idle = _dpd_probes(a.app) - before - busy
+    print(f"\nliveness checks sent by A: {busy} during 10 s of traffic, {idle} during 10 s idle")
+    assert busy == 0
+    assert idle >= 1
+
+
 def test_reload_adds_a_tunnel_while_1000_pings_cross_the_first(regions):
     a, b = regions.a, regions.b
     before = _snapshot(regions)
