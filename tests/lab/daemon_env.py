@@ -55,8 +55,10 @@ class Region:
     def tunnel(self) -> str:
         return self.cfg["tunnel"]
 
-    def config(self, second: bool = False, extra: str = "", extra2: str = "", more: str = "") -> str:
-        text = f"appliance: {{name: region-{self.key}}}\ntunnels:\n" + tunnel_yaml(self.cfg, "secrets/t1.psk", extra)
+    def config(self, second: bool = False, extra: str = "", extra2: str = "", more: str = "",
+               appliance: str = "") -> str:
+        text = (f"appliance: {{name: region-{self.key}{appliance}}}\ntunnels:\n"
+                + tunnel_yaml(self.cfg, "secrets/t1.psk", extra))
         if second:
             text += tunnel_yaml(self.cfg2, "secrets/t2.psk", extra2)
         return text + more
