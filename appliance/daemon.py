@@ -546,6 +546,12 @@ class Daemon:
         self.bus.publish("dataplane_error", name, message=error)
         if st is None or self.engine is None or name not in self.plans:
             return
+        if isinstance(e, ev.ChildSaDeleted):
+            # a teardown that did not finish: the data plane forgot the pair anyway and says
+            # what it left behind; the IKE side is already going down - nothing to retry
+            if st.up_since is not None and not self._engine_has_child(name):
+                self._went_down(name, st, DpResult("down", name, interface=self.plans[name].interface.ifname))
+            return
         st.error = error
         st.failures += 1
         self.bus.publish("tunnel_state", name, state="error", reason=error)
@@ -561,6 +567,9 @@ class Daemon:
             log.info("initiating again in %.0f s", delay, extra={"tunnel": name})
             assert self._loop is not None
             st.retry = self._loop.call_later(delay, self._retry, name)
+
+    def _engine_has_child(self, name: str) -> bool:
+        return self.engine is not None and any(sa.children_in_use() for sa in self.engine.sas(name))
 
     def _after_failure_down(self, name: str, fut: concurrent.futures.Future) -> None:
         st = self.state.get(name)

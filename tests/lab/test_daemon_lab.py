@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import signal
 import subprocess
@@ -375,6 +376,48 @@ def test_shutdown_without_delete_leaves_traffic_flowing_until_the_restart(region
     assert regions.ping(count=3).returncode == 0
     a.app.write_config(a.config())
     a.app.call("reload")
+
+
+def test_a_kernel_refusing_the_child_sa_is_reported_rolled_back_deleted_and_retried(regions, tmp_path):
+    """Fault injection: A's `nft` fails (a wrapper first on its PATH exits 1 while a flag file
+    exists), so the tunnel hook cannot install the MSS clamp. The data plane rolls the Child SA
+    back, the daemon publishes the reason, deletes the IKE SA with the peer and retries with
+    back-off; once nft works again the tunnel comes up by itself."""
+    a, b = regions.a, regions.b
+    assert a.app.stop(signal.SIGTERM) == 0
+    real = subprocess.run(["sh", "-c", "command -v nft"], capture_output=True, text=True).stdout.strip()
+    flag = tmp_path / "nft-fails"
+    (tmp_path / "bin").mkdir()
+    wrapper = tmp_path / "bin" / "nft"
+    wrapper.write_text(f"#!/bin/sh\n[ -e {flag} ] && exit 1\nexec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    flag.touch()
+    mark = len(regions.events)
+    a.app.start(env={"PATH": f"{wrapper.parent}:{os.environ['PATH']}"})
+    regions.follow_events(a)
+
+    def errors():
+        return [e for e in regions.events[mark:] if e["type"] == "dataplane_error" and e.get("tunnel") == "to-b"
+                and "installing Child SA" in e["message"]]
+    try:
+        errs = wait_for("two failed installs on A (the first try and a retry)",
+                        lambda: len(errors()) >= 2 and errors(), 90, 0.2, a.app)
+        assert "nft" in errs[0]["message"] and "rolled back" in errs[0]["message"], errs[0]
+        assert any(e["type"] == "tunnel_state" and e.get("tunnel") == "to-b" and e["state"] == "error"
+                   for e in regions.events[mark:])
+        assert "initiating again in" in a.app.log_text()
+        # rolled back: no SA, policy or route of the failed pair stays in A's kernel ...
+        assert a.xfrm_states() == [] and a.xfrm_policies() == [] and a.our_routes() == set()
+        # ... and the peer does not keep a pair nobody can use (A deleted the IKE SA with it)
+        wait_for("B without a Child SA for to-a", lambda: not b.app.sas("to-a")["child_sas"], 30, 0.2)
+    finally:
+        flag.unlink()
+    t0 = time.monotonic()
+    a.app.wait_tunnel_up("to-b", timeout=120)
+    b.app.wait_tunnel_up("to-a", timeout=60)
+    print(f"\nnft failing: {len(errors())} failed installs, rolled back each time; up {time.monotonic() - t0:.1f} s "
+          "after nft works again")
+    assert regions.ping(count=3).returncode == 0
 
 
 def test_no_psk_or_key_material_in_logs_cli_output_metrics_or_events(regions):
