@@ -11,7 +11,6 @@ Each region is a network namespace with its own run directory (/run/isthmus-a, /
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import secrets
 import shutil

@@ -5,7 +5,7 @@ behind it, and observers of their kernels that use iproute2 and nft, never the c
 
 Tunnel ``to-b`` (A, initiator) / ``to-a`` (B, responder) runs between 192.0.2.1 and 192.0.2.2
 with FQDN identities and routes each LAN over it; tests may add tunnel ``to-b2`` / ``to-a2``
-between the second addresses 192.0.2.11 and 192.0.2.12.
+over IPv6, between 2001:db8:1::11 and 2001:db8:1::12 (IP address identities).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from appliance.control import ControlClient
 from tests.appliances import Appliance
-from tests.netns import Netns, sh, veth_pair
+from tests.netns import Netns, veth_pair
 
 PSK1 = "lab_" + secrets.token_hex(12)          # letters, digits and '_' (acceptable to the AWS preset too)
 PSK2 = "lab2_" + secrets.token_hex(12)
@@ -31,9 +31,10 @@ A_CFG = dict(tunnel="to-b", remote="192.0.2.2", local="192.0.2.1", local_id="a.e
 B_CFG = dict(tunnel="to-a", remote="192.0.2.1", local="192.0.2.2", local_id="b.example.net",
              remote_id="a.example.net", start="false", ifname="xfrm-a", inside="169.254.21.2/30",
              routes="[10.1.0.0/16]")
-A_CFG2 = dict(tunnel="to-b2", remote="192.0.2.12", local="192.0.2.11", start="true", ifname="xfrm-b2",
+# the second tunnel runs over IPv6 (IPv4 inside)
+A_CFG2 = dict(tunnel="to-b2", remote="'2001:db8:1::12'", local="'2001:db8:1::11'", start="true", ifname="xfrm-b2",
               inside="169.254.22.1/30")
-B_CFG2 = dict(tunnel="to-a2", remote="192.0.2.11", local="192.0.2.12", start="false", ifname="xfrm-a2",
+B_CFG2 = dict(tunnel="to-a2", remote="'2001:db8:1::11'", local="'2001:db8:1::12'", start="false", ifname="xfrm-a2",
               inside="169.254.22.2/30")
 
 
@@ -140,10 +141,10 @@ class Regions:
         lans = {k: Netns(f"lan-{k}").__enter__() for k in ("a", "b")}
         self._stack = [*nets.values(), *lans.values()]
         veth_pair(nets["a"], "wan", nets["b"], "wan")
-        for k, (wan, wan2, gw, host) in {"a": ("192.0.2.1", "192.0.2.11", "10.1.0.1", "10.1.0.10"),
-                                         "b": ("192.0.2.2", "192.0.2.12", "10.2.0.1", "10.2.0.10")}.items():
+        for k, (wan, wan2, gw, host) in {"a": ("192.0.2.1", "2001:db8:1::11", "10.1.0.1", "10.1.0.10"),
+                                         "b": ("192.0.2.2", "2001:db8:1::12", "10.2.0.1", "10.2.0.10")}.items():
             ns, lan = nets[k], lans[k]
-            ns.run(f"ip addr add {wan}/24 dev wan && ip addr add {wan2}/24 dev wan")
+            ns.run(f"ip addr add {wan}/24 dev wan && ip addr add {wan2}/64 dev wan nodad")
             ns.run("sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0")
             veth_pair(ns, "lan", lan, "eth0")
             ns.run(f"ip addr add {gw}/24 dev lan")
@@ -206,4 +207,4 @@ def line_of(path: Path, needle: str, after: str | None = None) -> int:
     raise AssertionError(f"{needle!r} not in {path}")
 
 
-__all__ = ["PSK1", "PSK2", "Region", "Regions", "line_of", "sh"]
+__all__ = ["PSK1", "PSK2", "Region", "Regions", "line_of"]
