@@ -111,8 +111,7 @@ def esp_proposals_with_spi(proposals: tuple[Proposal, ...], spi: bytes, *, with_
 
 
 def strip_dh(p: Proposal) -> Proposal:
-    return Proposal(p.protocol, tuple(t for t in p.transforms if t.type != TransformType.DH),
-                    p.number, p.spi)
+    return p.without_dh
 
 
 def pfs_group(p: Proposal) -> int | None:

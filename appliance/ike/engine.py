@@ -24,6 +24,7 @@ new one started.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import ipaddress
 import logging
@@ -534,7 +535,13 @@ class IkeEngine:
 
 
 def _same_ip(a: str, b: str) -> bool:
+    x, y = _ip(a), _ip(b)
+    return x is not None and x == y
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False
+        return None

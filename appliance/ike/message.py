@@ -103,6 +103,10 @@ def _encode_transform(t: Transform, last: bool) -> bytes:
 
 
 def _decode_transform(ttype: int, tid: int, data: bytes) -> Transform:
+    if not data:
+        return Transform.plain(ttype, tid)
+    if len(data) == 4 and data[0] == 0x80 and data[1] == ATTR_KEY_LENGTH:   # TV Key Length only
+        return Transform.plain(ttype, tid, (data[2] << 8) | data[3])
     key_length: int | None = None
     others: list[tuple[int, bytes]] = []
     pos = 0

@@ -21,6 +21,7 @@ Run: `.venv/bin/python tests/bench/host_ike.py [--tunnels N] [--window W] [--rou
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -48,11 +49,13 @@ class Responder(Protocol):
     label: str
 
     def start(self, side: Side, peer: Side, workdir: Path) -> None: ...
+    def pid(self) -> int | None: ...
     def stop(self) -> None: ...
 
 
 class Initiator(Protocol):
     def start(self, side: Side, peer: Side, workdir: Path) -> None: ...
+    def pid(self) -> int | None: ...
     def burst(self, n: int, window: int, timeout: float) -> "Burst": ...
     def stop(self) -> None: ...
 
@@ -62,10 +65,26 @@ class Burst:
     completed: int
     failed: int
     seconds: float
+    cpu: dict[str, tuple[float, float]] | None = None   # (user, system) CPU seconds per process in the burst
 
     @property
     def rate(self) -> float:
         return self.completed / self.seconds if self.seconds > 0 else 0.0
+
+
+def cpu_seconds(pid: int | None) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process (all its threads) so far, from /proc."""
+    if pid is None:
+        return 0.0, 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _conn(local: Side, remote: Side, local_id: str, remote_id: str) -> Conn:
@@ -91,6 +110,9 @@ class StrongSwanResponder:
         conn.unique = "never"
         self.daemon.load(conn)
 
+    def pid(self) -> int | None:
+        return self.daemon.proc.pid if self.daemon and self.daemon.proc else None
+
     def stop(self) -> None:
         if self.daemon:
             self.daemon.kill()   # no DELETE storm: only the setup rate is measured
@@ -111,6 +133,9 @@ class StrongSwanInitiator:
                                          "ikesa_table_segments": 16})
         self.daemon.start()
         self.daemon.load(_conn(side, peer, INITIATOR_ID, RESPONDER_ID))
+
+    def pid(self) -> int | None:
+        return self.daemon.proc.pid if self.daemon and self.daemon.proc else None
 
     def burst(self, n: int, window: int, timeout: float) -> Burst:
         d = self.daemon
@@ -164,11 +189,22 @@ class IsthmusResponder:
                         esp_proposals=[ESP_PROPOSAL], dpd={"interval": 0, "timeout": 30, "action": "clear"})
         self.proc = EngineProc(workdir, side, [t], log_level="WARNING")
 
+    def pid(self) -> int | None:
+        return self.proc.proc.pid if self.proc is not None else None
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.kill()   # no DELETE storm: only the setup rate is measured
             self.proc.close()
             self.proc = None
+
+
+def _cpu_text(b: Burst) -> str:
+    if not b.cpu or not b.completed:
+        return "CPU n/a"
+    per = 1000 / b.completed
+    return "CPU ms/setup (sys) " + ", ".join(f"{k} {(u + s) * per:.2f} ({s * per:.2f})"
+                                             for k, (u, s) in b.cpu.items())
 
 
 def responders() -> list[type]:
@@ -188,13 +224,17 @@ def measure(responder_classes: list[type], initiator_class: type, tunnels: int, 
                     resp.start(resp_side, ini_side, workdir / f"r{r}-{cls.__name__}-resp")
                     ini.start(ini_side, resp_side, workdir / f"r{r}-{cls.__name__}-ini")
                     ini.burst(window, window, timeout=30.0)   # warm-up, not counted
+                    procs = {"responder": resp.pid(), "initiator": ini.pid(), "bench": os.getpid()}
+                    before = {k: cpu_seconds(p) for k, p in procs.items()}
                     burst = ini.burst(tunnels, window, timeout=max(60.0, tunnels * 0.5))
+                    after = {k: cpu_seconds(p) for k, p in procs.items()}
+                    burst.cpu = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in procs}
                 finally:
                     ini.stop()
                     resp.stop()
                 results[cls.label].append(burst)
                 print(f"  round {r + 1} {cls.label:>20}: {burst.completed}/{tunnels} up, {burst.failed} failed, "
-                      f"{burst.seconds:.2f} s, {burst.rate:.1f} setups/s", flush=True)
+                      f"{burst.seconds:.2f} s, {burst.rate:.1f} setups/s; {_cpu_text(burst)}", flush=True)
     return results
 
 

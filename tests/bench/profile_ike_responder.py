@@ -1,0 +1,129 @@
+"""CPU cost of our IKE responder in-process: IKE_SA_INIT + IKE_AUTH (first Child SA) per setup.
+
+Not a benchmark `make bench` runs (it has no anchor); a tool for finding where the responder's
+time goes. Our own initiator engine produces N IKE_SA_INIT requests (PSK,
+`aes256gcm16-prfsha384-x25519`, ESP `aes256gcm16`), the responder engine answers them, the
+initiator turns the answers into IKE_AUTH requests, and the responder answers those. Only the
+responder's calls are timed (receive_datagram + datagrams_to_send + draining events, as the
+runner does per datagram).
+
+    .venv/bin/python tests/bench/profile_ike_responder.py [--setups N] [--profile] [--repeat R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parents[2]
+if str(TOP) not in sys.path:
+    sys.path.insert(0, str(TOP))
+
+from appliance.ike import events as ev  # noqa: E402
+from appliance.ike.engine import IkeEngine  # noqa: E402
+from appliance.ike.policy import DpdConfig, Identity, TunnelConfig  # noqa: E402
+from appliance.ike.proposals import parse_proposals  # noqa: E402
+
+INI = ("198.51.100.1", 500)
+RESP = ("198.51.100.2", 500)
+PSK = b"bench-Secret-0123456789abcdef"
+IKE = tuple(parse_proposals(["aes256gcm16-prfsha384-x25519"], "ike"))
+ESP = tuple(parse_proposals(["aes256gcm16"], "esp"))
+
+
+def _cfg(name: str, *, initiator: bool) -> TunnelConfig:
+    lid, rid = ("ini.bench.example", "resp.bench.example")
+    if not initiator:
+        lid, rid = rid, lid
+    return TunnelConfig(name=name, local_addr=(INI if initiator else RESP)[0],
+                        remote_addr=(RESP if initiator else INI)[0], local_id=Identity.parse(lid),
+                        remote_id=Identity.parse(rid), psk=PSK, ike_proposals=IKE, esp_proposals=ESP,
+                        if_id=42, start=False, unique=False,
+                        dpd=DpdConfig(interval=0, timeout=30, action="clear"))
+
+
+def _drain(engine: IkeEngine) -> int:
+    n = 0
+    while engine.next_event() is not None:
+        n += 1
+    return n
+
+
+def requests(n: int) -> tuple[list[bytes], IkeEngine]:
+    """n IKE_SA_INIT requests from n initiator SAs (each its own tunnel, all alike)."""
+    ini = IkeEngine([_cfg(f"t{i}", initiator=True) for i in range(n)], random=os.urandom)
+    for i in range(n):
+        ini.connect(f"t{i}", 0.0)
+    return [d.data for d in ini.datagrams_to_send()], ini
+
+
+def run(n: int, profiler: cProfile.Profile | None) -> tuple[float, float, int]:
+    """Seconds of responder CPU for n IKE_SA_INITs, for n IKE_AUTHs, and Child SAs installed."""
+    inits, ini = requests(n)
+    resp = IkeEngine([_cfg("bench", initiator=False)], random=os.urandom)
+    resp.start(0.0)
+    answers: list[bytes] = []
+    now = 1.0
+    t0 = time.process_time()
+    if profiler:
+        profiler.enable()
+    for data in inits:
+        resp.receive_datagram(data, INI, RESP, now)
+        answers.extend(d.data for d in resp.datagrams_to_send())
+        _drain(resp)
+        resp.get_timer()
+    if profiler:
+        profiler.disable()
+    t_init = time.process_time() - t0
+    for data in answers:
+        ini.receive_datagram(data, RESP, INI, now)
+    auths = [d.data for d in ini.datagrams_to_send()]
+    installed = 0
+    t0 = time.process_time()
+    if profiler:
+        profiler.enable()
+    for data in auths:
+        resp.receive_datagram(data, INI, RESP, now)
+        resp.datagrams_to_send()
+        while (e := resp.next_event()) is not None:
+            installed += isinstance(e, ev.ChildSaInstalled)
+        resp.get_timer()
+    if profiler:
+        profiler.disable()
+    t_auth = time.process_time() - t0
+    return t_init, t_auth, installed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--setups", type=int, default=2000)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="cProfile the responder calls")
+    p.add_argument("--sort", default="tottime")
+    p.add_argument("--limit", type=int, default=40)
+    a = p.parse_args(argv)
+    prof = cProfile.Profile() if a.profile else None
+    per_init, per_auth = [], []
+    for _ in range(a.repeat):
+        t_init, t_auth, installed = run(a.setups, prof)
+        if installed != a.setups:
+            raise SystemExit(f"only {installed} of {a.setups} Child SAs installed")
+        per_init.append(t_init / a.setups * 1e6)
+        per_auth.append(t_auth / a.setups * 1e6)
+    mi, ma = statistics.median(per_init), statistics.median(per_auth)
+    print(f"responder CPU per setup ({a.setups} setups x {a.repeat}, median): IKE_SA_INIT {mi:.0f} us, "
+          f"IKE_AUTH {ma:.0f} us, total {mi + ma:.0f} us -> {1e6 / (mi + ma):.0f} setups/s on one core"
+          + (" (under cProfile)" if prof else ""))
+    if prof:
+        pstats.Stats(prof).sort_stats(a.sort).print_stats(a.limit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
