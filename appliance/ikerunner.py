@@ -52,8 +52,8 @@ class IkeRunner:
     """Feeds an IkeEngine from UDP sockets and its timer; reports events to `on_event`.
 
     Per wake-up of the event loop a readable socket is drained (up to `batch` datagrams, each
-    handed to the engine in arrival order), then the engine's datagrams are sent, its events
-    reported and its timer re-armed once for the whole batch. The sockets are plain
+    handed to the engine in arrival order; after each one the engine's events are reported and
+    then its datagrams sent), and the timer is re-armed once for the whole batch. The sockets are plain
     non-blocking sockets watched with `loop.add_reader` (no asyncio transport/protocol objects
     per datagram); a send that would block is queued and retried when the socket is writable.
     """
@@ -135,7 +135,8 @@ class IkeRunner:
                     continue   # ESP the kernel did not take, or a NAT keepalive (0xff)
                 data = data[4:]
             engine.receive_datagram(data, (addr[0], addr[1]), local, clock())
-        self._flush()
+            self._deliver()   # answer at once: the peer works on it while we read on
+        self._arm_timer(engine.get_timer())
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
@@ -143,7 +144,19 @@ class IkeRunner:
         self._flush()
 
     def _flush(self) -> None:
+        self._deliver()
+        self._arm_timer(self.engine.get_timer())
+
+    def _deliver(self) -> None:
+        """Events first (the consumer installs a new inbound SA before our response lets the
+        peer use it), then the datagrams."""
         engine = self.engine
+        on_event = self.on_event
+        while (e := engine.next_event()) is not None:
+            try:
+                on_event(e)
+            except Exception:  # noqa: BLE001 - a failing consumer must not stop the engine
+                log.exception("event consumer failed on %s", type(e).__name__)
         for d in engine.datagrams_to_send():
             sock = self._socks.get(d.src) or self._any_sock(d.src[1])
             if sock is None:
@@ -151,13 +164,6 @@ class IkeRunner:
                 continue
             natt = self._natt.get(d.src, d.src[1] == 4500)
             self._sendto(sock, NON_ESP_MARKER + d.data if natt else d.data, d.dst)
-        on_event = self.on_event
-        while (e := engine.next_event()) is not None:
-            try:
-                on_event(e)
-            except Exception:  # noqa: BLE001 - a failing consumer must not stop the engine
-                log.exception("event consumer failed on %s", type(e).__name__)
-        self._arm_timer(engine.get_timer())
 
     def _arm_timer(self, when: float | None) -> None:
         """Keep one loop timer at or before the engine's next timer. An armed timer that is
