@@ -243,7 +243,7 @@ class IkeSuite:
 
 
 def _as_suite(suite: "IkeSuite | Proposal") -> IkeSuite:
-    return suite if isinstance(suite, IkeSuite) else IkeSuite.from_proposal(suite)
+    return suite if isinstance(suite, IkeSuite) else suite.derived("ike_suite", IkeSuite.from_proposal)
 
 
 def _split_ike_keys(suite: IkeSuite, skeyseed: bytes, seed: bytes) -> IkeKeys:

@@ -89,6 +89,15 @@ class Payload:
 
 
 def _encode_transform(t: Transform, last: bool) -> bytes:
+    # Transforms are immutable: their encoding (with "last" = 0) is kept on the object.
+    wire = t.__dict__.get("_wire")
+    if wire is None:
+        wire = t.__dict__["_wire"] = _transform_wire(t)
+    return wire if last else b"\x03" + wire[1:]
+
+
+def _transform_wire(t: Transform) -> bytes:
+    last = True
     attrs = b""
     if t.key_length is not None:
         attrs += struct.pack("!HH", _AF_TV | ATTR_KEY_LENGTH, t.key_length)

@@ -185,6 +185,15 @@ class Proposal:
         self.__dict__[name] = value
         return value
 
+    def derived(self, name: str, compute):
+        """`compute(self)`, computed once for this (immutable) proposal. For data other
+        modules derive from a proposal (e.g. crypto's IKE suite); `name` must be unique."""
+        key = "_d_" + name
+        try:
+            return self.__dict__[key]
+        except KeyError:
+            return self._derive(key, compute(self))
+
     @property
     def effective_sets(self) -> dict[int, frozenset[Transform]]:
         """Per Transform Type: the transforms without attributes, RFC 7296 defaults for absent
@@ -515,6 +524,10 @@ def parse_proposals(text: str | Iterable[str], kind: Kind) -> list[Proposal]:
 def format_proposal(p: Proposal) -> str:
     """The strongSwan spelling of a proposal; ``parse_proposal(format_proposal(p))`` gives ``p``
     back for proposals that parse_proposal produces. NO_ESN alone is implied and left out."""
+    return p.derived("text", _format_proposal)
+
+
+def _format_proposal(p: Proposal) -> str:
     order = [TransformType.ENCR, TransformType.INTEG, TransformType.PRF, TransformType.DH,
              TransformType.ESN]
     words: list[str] = []
@@ -599,13 +612,36 @@ def select_proposal(ours: Sequence[Proposal], theirs: Sequence[Proposal]) -> Pro
     that we also offer and that passes policy is chosen. The result has one transform per type
     and keeps the peer's proposal ``number`` and ``spi`` (the engine puts its own SPI in the
     reply with :meth:`Proposal.with_spi`). None means NO_PROPOSAL_CHOSEN.
+
+    The outcome depends only on the proposals' protocols, transforms and numbers (the SPI is
+    copied), so it is remembered for offers seen before (most peers send the same offer every
+    time); an equal result for an equal SPI is the very same (immutable) object.
     """
-    for t in theirs:
+    key = (tuple(ours), tuple((t.protocol, t.transforms, t.number) for t in theirs))
+    memo = _SELECTIONS.get(key)
+    if memo is None:
+        memo = _select(ours, theirs)
+        if len(_SELECTIONS) >= _SELECTIONS_MAX:   # offers come from the wire: stay bounded
+            _SELECTIONS.clear()
+        _SELECTIONS[key] = memo
+    index, chosen = memo
+    if chosen is None:
+        return None
+    spi = theirs[index].spi
+    return chosen if chosen.spi == spi else Proposal(chosen.protocol, chosen.transforms, chosen.number, spi)
+
+
+_SELECTIONS: dict[tuple, tuple[int, Proposal | None]] = {}
+_SELECTIONS_MAX = 512
+
+
+def _select(ours: Sequence[Proposal], theirs: Sequence[Proposal]) -> tuple[int, Proposal | None]:
+    for i, t in enumerate(theirs):
         for o in ours:
             m = _match(o, t)
             if m is not None:
-                return m
-    return None
+                return i, m
+    return -1, None
 
 
 def accepts_selection(offered: Sequence[Proposal], chosen: Proposal) -> Proposal | None:

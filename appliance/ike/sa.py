@@ -216,7 +216,7 @@ class IkeSa:
         from appliance.ike.crypto import IkeSuite, sk_ciphers
 
         self.proposal = proposal
-        suite = IkeSuite.from_proposal(proposal)
+        suite = proposal.derived("ike_suite", IkeSuite.from_proposal)
         self.prf_id = suite.prf
         self.keys = keys
         c_i, c_r = sk_ciphers(suite, keys)
