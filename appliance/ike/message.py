@@ -654,15 +654,20 @@ def _enum_name(enum: type, value: int) -> str:
 def _encode_chain(payloads: Sequence[Payload], next_after: int = 0) -> tuple[int, bytes]:
     """Encode a payload chain; return (type of the first payload, bytes)."""
     out = []
+    types = [p.payload_type for p in payloads]
+    types.append(next_after)
+    pack = _GENERIC.pack
     for i, p in enumerate(payloads):
-        nxt = payloads[i + 1].payload_type if i + 1 < len(payloads) else next_after
         body = p.body()
         length = GENERIC_HEADER_LEN + len(body)
         if length > 0xFFFF:
-            raise ValueError(f"payload {p.payload_type} too long")
-        out.append(struct.pack("!BBH", nxt, 0x80 if p.critical else 0, length) + body)
-    first = payloads[0].payload_type if payloads else 0
-    return first, b"".join(out)
+            raise ValueError(f"payload {types[i]} too long")
+        out.append(pack(types[i + 1], 0x80 if p.critical else 0, length))
+        out.append(body)
+    return types[0], b"".join(out)
+
+
+_GENERIC = struct.Struct("!BBH")
 
 
 def _header(msg: Message, next_payload: int, length: int) -> bytes:
@@ -755,10 +760,12 @@ def _parse_chain(data: bytes, pos: int, end: int, first: int, *,
     return payloads, None
 
 
-def parse_message(data: bytes) -> tuple[Message, Encrypted | None]:
+def parse_message(data: bytes, hdr: Header | None = None) -> tuple[Message, Encrypted | None]:
     """Parse an IKE message. If it carries an SK payload, the returned Encrypted locates it;
-    the message's payloads are then those before SK (normally none): call decrypt_message()."""
-    hdr = parse_header(data)
+    the message's payloads are then those before SK (normally none): call decrypt_message().
+    `hdr` is this very datagram's header if the caller has parsed it already."""
+    if hdr is None:
+        hdr = parse_header(data)
     payloads, enc = _parse_chain(data, IKE_HEADER_LEN, len(data), hdr.next_payload, allow_sk=True)
     msg = Message(hdr.spi_i, hdr.spi_r, hdr.exchange_type, hdr.message_id, hdr.is_response,
                   hdr.is_initiator, payloads, encrypted=enc is not None, minor_version=hdr.minor_version)

@@ -21,8 +21,10 @@ Run: `.venv/bin/python tests/bench/host_ike.py [--tunnels N] [--window W] [--rou
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -184,28 +186,52 @@ class StrongSwanInitiator:
 
 class IsthmusResponder:
     """Our IKE engine's responder (appliance/ikerunner.py in the namespace, one tunnel that
-    accepts any number of IKE SAs: unique=False, as strongSwan's unique=never)."""
+    accepts any number of IKE SAs: unique=False, as strongSwan's unique=never).
+
+    The runner reports every IKE SA and Child SA as a JSON line (keys fingerprinted) on its
+    stdout, which goes to a file here: a pipe read by a thread of this process (as the host
+    tests' EngineProc does) would wake that thread on every write and make this process
+    decode the lines, work the anchor is not given either."""
 
     label = "isthmus engine"
 
     def __init__(self) -> None:
-        self.proc = None
+        self.proc: subprocess.Popen | None = None
+        self.events_path: Path | None = None
 
     def start(self, side: Side, peer: Side, workdir: Path) -> None:
-        from tests.host.ikerunner_proc import EngineProc, tunnel_json
+        from tests.host.ikerunner_proc import tunnel_json
 
         t = tunnel_json(side, peer, "bench", local_id=RESPONDER_ID, remote_id=INITIATOR_ID,
                         psk=PSK.encode(), start=False, unique=False, ike_proposals=[IKE_PROPOSAL],
                         esp_proposals=[ESP_PROPOSAL], dpd={"interval": 0, "timeout": 30, "action": "clear"})
-        self.proc = EngineProc(workdir, side, [t], log_level="WARNING")
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg = workdir / "ikerunner.json"
+        cfg.write_text(json.dumps({"listen": [{"address": side.addr4, "port": 500},
+                                              {"address": side.addr4, "port": 4500, "natt": True}],
+                                   "tunnels": [t]}))
+        cfg.chmod(0o600)
+        self.events_path = workdir / "events.jsonl"
+        with open(self.events_path, "wb") as out, open(workdir / "ikerunner.log", "wb") as err:
+            self.proc = subprocess.Popen(["ip", "netns", "exec", side.name, sys.executable, "-m", "appliance.ikerunner",
+                                          str(cfg), "--log-level", "WARNING"],
+                                         cwd=TOP, stdin=subprocess.PIPE, stdout=out, stderr=err)
+        deadline = time.monotonic() + 15
+        while b'"ready"' not in self.events_path.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("our responder did not start:\n"
+                                   + (workdir / "ikerunner.log").read_text(errors="replace")[-2000:])
+            time.sleep(0.05)
 
     def pid(self) -> int | None:
-        return self.proc.proc.pid if self.proc is not None else None
+        return self.proc.pid if self.proc is not None else None   # `ip netns exec` execs python
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.kill()   # no DELETE storm: only the setup rate is measured
-            self.proc.close()
+            self.proc.wait(5)
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
             self.proc = None
 
 
