@@ -64,11 +64,21 @@ def requests(n: int) -> tuple[list[bytes], IkeEngine]:
     return [d.data for d in ini.datagrams_to_send()], ini
 
 
-def run(n: int, profiler: cProfile.Profile | None, gcc: "GcClock | None" = None) -> tuple[float, float, int]:
+def _other(i: int) -> TunnelConfig:
+    """A tunnel of the responder to some other peer that it keeps up itself (start=True)."""
+    return TunnelConfig(name=f"other{i}", local_addr=RESP[0], remote_addr=f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
+                        local_id=Identity.parse("resp.bench.example"), remote_id=Identity.parse(f"peer{i}.example"),
+                        psk=PSK, ike_proposals=IKE, esp_proposals=ESP, if_id=42, start=True,
+                        dpd=DpdConfig(interval=0, timeout=30, action="clear"))
+
+
+def run(n: int, profiler: cProfile.Profile | None, gcc: "GcClock | None" = None,
+        others: int = 0) -> tuple[float, float, int]:
     """Seconds of responder CPU for n IKE_SA_INITs, for n IKE_AUTHs, and Child SAs installed."""
     inits, ini = requests(n)
-    resp = IkeEngine([_cfg("bench", initiator=False)], random=os.urandom)
+    resp = IkeEngine([_cfg("bench", initiator=False)] + [_other(i) for i in range(others)], random=os.urandom)
     resp.start(0.0)
+    resp.datagrams_to_send()   # the other tunnels' IKE_SA_INITs go nowhere
     answers: list[bytes] = []
     now = 1.0
     gc.freeze()   # the initiator's objects are not the responder's to collect
@@ -134,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setups", type=int, default=2000)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="cProfile the responder calls")
+    p.add_argument("--other-tunnels", type=int, default=0,
+                   help="the responder also has this many tunnels to other peers (start=True)")
     p.add_argument("--sort", default="tottime")
     p.add_argument("--limit", type=int, default=40)
     a = p.parse_args(argv)
@@ -142,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     gcc = GcClock()
     for _ in range(a.repeat):
         gcc.seconds = 0.0
-        t_init, t_auth, installed = run(a.setups, prof, gcc)
+        t_init, t_auth, installed = run(a.setups, prof, gcc, a.other_tunnels)
         per_gc.append(gcc.seconds / a.setups * 1e6)
         if installed != a.setups:
             raise SystemExit(f"only {installed} of {a.setups} Child SAs installed")
@@ -150,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         per_auth.append(t_auth / a.setups * 1e6)
     mi, ma = statistics.median(per_init), statistics.median(per_auth)
     best = min(i + a_ for i, a_ in zip(per_init, per_auth))
-    print(f"responder CPU per setup ({a.setups} setups x {a.repeat}, median; best total {best:.0f} us): "
+    print(f"responder CPU per setup ({a.setups} setups x {a.repeat}, median; best total {best:.0f} us"
+          + (f"; {a.other_tunnels} other tunnels" if a.other_tunnels else "") + "): "
           f"IKE_SA_INIT {mi:.0f} us, "
           f"IKE_AUTH {ma:.0f} us, total {mi + ma:.0f} us -> {1e6 / (mi + ma):.0f} setups/s on one core; "
           f"of which cyclic GC {statistics.median(per_gc):.0f} us"
