@@ -68,6 +68,14 @@ class Burst:
     failed: int
     seconds: float
     cpu: dict[str, tuple[float, float]] | None = None   # (user, system) CPU seconds per process in the burst
+    others: float | None = None    # cores busy with processes other than these three, on average
+
+    def cpu_per_setup(self, who: str) -> float | None:
+        """CPU milliseconds (user + system) of one process per completed setup."""
+        if not self.cpu or not self.completed:
+            return None
+        u, s = self.cpu[who]
+        return (u + s) * 1000 / self.completed
 
     @property
     def rate(self) -> float:
@@ -87,6 +95,14 @@ def cpu_seconds(pid: int | None) -> tuple[float, float]:
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return (sum(v[:8]) - idle) / _CLK_TCK, sum(v[:8]) / _CLK_TCK
 
 
 def _conn(local: Side, remote: Side, local_id: str, remote_id: str) -> Conn:
@@ -262,15 +278,22 @@ def measure(responder_classes: list[type], initiator_class: type, tunnels: int, 
                     ini.burst(window, window, timeout=30.0)   # warm-up, not counted
                     procs = {"responder": resp.pid(), "initiator": ini.pid(), "bench": os.getpid()}
                     before = {k: cpu_seconds(p) for k, p in procs.items()}
+                    m0 = machine_cpu()
                     burst = ini.burst(tunnels, window, timeout=max(60.0, tunnels * 0.5))
+                    m1 = machine_cpu()
                     after = {k: cpu_seconds(p) for k, p in procs.items()}
                     burst.cpu = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in procs}
+                    ours = sum(u + s for u, s in burst.cpu.values())
+                    if burst.seconds > 0:
+                        burst.others = max(0.0, (m1[0] - m0[0]) - ours) / burst.seconds
                 finally:
                     ini.stop()
                     resp.stop()
                 results[cls.label].append(burst)
                 print(f"  round {r + 1} {cls.label:>20}: {burst.completed}/{tunnels} up, {burst.failed} failed, "
-                      f"{burst.seconds:.2f} s, {burst.rate:.1f} setups/s; {_cpu_text(burst)}", flush=True)
+                      f"{burst.seconds:.2f} s, {burst.rate:.1f} setups/s; {_cpu_text(burst)}"
+                      + (f"; other processes {burst.others:.1f} cores" if burst.others is not None else ""),
+                      flush=True)
     return results
 
 
@@ -283,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     classes = responders()
     print(f"IKE_SA + first Child SA setups/s: PSK, {IKE_PROPOSAL}, ESP {ESP_PROPOSAL}; "
           f"{args.tunnels} tunnels per round, window {args.window}, {args.rounds} rounds; "
-          f"initiator: strongSwan 5.9.8", flush=True)
+          f"initiator: strongSwan 5.9.8; {os.cpu_count()} cores, load average {_loadavg()}", flush=True)
+    for line in NOTES:
+        print(f"  note: {line}")
     with tempfile.TemporaryDirectory(prefix="isthmus-bench-ike-") as tmp:
         results = measure(classes, StrongSwanInitiator, args.tunnels, args.window, args.rounds, Path(tmp))
     anchor = classes[0].label
@@ -297,10 +322,46 @@ def main(argv: list[str] | None = None) -> int:
         rates = [b.rate for b in results[anchor]]
         print(f"ratio: not available: our responder does not exist yet (only the anchor, {anchor}); "
               f"anchor spread max/min = {max(rates) / min(rates):.2f}" if min(rates) > 0 else "ratio: n/a")
+    for label, bursts in results.items():
+        cpu = [c for b in bursts if (c := b.cpu_per_setup("responder")) is not None]
+        if cpu:
+            print(f"{label}: responder CPU per setup median {statistics.median(cpu):.3f} ms "
+                  f"(min {min(cpu):.3f}, max {max(cpu):.3f})")
     for label in list(results)[1:]:
         ratio = med[label] / med[anchor] if med[anchor] else float("nan")
-        print(f"ratio {label} / {anchor}: {ratio:.2f} (goal >= 1.0)")
+        pairs = [b.rate / a.rate for a, b in zip(results[anchor], results[label]) if a.rate > 0]
+        print(f"ratio {label} / {anchor}: {ratio:.2f} (goal >= 1.0)"
+              + (f"; round by round: median {statistics.median(pairs):.2f}, min {min(pairs):.2f}, "
+                 f"max {max(pairs):.2f}" if pairs else ""))
+        ca = [c for b in results[anchor] if (c := b.cpu_per_setup("responder")) is not None]
+        co = [c for b in results[label] if (c := b.cpu_per_setup("responder")) is not None]
+        if ca and co:
+            print(f"responder CPU per setup, {anchor} / {label}: "
+                  f"{statistics.median(ca) / statistics.median(co):.2f} (above 1: ours uses less)")
+    print(f"load average at the end: {_loadavg()}")
     return 0
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+#: What differs between the two responders besides the IKE implementation (printed with the results).
+NOTES = (
+    "strongSwan installs each Child SA (and its policies) into kernel-libipsec, its userspace ESP "
+    "(the host kernel has no ESP); ours installs nothing: it reports each IKE SA and Child SA as a "
+    "JSON line (keys as SHA-256 fingerprints) to a file. A production daemon would add XFRM netlink "
+    "calls per Child SA.",
+    "strongSwan has a thread pool (both cores); ours is one Python process (one core at a time). "
+    "Under contention for the 2 cores (the initiator, this bench, other users' processes) the "
+    "scheduler shares CPU per thread, which favours the thread pool; hence the CPU per setup too.",
+    "Neither responder has a vici/event listener attached, DoS protection (cookies) is off on both, "
+    "DPD is off on both; both accept any number of IKE SAs for the one tunnel (unique=never).",
+)
 
 
 if __name__ == "__main__":
