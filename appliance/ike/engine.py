@@ -526,7 +526,8 @@ class IkeEngine:
         for t in todo:
             name = t.config.name
             if not t.config.start and not t.restart:
-                t.reconnect_at = t.child_retry_at = None
+                if t.reconnect_at is not None or t.child_retry_at is not None:
+                    t.reconnect_at = t.child_retry_at = None
                 continue
             # a half-open SA the peer started does not count: it may never complete
             live = [sa for sa in self._alive_sas(name) if sa.initiator or sa.established_at is not None]

@@ -218,10 +218,8 @@ class SA(Payload):
                 raise ParseError(f"proposal says {ntrans} transforms, has {len(transforms)}")
             if not tlast:
                 raise ParseError("last transform not marked as last")
-            try:
-                protocol = ProtocolId(proto)
-            except ValueError:
-                protocol = proto  # kept; selection refuses what it does not know
+            # a ProtocolId when known; else kept as a number (selection refuses what it does not know)
+            protocol = ProtocolId._value2member_map_.get(proto, proto)
             proposals.append(Proposal(protocol, tuple(transforms), num, spi))
             last = more == 0
             pos = end
