@@ -524,41 +524,48 @@ class IkeEngine:
         if len(todo) > 1:
             todo.sort(key=lambda t: t.order)
         for t in todo:
-            name = t.config.name
-            if not t.config.start and not t.restart:
-                if t.reconnect_at is not None or t.child_retry_at is not None:
-                    t.reconnect_at = t.child_retry_at = None
-                continue
-            # a half-open SA the peer started does not count: it may never complete
-            live = [sa for sa in self._alive_sas(name) if sa.initiator or sa.established_at is not None]
-            if not live:
-                t.child_retry_at = None
-                if (self._started or t.restart) and not t.hold and t.config.remote_addr is not None:
-                    if t.reconnect_at is None:
-                        t.reconnect_at = now + self._backoff(t.config, max(1, t.failures))
-                    if now >= t.reconnect_at:
-                        self._initiate(t, now)
-                else:
-                    t.reconnect_at = None
-                continue
-            t.reconnect_at = None
-            t.restart = False
-            if not t.config.start:
-                continue
-            cur = self.current_sa(name)
-            if cur is None:
-                t.child_retry_at = None
-                continue
-            if (cur.children_in_use() or any(c.alive and not c.redundant for c in cur.children)
-                    or cur.has_queued(lambda e: isinstance(e, child_create.CreateChild))):
-                t.child_retry_at = None
-                continue
-            if t.child_retry_at is None:
-                t.child_retry_at = now + t.config.reconnect_delay
-            if now >= t.child_retry_at:
-                t.child_retry_at = None
-                child_create.start_new_child(cur, now)
-                self._touch(cur)
+            self._maintain_tunnel(t, now)
+            due = t.due
+            if due is not None and due <= now:
+                self._tunnel_due_changed(t)   # still due (not acted on): look again next time
+
+    def _maintain_tunnel(self, t: _Tunnel, now: float) -> None:
+        """Keep one tunnel up: (re)initiate it, re-create a missing Child SA (with back-off)."""
+        name = t.config.name
+        if not t.config.start and not t.restart:
+            if t.reconnect_at is not None or t.child_retry_at is not None:
+                t.reconnect_at = t.child_retry_at = None
+            return
+        # a half-open SA the peer started does not count: it may never complete
+        live = [sa for sa in self._alive_sas(name) if sa.initiator or sa.established_at is not None]
+        if not live:
+            t.child_retry_at = None
+            if (self._started or t.restart) and not t.hold and t.config.remote_addr is not None:
+                if t.reconnect_at is None:
+                    t.reconnect_at = now + self._backoff(t.config, max(1, t.failures))
+                if now >= t.reconnect_at:
+                    self._initiate(t, now)
+            else:
+                t.reconnect_at = None
+            return
+        t.reconnect_at = None
+        t.restart = False
+        if not t.config.start:
+            return
+        cur = self.current_sa(name)
+        if cur is None:
+            t.child_retry_at = None
+            return
+        if (cur.children_in_use() or any(c.alive and not c.redundant for c in cur.children)
+                or cur.has_queued(lambda e: isinstance(e, child_create.CreateChild))):
+            t.child_retry_at = None
+            return
+        if t.child_retry_at is None:
+            t.child_retry_at = now + t.config.reconnect_delay
+        if now >= t.child_retry_at:
+            t.child_retry_at = None
+            child_create.start_new_child(cur, now)
+            self._touch(cur)
 
     def _resolve_duplicate_ike_sas(self, name: str, now: float) -> None:
         """Crossing initiations left two IKE SAs up for one tunnel: keep the one whose

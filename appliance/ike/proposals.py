@@ -148,6 +148,7 @@ class Transform:
 
 
 _PLAIN: dict[tuple[int, int, int | None], Transform] = {}
+_PLAIN_MAX = 2048
 
 
 def _group_by_type(transforms: tuple[Transform, ...]) -> dict[int, tuple[Transform, ...]]:
@@ -156,8 +157,6 @@ def _group_by_type(transforms: tuple[Transform, ...]) -> dict[int, tuple[Transfo
         prev = out.get(t.type)
         out[t.type] = (t,) if prev is None else prev + (t,)
     return out
-
-_PLAIN_MAX = 2048
 
 
 @dataclass(frozen=True)
@@ -366,11 +365,13 @@ def refusal(t: Transform, protocol: ProtocolId = ProtocolId.IKE) -> str | None:
     try:
         return _REFUSALS[key]
     except KeyError:
-        why = _REFUSALS[key] = _refusal(t, protocol)
+        why = _refusal(t, protocol)
+        if len(_REFUSALS) < 4096:   # the verdict depends only on the key's values; bounded
+            _REFUSALS[key] = why
         return why
 
 
-_REFUSALS: dict[tuple, str | None] = {}   # the verdict depends only on the key's values
+_REFUSALS: dict[tuple, str | None] = {}
 
 
 def _refusal(t: Transform, protocol: ProtocolId) -> str | None:
