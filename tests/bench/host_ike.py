@@ -5,15 +5,20 @@ Child SA; PSK, `aes256gcm16-prfsha384-x25519`, ESP `aes256gcm16`, 0.0.0.0/0 + ::
 against a responder in another namespace, keeping at most W exchanges in flight. A setup counts
 when the initiator reports the Child SA installed, i.e. after the IKE_AUTH response. Rounds
 alternate between the responders so that both see the same machine load, and the result is
-printed as a ratio against strongSwan's responder measured in the same run. Nothing is asserted
-on the numbers.
+printed as a ratio against strongSwan's responder measured in the same run. Each round also
+prints the CPU time per setup of the responder, the initiator and this process (from /proc), and
+how many cores other processes kept busy meanwhile: the machine is shared, and the setups/s of
+both responders move with that load. Nothing is asserted on the numbers.
 
 - The initiator is strongSwan 5.9.8 (charon-systemd with `reuse_ikesa = no`, so every initiate
   is a new IKE SA), driven over vici. It is the same for every responder. To switch to our own
   initiator later, write a class with the `Initiator` methods and pass it to `measure()`.
 - The anchor responder is strongSwan 5.9.8 with Child SAs in kernel-libipsec (the host kernel has
-  no ESP), DoS protection off (no COOKIEs, no per-IP half-open limit) and `unique = never`.
-- Our responder joins by adding a class with the `Responder` methods to `responders()`.
+  no ESP), DoS protection off (no COOKIEs, no per-IP half-open limit), `unique = never`, no vici
+  listener, its level-0 audit log to a file.
+- Our responder is `python -m appliance.ikerunner` (one tunnel, unique=False), its event lines
+  to a file, its log at INFO to a file. `NOTES` (printed) lists what still differs.
+- A responder joins by adding a class with the `Responder` methods to `responders()`.
 
 Run: `.venv/bin/python tests/bench/host_ike.py [--tunnels N] [--window W] [--rounds R]` (root).
 """
