@@ -1,7 +1,7 @@
 """A thin asyncio shell around the sans-IO IKE engine: UDP sockets, a timer, events out.
 
-`IkeRunner` can be embedded (the daemon has its own socket layer, appliance/ikesockets.py, on
-its branch); `python -m appliance.ikerunner CONFIG.json` runs it standalone (used by the host tests to put one engine in each network namespace and by
+`IkeRunner` can be embedded in a larger asyncio program; `python -m appliance.ikerunner
+CONFIG.json` runs it standalone (used by the host tests to put one engine in each network namespace and by
 interop tests against strongSwan): events are printed as JSON lines on stdout, commands are
 read as lines on stdin (`rekey_child NAME`, `rekey_ike NAME`, `terminate NAME`,
 `connect NAME`, `status`, `quit`).
