@@ -1,9 +1,9 @@
 """A thin asyncio shell around the sans-IO IKE engine: UDP sockets, a timer, events out.
 
 `IkeRunner` can be embedded in a larger asyncio program; `python -m appliance.ikerunner
-CONFIG.json` runs it standalone (used by the host tests to put one engine in each network namespace and by
-interop tests against strongSwan): events are printed as JSON lines on stdout, commands are
-read as lines on stdin (`rekey_child NAME`, `rekey_ike NAME`, `terminate NAME`,
+CONFIG.json` runs it standalone (used by the host tests to put one engine in each network
+namespace, by interop tests against strongSwan and by the bench): events are printed as JSON
+lines on stdout, commands are read as lines on stdin (`rekey_child NAME`, `rekey_ike NAME`, `terminate NAME`,
 `connect NAME`, `status`, `quit`).
 
 Sockets: one per (address, port) to listen on. On the NAT-T port (4500 by default) IKE
