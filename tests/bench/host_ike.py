@@ -363,7 +363,8 @@ NOTES = (
     "calls per Child SA.",
     "strongSwan has a thread pool (both cores); ours is one Python process (one core at a time). "
     "Under contention for the 2 cores (the initiator, this bench, other users' processes) the "
-    "scheduler shares CPU per thread, which favours the thread pool; hence the CPU per setup too.",
+    "scheduler shares CPU per thread, which favours the thread pool. The responders' CPU per setup "
+    "(printed too) is the comparison that depends least on that load.",
     "Neither responder has a vici/event listener attached, DoS protection (cookies) is off on both, "
     "DPD is off on both; both accept any number of IKE SAs for the one tunnel (unique=never). "
     "Both write their audit log lines to a file (strongSwan at level 0: IKE_SA and CHILD_SA "
