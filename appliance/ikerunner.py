@@ -1,9 +1,9 @@
 """A thin asyncio shell around the sans-IO IKE engine: UDP sockets, a timer, events out.
 
-The daemon (another issue) embeds `IkeRunner`; `python -m appliance.ikerunner CONFIG.json`
-runs it standalone (used by the host tests to put one engine in each network namespace and by
-interop tests against strongSwan): events are printed as JSON lines on stdout, commands are
-read as lines on stdin (`rekey_child NAME`, `rekey_ike NAME`, `terminate NAME`,
+`IkeRunner` can be embedded in a larger asyncio program; `python -m appliance.ikerunner
+CONFIG.json` runs it standalone (used by the host tests to put one engine in each network
+namespace, by interop tests against strongSwan and by the bench): events are printed as JSON
+lines on stdout, commands are read as lines on stdin (`rekey_child NAME`, `rekey_ike NAME`, `terminate NAME`,
 `connect NAME`, `status`, `quit`).
 
 Sockets: one per (address, port) to listen on. On the NAT-T port (4500 by default) IKE
@@ -24,6 +24,7 @@ import os
 import socket
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -47,20 +48,18 @@ class Listen:
     natt: bool = False   # the NAT-T port: non-ESP marker in front of IKE messages
 
 
-class _Proto(asyncio.DatagramProtocol):
-    def __init__(self, runner: "IkeRunner", listen: Listen) -> None:
-        self.runner = runner
-        self.listen = listen
-
-    def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[override]
-        self.runner._received(self.listen, data, (addr[0], addr[1]))
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("socket %s:%d: %s", self.listen.address, self.listen.port, exc)
-
-
 class IkeRunner:
-    """Feeds an IkeEngine from UDP sockets and its timer; reports events to `on_event`."""
+    """Feeds an IkeEngine from UDP sockets and its timer; reports events to `on_event`.
+
+    Per wake-up of the event loop a readable socket is drained (up to `batch` datagrams, each
+    handed to the engine in arrival order; after each one the engine's events are reported and
+    then its datagrams sent), and the timer is re-armed once for the whole batch. The sockets are plain
+    non-blocking sockets watched with `loop.add_reader` (no asyncio transport/protocol objects
+    per datagram); a send that would block is queued and retried when the socket is writable.
+    """
+
+    #: Datagrams read from one socket per event-loop wake-up (then others get their turn).
+    batch = 64
 
     def __init__(self, engine: IkeEngine, listen: list[Listen], on_event: Callable[[ev.Event], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -68,9 +67,11 @@ class IkeRunner:
         self.listen = listen
         self.on_event = on_event
         self.clock = clock
-        self._transports: dict[tuple[str, int], asyncio.DatagramTransport] = {}
+        self._socks: dict[tuple[str, int], socket.socket] = {}
         self._natt: dict[tuple[str, int], bool] = {}
+        self._backlog: dict[socket.socket, deque[tuple[bytes, tuple[str, int]]]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -78,25 +79,37 @@ class IkeRunner:
         for li in self.listen:
             family = socket.AF_INET6 if ":" in li.address else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if li.natt:
-                try:
-                    sock.setsockopt(SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP)
-                except OSError as e:  # e.g. a kernel without ESP-in-UDP: IKE still works
-                    log.info("UDP_ENCAP on %s:%d not available: %s", li.address, li.port, e)
-            sock.bind((li.address, li.port))
-            transport, _ = await self._loop.create_datagram_endpoint(lambda li=li: _Proto(self, li), sock=sock)
-            self._transports[(li.address, li.port)] = transport  # type: ignore[assignment]
-            self._natt[(li.address, li.port)] = li.natt
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if li.natt:
+                    try:
+                        sock.setsockopt(SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP)
+                    except OSError as e:  # e.g. a kernel without ESP-in-UDP: IKE still works
+                        log.info("UDP_ENCAP on %s:%d not available: %s", li.address, li.port, e)
+                sock.bind((li.address, li.port))
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+            key = (li.address, li.port)
+            self._socks[key] = sock
+            self._natt[key] = li.natt
+            self._loop.add_reader(sock.fileno(), self._readable, sock, li)
         self.engine.start(self.clock())
         self._flush()
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        for t in self._transports.values():
-            t.close()
-        self._transports.clear()
+            self._timer = self._timer_at = None
+        for sock in self._socks.values():
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+                if sock in self._backlog:
+                    self._loop.remove_writer(sock.fileno())
+            sock.close()
+        self._socks.clear()
+        self._backlog.clear()
 
     # commands ------------------------------------------------------------------------
     def command(self, fn: Callable[[float], None]) -> None:
@@ -105,44 +118,104 @@ class IkeRunner:
         self._flush()
 
     # internals -----------------------------------------------------------------------
-    def _received(self, li: Listen, data: bytes, src: tuple[str, int]) -> None:
-        if li.natt:
-            if data[:4] != NON_ESP_MARKER:
-                return   # ESP the kernel did not take, or a NAT keepalive (0xff)
-            data = data[4:]
-        self.engine.receive_datagram(data, src, (li.address, li.port), self.clock())
-        self._flush()
+    def _readable(self, sock: socket.socket, li: Listen) -> None:
+        engine, clock = self.engine, self.clock
+        local = (li.address, li.port)
+        natt = li.natt
+        for _ in range(self.batch):
+            try:
+                data, addr = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:   # an ICMP error queued on the socket; the next read goes on
+                log.debug("socket %s:%d: %s", li.address, li.port, e)
+                continue
+            if natt:
+                if data[:4] != NON_ESP_MARKER:
+                    continue   # ESP the kernel did not take, or a NAT keepalive (0xff)
+                data = data[4:]
+            engine.receive_datagram(data, (addr[0], addr[1]), local, clock())
+            self._deliver()   # answer at once: the peer works on it while we read on
+        self._arm_timer(engine.get_timer())
 
     def _on_timer(self) -> None:
-        self._timer = None
+        self._timer = self._timer_at = None
         self.engine.handle_timer(self.clock())
         self._flush()
 
     def _flush(self) -> None:
-        for d in self.engine.datagrams_to_send():
-            t = self._transports.get(d.src) or self._any_transport(d.src[1])
-            if t is None:
+        self._deliver()
+        self._arm_timer(self.engine.get_timer())
+
+    def _deliver(self) -> None:
+        """Events first (the consumer installs a new inbound SA before our response lets the
+        peer use it), then the datagrams."""
+        engine = self.engine
+        on_event = self.on_event
+        while (e := engine.next_event()) is not None:
+            try:
+                on_event(e)
+            except Exception:  # noqa: BLE001 - a failing consumer must not stop the engine
+                log.exception("event consumer failed on %s", type(e).__name__)
+        for d in engine.datagrams_to_send():
+            sock = self._socks.get(d.src) or self._any_sock(d.src[1])
+            if sock is None:
                 log.warning("no socket for %s:%d; datagram to %s:%d dropped", *d.src, *d.dst)
                 continue
             natt = self._natt.get(d.src, d.src[1] == 4500)
-            t.sendto(NON_ESP_MARKER + d.data if natt else d.data, d.dst)
-        while (e := self.engine.next_event()) is not None:
-            try:
-                self.on_event(e)
-            except Exception:  # noqa: BLE001 - a failing consumer must not stop the engine
-                log.exception("event consumer failed on %s", type(e).__name__)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        when = self.engine.get_timer()
-        if when is not None and self._loop is not None:
-            delay = max(0.0, when - self.clock())
-            self._timer = self._loop.call_later(delay, self._on_timer)
+            self._sendto(sock, NON_ESP_MARKER + d.data if natt else d.data, d.dst)
 
-    def _any_transport(self, port: int):
-        for (addr, p), t in self._transports.items():
+    def _arm_timer(self, when: float | None) -> None:
+        """Keep one loop timer at or before the engine's next timer. An armed timer that is
+        earlier than needed stays (waking the engine early is harmless: it re-arms)."""
+        if when is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = self._timer_at = None
+            return
+        if self._timer is not None:
+            assert self._timer_at is not None
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        if self._loop is None:
+            return
+        self._timer_at = when
+        self._timer = self._loop.call_later(max(0.0, when - self.clock()), self._on_timer)
+
+    def _sendto(self, sock: socket.socket, data: bytes, dst: tuple[str, int]) -> None:
+        backlog = self._backlog.get(sock)
+        if backlog is not None:       # keep the order: queue behind what is waiting
+            backlog.append((data, dst))
+            return
+        try:
+            sock.sendto(data, dst)
+        except (BlockingIOError, InterruptedError):
+            self._backlog[sock] = deque([(data, dst)])
+            if self._loop is not None:
+                self._loop.add_writer(sock.fileno(), self._writable, sock)
+        except OSError as e:          # e.g. no route to the peer: IKE retransmits
+            log.debug("sending to %s:%d: %s", dst[0], dst[1], e)
+
+    def _writable(self, sock: socket.socket) -> None:
+        backlog = self._backlog.get(sock)
+        while backlog:
+            data, dst = backlog[0]
+            try:
+                sock.sendto(data, dst)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.debug("sending to %s:%d: %s", dst[0], dst[1], e)
+            backlog.popleft()
+        self._backlog.pop(sock, None)
+        if self._loop is not None:
+            self._loop.remove_writer(sock.fileno())
+
+    def _any_sock(self, port: int) -> socket.socket | None:
+        for (addr, p), sock in self._socks.items():
             if p == port and addr in ("0.0.0.0", "::"):
-                return t
+                return sock
         return None
 
 
@@ -154,18 +227,25 @@ _KEY_FIELDS = {"encr_key_in", "encr_key_out", "integ_key_in", "integ_key_out"}
 def event_to_json(e: ev.Event) -> dict:
     """An event as JSON: bytes as hex, keys replaced by a SHA-256 fingerprint (first 8 octets)
     so tests can compare keys with a peer's without any key being printed."""
-    out: dict = {"event": type(e).__name__}
-    for f in fields(e):  # type: ignore[arg-type]
-        v = getattr(e, f.name)
-        if f.name in _KEY_FIELDS:
-            out[f.name + "_sha256"] = hashlib.sha256(v).hexdigest()[:16] if v else ""
+    cls = type(e)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+    out: dict = {"event": cls.__name__}
+    for name in names:
+        v = getattr(e, name)
+        if name in _KEY_FIELDS:
+            out[name + "_sha256"] = hashlib.sha256(v).hexdigest()[:16] if v else ""
         elif isinstance(v, bytes):
-            out[f.name] = v.hex()
+            out[name] = v.hex()
         elif isinstance(v, tuple):
-            out[f.name] = list(v)
+            out[name] = list(v)
         else:
-            out[f.name] = v
+            out[name] = v
     return out
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def tunnel_from_json(d: dict) -> TunnelConfig:
@@ -200,16 +280,28 @@ async def _amain(cfg: dict) -> int:
     engine = IkeEngine(tunnels, random=os.urandom)
     listen = [Listen(li["address"], li["port"], li.get("natt", li["port"] == 4500)) for li in cfg["listen"]]
     out = sys.stdout
+    loop = asyncio.get_running_loop()
+    lines: list[str] = []
+
+    def write_out() -> None:
+        if lines:
+            out.write("".join(lines))
+            out.flush()
+            lines.clear()
+
+    def say(obj: dict) -> None:
+        lines.append(json.dumps(obj) + "\n")
+        write_out()
 
     def emit(e: ev.Event) -> None:
-        out.write(json.dumps(event_to_json(e)) + "\n")
-        out.flush()
+        # the events of one loop iteration go out in one write
+        if not lines:
+            loop.call_soon(write_out)
+        lines.append(json.dumps(event_to_json(e)) + "\n")
 
     runner = IkeRunner(engine, listen, emit)
     await runner.start()
-    out.write(json.dumps({"event": "ready"}) + "\n")
-    out.flush()
-    loop = asyncio.get_running_loop()
+    say({"event": "ready"})
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     try:
@@ -225,21 +317,20 @@ async def _amain(cfg: dict) -> int:
                 if cmd == "quit":
                     break
                 if cmd == "status":
-                    out.write(json.dumps({"event": "status", "sas": [repr(sa) for sa in engine.sas()]}) + "\n")
-                    out.flush()
+                    say({"event": "status", "sas": [repr(sa) for sa in engine.sas()]})
                 elif cmd in ("rekey_child", "rekey_ike", "terminate", "connect"):
                     fn = getattr(engine, cmd)
                     runner.command(lambda now, fn=fn: fn(args[0], now))
                 else:
                     raise ValueError(f"unknown command {cmd!r}")
             except (LookupError, ValueError) as e:
-                out.write(json.dumps({"event": "error", "message": str(e)}) + "\n")
-                out.flush()
+                say({"event": "error", "message": str(e)})
     finally:
         for t in tunnels:
             runner.command(lambda now, n=t.name: engine.terminate(n, now))
         await asyncio.sleep(cfg.get("shutdown_wait", 0.5))
         runner.close()
+        write_out()
     return 0
 
 

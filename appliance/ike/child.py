@@ -111,8 +111,7 @@ def esp_proposals_with_spi(proposals: tuple[Proposal, ...], spi: bytes, *, with_
 
 
 def strip_dh(p: Proposal) -> Proposal:
-    return Proposal(p.protocol, tuple(t for t in p.transforms if t.type != TransformType.DH),
-                    p.number, p.spi)
+    return p.without_dh
 
 
 def pfs_group(p: Proposal) -> int | None:
@@ -137,25 +136,44 @@ def selectors_for(nets: tuple[Net, ...]) -> list[TrafficSelector]:
     return out
 
 
+def _ranges(nets: tuple[Net, ...]) -> tuple[tuple[int, int, int], ...]:
+    """(IP version, first, last address as integers) of each network; kept per tuple object
+    (the tunnel configuration's networks are one tuple for the tunnel's life)."""
+    hit = _RANGES.get(id(nets))
+    if hit is not None and hit[0] is nets:
+        return hit[1]
+    ranges = tuple((n.version, int(n.network_address), int(n.broadcast_address)) for n in nets)
+    if len(_RANGES) >= 1024:
+        _RANGES.clear()
+    _RANGES[id(nets)] = (nets, ranges)   # holds `nets`, so its id is not reused meanwhile
+    return ranges
+
+
+_RANGES: dict[int, tuple[tuple, tuple[tuple[int, int, int], ...]]] = {}
+
+
 def narrow(theirs: list[TrafficSelector], ours: tuple[Net, ...]) -> list[TrafficSelector]:
     """Responder narrowing (§2.9): each of their selectors intersected with our networks."""
     out: list[TrafficSelector] = []
+    ranges = _ranges(ours)
     for ts in theirs:
         lo = int.from_bytes(ts.start_addr, "big")
         hi = int.from_bytes(ts.end_addr, "big")
         if lo > hi or ts.start_port > ts.end_port:
             continue
-        for n in ours:
-            version = 4 if ts.ts_type == TS_IPV4_ADDR_RANGE else 6
-            if n.version != version:
+        version = 4 if ts.ts_type == TS_IPV4_ADDR_RANGE else 6
+        for n_version, nlo, nhi in ranges:
+            if n_version != version:
                 continue
-            nlo, nhi = int(n.network_address), int(n.broadcast_address)
             a, b = max(lo, nlo), min(hi, nhi)
             if a > b:
                 continue
-            size = len(ts.start_addr)
-            sel = TrafficSelector(ts.ts_type, a.to_bytes(size, "big"), b.to_bytes(size, "big"),
-                                  ts.ip_protocol, ts.start_port, ts.end_port)
+            if a == lo and b == hi:
+                sel = ts   # inside our network already (frozen: the same selector will do)
+            else:
+                size = len(ts.start_addr)
+                sel = TrafficSelector(ts.ts_type, a.to_bytes(size, "big"), b.to_bytes(size, "big"),
+                                      ts.ip_protocol, ts.start_port, ts.end_port)
             if sel not in out:
                 out.append(sel)
     return out

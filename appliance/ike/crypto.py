@@ -243,7 +243,7 @@ class IkeSuite:
 
 
 def _as_suite(suite: "IkeSuite | Proposal") -> IkeSuite:
-    return suite if isinstance(suite, IkeSuite) else IkeSuite.from_proposal(suite)
+    return suite if isinstance(suite, IkeSuite) else suite.derived("ike_suite", IkeSuite.from_proposal)
 
 
 def _split_ike_keys(suite: IkeSuite, skeyseed: bytes, seed: bytes) -> IkeKeys:
@@ -358,7 +358,7 @@ class SkCipher:
 
     def __init__(self, encr_id: int, key_len_bits: int | None, integ_id: int | None,
                  SK_e: bytes, SK_a: bytes = b"") -> None:
-        self.encr = EncrId(encr_id) if encr_id in EncrId._value2member_map_ else encr_id
+        self.encr = EncrId._value2member_map_.get(encr_id, encr_id)
         self.key_bits = key_len_bits
         need = encr_key_len(encr_id, key_len_bits)
         if len(SK_e) != need:
@@ -380,7 +380,7 @@ class SkCipher:
             if integ_id in (None, IntegId.NONE):
                 raise UnsupportedAlgorithm(f"{_name(encr_id, EncrId)} needs an integrity "
                                            "transform")
-            self.integ = IntegId(integ_id) if integ_id in IntegId._value2member_map_ else integ_id
+            self.integ = IntegId._value2member_map_.get(integ_id, integ_id)
             h, klen, icv = _integ(integ_id)
             if len(SK_a) != klen:
                 raise CryptoError(f"{_name(integ_id, IntegId)} needs a {klen}-octet SK_a, "

@@ -24,11 +24,12 @@ new one started.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import ipaddress
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from appliance.ike import child_create, ike_init, ike_rekey, informational
@@ -62,6 +63,20 @@ class _Tunnel:
     restart: bool = False              # DPD action restart on a tunnel with start=False
     child_retry_at: float | None = None
     child_failures: int = 0
+    order: int = 0                     # position among the tunnels (they are maintained in order)
+    on_due_change: Callable[["_Tunnel"], None] | None = field(default=None, repr=False)
+
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name in ("reconnect_at", "child_retry_at") and self.on_due_change is not None:
+            self.on_due_change(self)   # the engine keeps every tunnel's next due time in a heap
+
+    @property
+    def due(self) -> float | None:
+        r, c = self.reconnect_at, self.child_retry_at
+        if r is None:
+            return c
+        return r if c is None or r <= c else c
 
 
 class IkeEngine:
@@ -82,6 +97,14 @@ class IkeEngine:
         self._timer_of: dict[IkeSa, float] = {}
         self._timer_heap: list[tuple[float, int, IkeSa]] = []
         self._dirty: set[IkeSa] = set()
+        # Tunnel upkeep (_maintain) looks only at tunnels whose SAs were touched since the last
+        # time, and at tunnels whose reconnect/child retry time has come (a heap of due times,
+        # entries checked against the tunnel's current one): no pass over every tunnel per
+        # datagram.
+        self._dirty_tunnels: set[str] = set()
+        self._tunnel_heap: list[tuple[float, int, str]] = []
+        self._tunnel_order = 0
+        self._by_remote: dict | None = None     # configs_for index, rebuilt after tunnel changes
         self._out: list[Datagram] = []
         self._events: deque[ev.Event] = deque()
         self._started = False
@@ -93,13 +116,21 @@ class IkeEngine:
     def add_tunnel(self, config: TunnelConfig) -> None:
         if config.name in self._tunnels:
             raise ValueError(f"tunnel {config.name!r} already exists")
-        self._tunnels[config.name] = _Tunnel(config)
+        self._tunnel_order += 1
+        t = _Tunnel(config, order=self._tunnel_order)
+        t.on_due_change = self._tunnel_due_changed
+        self._tunnels[config.name] = t
+        self._dirty_tunnels.add(config.name)
+        self._by_remote = None
 
     def remove_tunnel(self, name: str, now: float) -> None:
         """Delete the tunnel's SAs (DELETE sent) and forget the tunnel."""
         self.terminate(name, now)
         t = self._tunnels.pop(name)
         t.hold = True
+        t.on_due_change = None
+        self._dirty_tunnels.discard(name)
+        self._by_remote = None
 
     def tunnels(self) -> list[TunnelConfig]:
         return [t.config for t in self._tunnels.values()]
@@ -111,6 +142,7 @@ class IkeEngine:
         for t in self._tunnels.values():
             if t.config.start and not self._alive_sas(t.config.name):
                 t.reconnect_at = now
+        self._dirty_tunnels.update(self._tunnels)
         self._maintain(now)
 
     def connect(self, name: str, now: float) -> None:
@@ -118,6 +150,7 @@ class IkeEngine:
         t = self._tunnels[name]
         t.hold = False
         t.failures = 0
+        self._dirty_tunnels.add(name)
         if not self._alive_sas(name):
             self._initiate(t, now)
 
@@ -211,17 +244,32 @@ class IkeEngine:
         heap = self._timer_heap
         while heap and self._timer_of.get(heap[0][2]) != heap[0][0]:
             heapq.heappop(heap)    # stale entry
-        times = [heap[0][0]] if heap else []
-        for tun in self._tunnels.values():
-            for t in (tun.reconnect_at, tun.child_retry_at):
-                if t is not None:
-                    times.append(t)
-        return min(times) if times else None
+        sa_time = heap[0][0] if heap else None
+        th = self._tunnel_heap
+        while th and self._tunnel_due(th[0][2]) != th[0][0]:
+            heapq.heappop(th)      # stale entry
+        if not th:
+            return sa_time
+        return th[0][0] if sa_time is None or th[0][0] < sa_time else sa_time
+
+    def _tunnel_due(self, name: str) -> float | None:
+        t = self._tunnels.get(name)
+        return t.due if t is not None else None
+
+    def _tunnel_due_changed(self, t: _Tunnel) -> None:
+        due = t.due
+        if due is not None:
+            self._seq += 1
+            heapq.heappush(self._tunnel_heap, (due, self._seq, t.config.name))
+            if len(self._tunnel_heap) > 4 * len(self._tunnels) + 64:   # drop stale entries
+                self._tunnel_heap = [e for e in self._tunnel_heap if self._tunnel_due(e[2]) == e[0]]
+                heapq.heapify(self._tunnel_heap)
 
     def _touch(self, sa: IkeSa) -> None:
         """`sa` may have changed its timers; cross-SA effects (duplicates, INITIAL_CONTACT,
         rekeys) stay within a tunnel, so a unique tunnel's other SAs are touched as well."""
         self._dirty.add(sa)
+        self._dirty_tunnels.add(sa.tunnel)
         for o in (sa.peer_rekey, sa.rekeyed_to, sa.rekey_replaces):
             if o is not None and o.alive:
                 self._dirty.add(o)
@@ -231,6 +279,7 @@ class IkeEngine:
 
     def _touch_tunnel(self, name: str) -> None:
         self._dirty.update(self._by_tunnel.get(name, ()))
+        self._dirty_tunnels.add(name)
 
     def _refresh_timers(self) -> None:
         while self._dirty:
@@ -301,6 +350,7 @@ class IkeEngine:
         if old_name != sa.tunnel:
             self._by_tunnel.get(old_name, set()).discard(sa)
             self._by_tunnel.setdefault(sa.tunnel, set()).add(sa)
+            self._dirty_tunnels.add(old_name)
         self._touch(sa)
 
     def register_peer_spi(self, sa: IkeSa) -> None:
@@ -321,12 +371,19 @@ class IkeEngine:
         return False
 
     def configs_for(self, local: Endpoint, remote: Endpoint) -> list[TunnelConfig]:
-        """Tunnels an IKE_SA_INIT from `remote` to `local` may belong to."""
+        """Tunnels an IKE_SA_INIT from `remote` to `local` may belong to (in tunnel order)."""
+        index = self._by_remote
+        if index is None:
+            index = self._by_remote = {}
+            for t in self._tunnels.values():   # by remote address; None: any address
+                key = None if t.config.remote_addr is None else _ip(t.config.remote_addr)
+                index.setdefault(key, []).append(t)
+        exact = index.get(_ip(remote[0]), []) if _ip(remote[0]) is not None else []
+        anywhere = index.get(None, [])
+        tunnels = sorted(exact + anywhere, key=lambda t: t.order) if exact and anywhere else exact or anywhere
         out = []
-        for t in self._tunnels.values():
+        for t in tunnels:
             c = t.config
-            if c.remote_addr is not None and not _same_ip(c.remote_addr, remote[0]):
-                continue
             if c.local_addr is not None and not _same_ip(c.local_addr, local[0]):
                 continue
             out.append(c)
@@ -396,8 +453,10 @@ class IkeEngine:
     def on_removed(self, sa: IkeSa, now: float, reason: str, *, peer_dead: bool, failed: bool) -> None:
         if self._sas.get(sa.my_spi) is sa:
             del self._sas[sa.my_spi]
-        for members in self._by_tunnel.values():
+        members = self._by_tunnel.get(sa.tunnel)    # an SA is in its tunnel's set only (retag)
+        if members is not None:
             members.discard(sa)
+        self._dirty_tunnels.add(sa.tunnel)
         self._timer_of.pop(sa, None)
         self._dirty.discard(sa)
         self._forget_half_open(sa)
@@ -453,41 +512,60 @@ class IkeEngine:
         ike_init.start(sa, now)
 
     def _maintain(self, now: float) -> None:
-        for t in self._tunnels.values():
-            name = t.config.name
-            if not t.config.start and not t.restart:
+        names = self._dirty_tunnels
+        th = self._tunnel_heap
+        while th and th[0][0] <= now:
+            _due, _n, name = heapq.heappop(th)
+            names.add(name)       # due (or stale: looking again is harmless)
+        if not names:
+            return
+        self._dirty_tunnels = set()
+        todo = [self._tunnels[n] for n in names if n in self._tunnels]
+        if len(todo) > 1:
+            todo.sort(key=lambda t: t.order)
+        for t in todo:
+            self._maintain_tunnel(t, now)
+            due = t.due
+            if due is not None and due <= now:
+                self._tunnel_due_changed(t)   # still due (not acted on): look again next time
+
+    def _maintain_tunnel(self, t: _Tunnel, now: float) -> None:
+        """Keep one tunnel up: (re)initiate it, re-create a missing Child SA (with back-off)."""
+        name = t.config.name
+        if not t.config.start and not t.restart:
+            if t.reconnect_at is not None or t.child_retry_at is not None:
                 t.reconnect_at = t.child_retry_at = None
-                continue
-            # a half-open SA the peer started does not count: it may never complete
-            live = [sa for sa in self._alive_sas(name) if sa.initiator or sa.established_at is not None]
-            if not live:
-                t.child_retry_at = None
-                if (self._started or t.restart) and not t.hold and t.config.remote_addr is not None:
-                    if t.reconnect_at is None:
-                        t.reconnect_at = now + self._backoff(t.config, max(1, t.failures))
-                    if now >= t.reconnect_at:
-                        self._initiate(t, now)
-                else:
-                    t.reconnect_at = None
-                continue
-            t.reconnect_at = None
-            t.restart = False
-            if not t.config.start:
-                continue
-            cur = self.current_sa(name)
-            if cur is None:
-                t.child_retry_at = None
-                continue
-            if (cur.children_in_use() or any(c.alive and not c.redundant for c in cur.children)
-                    or cur.has_queued(lambda e: isinstance(e, child_create.CreateChild))):
-                t.child_retry_at = None
-                continue
-            if t.child_retry_at is None:
-                t.child_retry_at = now + t.config.reconnect_delay
-            if now >= t.child_retry_at:
-                t.child_retry_at = None
-                child_create.start_new_child(cur, now)
-                self._touch(cur)
+            return
+        # a half-open SA the peer started does not count: it may never complete
+        live = [sa for sa in self._alive_sas(name) if sa.initiator or sa.established_at is not None]
+        if not live:
+            t.child_retry_at = None
+            if (self._started or t.restart) and not t.hold and t.config.remote_addr is not None:
+                if t.reconnect_at is None:
+                    t.reconnect_at = now + self._backoff(t.config, max(1, t.failures))
+                if now >= t.reconnect_at:
+                    self._initiate(t, now)
+            else:
+                t.reconnect_at = None
+            return
+        t.reconnect_at = None
+        t.restart = False
+        if not t.config.start:
+            return
+        cur = self.current_sa(name)
+        if cur is None:
+            t.child_retry_at = None
+            return
+        if (cur.children_in_use() or any(c.alive and not c.redundant for c in cur.children)
+                or cur.has_queued(lambda e: isinstance(e, child_create.CreateChild))):
+            t.child_retry_at = None
+            return
+        if t.child_retry_at is None:
+            t.child_retry_at = now + t.config.reconnect_delay
+        if now >= t.child_retry_at:
+            t.child_retry_at = None
+            child_create.start_new_child(cur, now)
+            self._touch(cur)
 
     def _resolve_duplicate_ike_sas(self, name: str, now: float) -> None:
         """Crossing initiations left two IKE SAs up for one tunnel: keep the one whose
@@ -534,7 +612,13 @@ class IkeEngine:
 
 
 def _same_ip(a: str, b: str) -> bool:
+    x, y = _ip(a), _ip(b)
+    return x is not None and x == y
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False
+        return None

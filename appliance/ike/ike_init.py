@@ -108,7 +108,7 @@ def receive(sa: IkeSa, data: bytes, hdr: Header, src: Endpoint, dst: Endpoint, n
     if not hdr.is_response or p is None or not isinstance(p.exchange, IkeSaInit) or hdr.message_id != 0:
         return
     try:
-        msg, enc = parse_message(data)
+        msg, enc = parse_message(data, hdr)
     except ParseError as e:
         log.info("%s: malformed IKE_SA_INIT response: %s", sa, e.reason)
         return
@@ -208,7 +208,7 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
     if hdr.is_response or hdr.message_id != 0 or hdr.spi_r != ZERO_SPI or not hdr.is_initiator:
         return None
     try:
-        msg, enc = parse_message(data)
+        msg, enc = parse_message(data, hdr)
     except ParseError as e:
         log.info("IKE_SA_INIT from %s:%d malformed: %s", src[0], src[1], e.reason)
         if e.notify in (NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD,):

@@ -89,6 +89,15 @@ class Payload:
 
 
 def _encode_transform(t: Transform, last: bool) -> bytes:
+    # Transforms are immutable: their encoding (with "last" = 0) is kept on the object.
+    wire = t.__dict__.get("_wire")
+    if wire is None:
+        wire = t.__dict__["_wire"] = _transform_wire(t)
+    return wire if last else b"\x03" + wire[1:]
+
+
+def _transform_wire(t: Transform) -> bytes:
+    last = True
     attrs = b""
     if t.key_length is not None:
         attrs += struct.pack("!HH", _AF_TV | ATTR_KEY_LENGTH, t.key_length)
@@ -103,6 +112,10 @@ def _encode_transform(t: Transform, last: bool) -> bytes:
 
 
 def _decode_transform(ttype: int, tid: int, data: bytes) -> Transform:
+    if not data:
+        return Transform.plain(ttype, tid)
+    if len(data) == 4 and data[0] == 0x80 and data[1] == ATTR_KEY_LENGTH:   # TV Key Length only
+        return Transform.plain(ttype, tid, (data[2] << 8) | data[3])
     key_length: int | None = None
     others: list[tuple[int, bytes]] = []
     pos = 0
@@ -205,10 +218,8 @@ class SA(Payload):
                 raise ParseError(f"proposal says {ntrans} transforms, has {len(transforms)}")
             if not tlast:
                 raise ParseError("last transform not marked as last")
-            try:
-                protocol = ProtocolId(proto)
-            except ValueError:
-                protocol = proto  # kept; selection refuses what it does not know
+            # a ProtocolId when known; else kept as a number (selection refuses what it does not know)
+            protocol = ProtocolId._value2member_map_.get(proto, proto)
             proposals.append(Proposal(protocol, tuple(transforms), num, spi))
             last = more == 0
             pos = end
@@ -641,15 +652,20 @@ def _enum_name(enum: type, value: int) -> str:
 def _encode_chain(payloads: Sequence[Payload], next_after: int = 0) -> tuple[int, bytes]:
     """Encode a payload chain; return (type of the first payload, bytes)."""
     out = []
+    types = [p.payload_type for p in payloads]
+    types.append(next_after)
+    pack = _GENERIC.pack
     for i, p in enumerate(payloads):
-        nxt = payloads[i + 1].payload_type if i + 1 < len(payloads) else next_after
         body = p.body()
         length = GENERIC_HEADER_LEN + len(body)
         if length > 0xFFFF:
-            raise ValueError(f"payload {p.payload_type} too long")
-        out.append(struct.pack("!BBH", nxt, 0x80 if p.critical else 0, length) + body)
-    first = payloads[0].payload_type if payloads else 0
-    return first, b"".join(out)
+            raise ValueError(f"payload {types[i]} too long")
+        out.append(pack(types[i + 1], 0x80 if p.critical else 0, length))
+        out.append(body)
+    return types[0], b"".join(out)
+
+
+_GENERIC = struct.Struct("!BBH")
 
 
 def _header(msg: Message, next_payload: int, length: int) -> bytes:
@@ -742,10 +758,12 @@ def _parse_chain(data: bytes, pos: int, end: int, first: int, *,
     return payloads, None
 
 
-def parse_message(data: bytes) -> tuple[Message, Encrypted | None]:
+def parse_message(data: bytes, hdr: Header | None = None) -> tuple[Message, Encrypted | None]:
     """Parse an IKE message. If it carries an SK payload, the returned Encrypted locates it;
-    the message's payloads are then those before SK (normally none): call decrypt_message()."""
-    hdr = parse_header(data)
+    the message's payloads are then those before SK (normally none): call decrypt_message().
+    `hdr` is this very datagram's header if the caller has parsed it already."""
+    if hdr is None:
+        hdr = parse_header(data)
     payloads, enc = _parse_chain(data, IKE_HEADER_LEN, len(data), hdr.next_payload, allow_sk=True)
     msg = Message(hdr.spi_i, hdr.spi_r, hdr.exchange_type, hdr.message_id, hdr.is_response,
                   hdr.is_initiator, payloads, encrypted=enc is not None, minor_version=hdr.minor_version)

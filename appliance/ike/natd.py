@@ -8,6 +8,7 @@ hash matches where the datagram came from talks to a peer behind a NAT.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from appliance.ike.constants import NotifyType
@@ -18,7 +19,12 @@ Endpoint = tuple[str, int]
 
 
 def _hash(spi_i: bytes, spi_r: bytes, ep: Endpoint) -> bytes:
-    return nat_detection_hash(spi_i, spi_r, ipaddress.ip_address(ep[0]).packed, ep[1])
+    return nat_detection_hash(spi_i, spi_r, _packed(ep[0]), ep[1])
+
+
+@functools.lru_cache(maxsize=4096)
+def _packed(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed
 
 
 def payloads(spi_i: bytes, spi_r: bytes, local: Endpoint, remote: Endpoint) -> list[Notify]:
@@ -30,8 +36,9 @@ def check(msg: Message, local: Endpoint, remote: Endpoint) -> tuple[bool, bool] 
     """(we are behind a NAT, the peer is behind a NAT) from a received message's NAT-D
     notifies (its header SPIs), `local` being where it arrived and `remote` where it came from;
     None when the peer sent no NAT detection (then no NAT is assumed)."""
-    src = [n.data for n in msg.notifies() if n.notify_type == NotifyType.NAT_DETECTION_SOURCE_IP]
-    dst = [n.data for n in msg.notifies() if n.notify_type == NotifyType.NAT_DETECTION_DESTINATION_IP]
+    notifies = msg.notifies()
+    src = [n.data for n in notifies if n.notify_type == NotifyType.NAT_DETECTION_SOURCE_IP]
+    dst = [n.data for n in notifies if n.notify_type == NotifyType.NAT_DETECTION_DESTINATION_IP]
     if not src or not dst:
         return None
     nat_remote = _hash(msg.spi_i, msg.spi_r, remote) not in src

@@ -50,6 +50,9 @@ _ENUM_OF_TYPE: dict[int, type] = {
 #: Transform types this implementation understands (RFC 7296 §3.3.6: a proposal with any other
 #: type is unacceptable).
 KNOWN_TRANSFORM_TYPES = frozenset(_ENUM_OF_TYPE)
+# value -> enum member maps, for turning codec integers into members without Enum.__call__
+_TYPE_MEMBER = TransformType._value2member_map_
+_ID_MEMBERS: dict[int, dict] = {tt: enum._value2member_map_ for tt, enum in _ENUM_OF_TYPE.items()}
 
 #: Combined-mode (AEAD) ciphers: no INTEG transform (or only NONE) with these (RFC 7296 §3.3).
 AEAD_ENCR = frozenset(
@@ -122,14 +125,38 @@ class Transform:
 
     def __post_init__(self) -> None:
         # Show registry names when the values are known (the codec may hand us raw ints).
-        if self.type in KNOWN_TRANSFORM_TYPES:
-            object.__setattr__(self, "type", TransformType(self.type))
-            enum = _ENUM_OF_TYPE[self.type]
-            if self.id in enum._value2member_map_:
-                object.__setattr__(self, "id", enum(self.id))
+        members = _ID_MEMBERS.get(self.type)
+        if members is not None:
+            object.__setattr__(self, "type", _TYPE_MEMBER[self.type])
+            member = members.get(self.id)
+            if member is not None:
+                object.__setattr__(self, "id", member)
+
+    @classmethod
+    def plain(cls, ttype: int, tid: int, key_length: int | None = None) -> "Transform":
+        """A transform without extra attributes; equal ones are one shared (frozen) object."""
+        key = (ttype, tid, key_length)
+        t = _PLAIN.get(key)
+        if t is None:
+            t = cls(ttype, tid, key_length)
+            if len(_PLAIN) < _PLAIN_MAX:   # the codec calls this with values from the wire
+                _PLAIN[key] = t
+        return t
 
     def __str__(self) -> str:
         return transform_token(self)
+
+
+_PLAIN: dict[tuple[int, int, int | None], Transform] = {}
+_PLAIN_MAX = 2048
+
+
+def _group_by_type(transforms: tuple[Transform, ...]) -> dict[int, tuple[Transform, ...]]:
+    out: dict[int, tuple[Transform, ...]] = {}
+    for t in transforms:
+        prev = out.get(t.type)
+        out[t.type] = (t,) if prev is None else prev + (t,)
+    return out
 
 
 @dataclass(frozen=True)
@@ -146,7 +173,44 @@ class Proposal:
     spi: bytes = field(default=b"")
 
     def of_type(self, ttype: TransformType) -> tuple[Transform, ...]:
-        return tuple(t for t in self.transforms if t.type == ttype)
+        by_type = self.__dict__.get("_by_type")
+        if by_type is None:
+            by_type = self._derive("_by_type", _group_by_type(self.transforms))
+        return by_type.get(ttype, ())
+
+    # Derived data, computed once per (immutable) proposal and kept in the instance __dict__
+    # (not fields: they take no part in eq, hash or repr).
+    def _derive(self, name: str, value):
+        self.__dict__[name] = value
+        return value
+
+    def derived(self, name: str, compute):
+        """`compute(self)`, computed once for this (immutable) proposal. For data other
+        modules derive from a proposal (e.g. crypto's IKE suite); `name` must be unique."""
+        key = "_d_" + name
+        try:
+            return self.__dict__[key]
+        except KeyError:
+            return self._derive(key, compute(self))
+
+    @property
+    def effective_sets(self) -> dict[int, frozenset[Transform]]:
+        """Per Transform Type: the transforms without attributes, RFC 7296 defaults for absent
+        optional types included (what selection compares the peer's transforms with)."""
+        sets = self.__dict__.get("_effective_sets")
+        if sets is None:
+            sets = self._derive("_effective_sets", {tt: frozenset(_bare(t) for t in _effective(self, tt))
+                                                    for tt in _SELECTION_ORDER})
+        return sets
+
+    @property
+    def without_dh(self) -> "Proposal":
+        """This proposal without key exchange transforms (the first Child SA, §1.2)."""
+        p = self.__dict__.get("_without_dh")
+        if p is None:
+            p = self._derive("_without_dh", Proposal(self.protocol, tuple(
+                t for t in self.transforms if t.type != TransformType.DH), self.number, self.spi))
+        return p
 
     @property
     def encr(self) -> tuple[Transform, ...]:
@@ -276,7 +340,7 @@ _KIND_WORD = {TransformType.ENCR: "encryption", TransformType.PRF: "PRF",
 
 
 def _bare(t: Transform) -> Transform:
-    return Transform(t.type, t.id, t.key_length)
+    return t if not t.extra_attributes else Transform.plain(t.type, t.id, t.key_length)
 
 
 def transform_token(t: Transform) -> str:
@@ -295,6 +359,22 @@ def refusal(t: Transform, protocol: ProtocolId = ProtocolId.IKE) -> str | None:
 
     Returns "weak" or "unsupported" as the first word of the reason.
     """
+    if t.extra_attributes:
+        return _refusal(t, protocol)
+    key = (t.type, t.id, t.key_length, protocol)
+    try:
+        return _REFUSALS[key]
+    except KeyError:
+        why = _refusal(t, protocol)
+        if len(_REFUSALS) < 4096:   # the verdict depends only on the key's values; bounded
+            _REFUSALS[key] = why
+        return why
+
+
+_REFUSALS: dict[tuple, str | None] = {}
+
+
+def _refusal(t: Transform, protocol: ProtocolId) -> str | None:
     if t.type not in KNOWN_TRANSFORM_TYPES:
         return f"unsupported transform type {int(t.type)}"
     if t.extra_attributes:
@@ -445,6 +525,10 @@ def parse_proposals(text: str | Iterable[str], kind: Kind) -> list[Proposal]:
 def format_proposal(p: Proposal) -> str:
     """The strongSwan spelling of a proposal; ``parse_proposal(format_proposal(p))`` gives ``p``
     back for proposals that parse_proposal produces. NO_ESN alone is implied and left out."""
+    return p.derived("text", _format_proposal)
+
+
+def _format_proposal(p: Proposal) -> str:
     order = [TransformType.ENCR, TransformType.INTEG, TransformType.PRF, TransformType.DH,
              TransformType.ESN]
     words: list[str] = []
@@ -458,18 +542,22 @@ def format_proposal(p: Proposal) -> str:
 
 
 # --------------------------------------------------------------------------- selection
-def _effective(p: Proposal, tt: TransformType) -> list[Transform]:
+def _effective(p: Proposal, tt: TransformType) -> tuple[Transform, ...]:
     """Transforms of ``tt``, with RFC 7296 defaults for an absent optional type."""
-    ts = list(p.of_type(tt))
+    ts = p.of_type(tt)
     if ts:
         return ts
     if tt == TransformType.INTEG:
-        return [Transform(tt, IntegId.NONE)]
+        return (Transform.plain(tt, IntegId.NONE),)
     if tt == TransformType.DH and p.protocol != ProtocolId.IKE:
-        return [Transform(tt, DhId.NONE)]
+        return (Transform.plain(tt, DhId.NONE),)
     if tt == TransformType.ESN and p.protocol in (ProtocolId.ESP, ProtocolId.AH):
-        return [Transform(tt, EsnId.NO_ESN)]
-    return []
+        return (Transform.plain(tt, EsnId.NO_ESN),)
+    return ()
+
+
+_SELECTION_ORDER = (TransformType.ENCR, TransformType.PRF, TransformType.INTEG, TransformType.DH,
+                    TransformType.ESN)
 
 
 def _match(ours: Proposal, theirs: Proposal) -> Proposal | None:
@@ -478,15 +566,17 @@ def _match(ours: Proposal, theirs: Proposal) -> Proposal | None:
     if any(t.type not in KNOWN_TRANSFORM_TYPES for t in theirs.transforms):
         return None  # RFC 7296 §3.3.6: unknown transform type -> proposal unacceptable
     chosen: list[Transform] = []
-    for tt in (TransformType.ENCR, TransformType.PRF, TransformType.INTEG, TransformType.DH,
-               TransformType.ESN):
-        mine = {_bare(t) for t in _effective(ours, tt)}
+    mine_sets = ours.effective_sets
+    for tt in _SELECTION_ORDER:
+        mine = mine_sets[tt]
         cand = _effective(theirs, tt)
         if not mine and not cand:
             continue
-        pick = next((t for t in cand
-                     if _bare(t) in mine and not t.extra_attributes
-                     and refusal(t, theirs.protocol) is None), None)
+        pick = None
+        for t in cand:
+            if not t.extra_attributes and t in mine and refusal(t, theirs.protocol) is None:
+                pick = t
+                break
         if pick is None:
             return None
         if pick in theirs.transforms:  # echo only what they sent, not implied defaults
@@ -523,13 +613,36 @@ def select_proposal(ours: Sequence[Proposal], theirs: Sequence[Proposal]) -> Pro
     that we also offer and that passes policy is chosen. The result has one transform per type
     and keeps the peer's proposal ``number`` and ``spi`` (the engine puts its own SPI in the
     reply with :meth:`Proposal.with_spi`). None means NO_PROPOSAL_CHOSEN.
+
+    The outcome depends only on the proposals' protocols, transforms and numbers (the SPI is
+    copied), so it is remembered for offers seen before (most peers send the same offer every
+    time); an equal result for an equal SPI is the very same (immutable) object.
     """
-    for t in theirs:
+    key = (tuple(ours), tuple((t.protocol, t.transforms, t.number) for t in theirs))
+    memo = _SELECTIONS.get(key)
+    if memo is None:
+        memo = _select(ours, theirs)
+        if len(_SELECTIONS) >= _SELECTIONS_MAX:   # offers come from the wire: stay bounded
+            _SELECTIONS.clear()
+        _SELECTIONS[key] = memo
+    index, chosen = memo
+    if chosen is None:
+        return None
+    spi = theirs[index].spi
+    return chosen if chosen.spi == spi else Proposal(chosen.protocol, chosen.transforms, chosen.number, spi)
+
+
+_SELECTIONS: dict[tuple, tuple[int, Proposal | None]] = {}
+_SELECTIONS_MAX = 512
+
+
+def _select(ours: Sequence[Proposal], theirs: Sequence[Proposal]) -> tuple[int, Proposal | None]:
+    for i, t in enumerate(theirs):
         for o in ours:
             m = _match(o, t)
             if m is not None:
-                return m
-    return None
+                return i, m
+    return -1, None
 
 
 def accepts_selection(offered: Sequence[Proposal], chosen: Proposal) -> Proposal | None:
@@ -545,8 +658,9 @@ def accepts_selection(offered: Sequence[Proposal], chosen: Proposal) -> Proposal
     for o in offered:
         if o.number != chosen.number or o.protocol != chosen.protocol:
             continue
-        for tt in _ENUM_OF_TYPE:
-            mine = {_bare(t) for t in _effective(o, tt)}
+        mine_sets = o.effective_sets
+        for tt in _SELECTION_ORDER:
+            mine = mine_sets[tt]
             got = _effective(chosen, tt)
             if not mine and not got:
                 continue

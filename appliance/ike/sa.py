@@ -107,6 +107,47 @@ class _CachedResponse:
 class IkeSa:
     """State of one IKE SA. Created by the engine (initiator) or by ike_init (responder)."""
 
+    # Attributes whose initial value is shared (immutable) are class attributes: an instance
+    # gets its own value when it is first assigned. Saves setting ~35 attributes per new SA.
+    established_at: float | None = None
+    half_open_deadline: float | None = None
+    half_open_key: tuple | None = None
+
+    # negotiated
+    proposal: Proposal | None = None
+    prf_id: int = 0
+    keys: IkeKeys | None = None
+    cipher_out: SkCipher | None = None
+    cipher_in: SkCipher | None = None
+    nonce_i = b""
+    nonce_r = b""
+    init_request = b""      # RealMessage1 (§2.15)
+    init_response = b""     # RealMessage2
+    nat_local = False       # we are behind a NAT
+    nat_remote = False      # the peer is behind a NAT
+    remote_id_text = ""
+    sent_initial_contact = False
+
+    # message windows (§2.3)
+    my_mid = 0
+    peer_mid = 0
+    pending: "_Pending | None" = None
+    last_response: "_CachedResponse | None" = None
+
+    # lifetimes
+    rekey_at: float | None = None
+    expire_at: float | None = None
+    rekey_retry_at: float | None = None
+    delete_deadline: float | None = None
+
+    # IKE SA rekeying (§2.18, collisions §2.8.2)
+    rekeyed_to: "IkeSa | None" = None     # the SA that replaced this one
+    rekey_replaces: "IkeSa | None" = None  # this SA replaced that one
+    peer_rekey: "IkeSa | None" = None     # new SA from a rekey the peer initiated
+    redundant = False                     # lost a rekey collision; being deleted
+    duplicate = False                     # a second IKE SA of the tunnel; being deleted
+    rekey_nonces: tuple[bytes, bytes] = (b"", b"")   # (Ni, Nr) of the rekey exchange
+
     def __init__(self, engine: "IkeEngine", *, initiator: bool, config: TunnelConfig | None,
                  candidates: list[TunnelConfig], local: Endpoint, remote: Endpoint,
                  spi_i: bytes, spi_r: bytes, now: float) -> None:
@@ -120,47 +161,9 @@ class IkeSa:
         self.spi_r = spi_r
         self.state = IkeState.CONNECTING
         self.created_at = now
-        self.established_at: float | None = None
-        self.half_open_deadline: float | None = None
-        self.half_open_key: tuple | None = None
-
-        # negotiated
-        self.proposal: Proposal | None = None
-        self.prf_id: int = 0
-        self.keys: IkeKeys | None = None
-        self.cipher_out: SkCipher | None = None
-        self.cipher_in: SkCipher | None = None
-        self.nonce_i = b""
-        self.nonce_r = b""
-        self.init_request = b""      # RealMessage1 (§2.15)
-        self.init_response = b""     # RealMessage2
-        self.nat_local = False       # we are behind a NAT
-        self.nat_remote = False      # the peer is behind a NAT
-        self.remote_id_text = ""
-        self.sent_initial_contact = False
-
-        # message windows (§2.3)
-        self.my_mid = 0
-        self.peer_mid = 0
-        self.pending: _Pending | None = None
-        self.queue: list[Exchange] = []
-        self.last_response: _CachedResponse | None = None
         self.last_heard = now
-
-        # lifetimes
-        self.rekey_at: float | None = None
-        self.expire_at: float | None = None
-        self.rekey_retry_at: float | None = None
-        self.delete_deadline: float | None = None
-
+        self.queue: list[Exchange] = []
         self.children: list[ChildSa] = []
-        # IKE SA rekeying (§2.18, collisions §2.8.2)
-        self.rekeyed_to: "IkeSa | None" = None     # the SA that replaced this one
-        self.rekey_replaces: "IkeSa | None" = None  # this SA replaced that one
-        self.peer_rekey: "IkeSa | None" = None     # new SA from a rekey the peer initiated
-        self.redundant = False                     # lost a rekey collision; being deleted
-        self.duplicate = False                     # a second IKE SA of the tunnel; being deleted
-        self.rekey_nonces: tuple[bytes, bytes] = (b"", b"")   # (Ni, Nr) of the rekey exchange
         self._after_response: list[Callable[[float], None]] = []
 
     # ------------------------------------------------------------------ identity helpers
@@ -216,7 +219,7 @@ class IkeSa:
         from appliance.ike.crypto import IkeSuite, sk_ciphers
 
         self.proposal = proposal
-        suite = IkeSuite.from_proposal(proposal)
+        suite = proposal.derived("ike_suite", IkeSuite.from_proposal)
         self.prf_id = suite.prf
         self.keys = keys
         c_i, c_r = sk_ciphers(suite, keys)
@@ -300,7 +303,7 @@ class IkeSa:
         if hdr.is_initiator == self.initiator:
             return  # a message claiming our own role: reflected or misrouted
         try:
-            outer, enc = parse_message(data)
+            outer, enc = parse_message(data, hdr)
         except ParseError as e:
             log.info("%s: dropping malformed message: %s", self, e.reason)
             return

@@ -24,6 +24,7 @@ from tests.lab.xfrm_env import (
     kernel_pmtu,
     link,
     ping,
+    tcp_retransmitted_segments,
     tcp_transfer,
     xfrm_policies,
     xfrm_states,
@@ -103,13 +104,16 @@ def test_tunnel_carries_traffic(lab, proposal, outer, encap):
         assert {s["spi"]: s["packets"] for s in xfrm_states(lab.a)}[ca.spi_out] - a1.outbound.packets in (0, 1, 2)
 
         # TCP, both inner families; the SA counts inner bytes (the sender per skb, before GSO).
+        retrans0 = tcp_retransmitted_segments(lab.a)
         tcp_transfer(lab.b, INNER4[1], lab.a, 192 * 1024)
         tcp_transfer(lab.b, INNER6[1], lab.a, 64 * 1024, port=5002)
         a2, b2 = lab.dpa.counters(A_TUNNEL)[0], lab.dpb.counters("to-a")[0]
         sent = 256 * 1024
+        # Retransmitted segments (a loaded machine delays ACKs) cross the SA again: allow for them.
+        resent = (tcp_retransmitted_segments(lab.a) - retrans0) * mtu
         for before, after in ((a1.outbound, a2.outbound), (b1.inbound, b2.inbound)):
             octets = after.bytes - before.bytes
-            assert sent <= octets < sent * 1.1 + 8192, octets
+            assert sent <= octets < sent * 1.1 + 8192 + resent, (octets, resent)
         assert b2.inbound.packets - b1.inbound.packets >= sent // mtu
 
         # On the underlay: ESP (or ESP in UDP) only, no clear text.

@@ -272,6 +272,13 @@ def kernel_pmtu(ns: Netns, ifname: str, dst: str, mtu_back: int) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def tcp_retransmitted_segments(ns: Netns) -> int:
+    """The namespace's TCP RetransSegs counter (RFC 4022 tcpRetransSegs; IPv4 and IPv6 share it)."""
+    lines = [line.split() for line in ns.run("cat /proc/net/snmp").stdout.splitlines() if line.startswith("Tcp:")]
+    names, values = lines[0], lines[1]
+    return int(values[names.index("RetransSegs")])
+
+
 def tcp_transfer(server_ns: Netns, server_addr: str, client_ns: Netns, size: int, port: int = 5001) -> None:
     """Send `size` bytes over TCP from client_ns to server_addr (in server_ns) and check them."""
     fam = socket.AF_INET6 if ":" in server_addr else socket.AF_INET
