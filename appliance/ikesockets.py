@@ -21,7 +21,8 @@ import logging
 import socket
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from appliance.xfrm.natt import enable_espinudp
 
@@ -52,6 +53,7 @@ class _Sock:
     family: int
     port: int
     natt: bool
+    backlog: deque = field(default_factory=deque)   # (data, ancillary, dst) waiting for the socket
 
 
 class IkeSockets:
@@ -125,6 +127,8 @@ class IkeSockets:
         for s in self._socks.values():
             if self._loop is not None:
                 self._loop.remove_reader(s.sock.fileno())
+                if s.backlog:
+                    self._loop.remove_writer(s.sock.fileno())
             s.sock.close()
         self._socks.clear()
 
@@ -168,20 +172,53 @@ class IkeSockets:
             return False
         if s.natt:
             data = NON_ESP_MARKER + data
+        if family == socket.AF_INET6:
+            anc = [(socket.IPPROTO_IPV6, IPV6_PKTINFO, _IN6_PKTINFO.pack(socket.inet_pton(family, src[0]), 0))]
+        else:
+            anc = [(socket.IPPROTO_IP, IP_PKTINFO, _IN_PKTINFO.pack(0, socket.inet_pton(family, src[0]), bytes(4)))]
+        if s.backlog:                       # keep the order: behind what already waits
+            s.backlog.append((data, anc, dst))
+            return True
+        return self._sendmsg(s, data, anc, dst)
+
+    def _sendmsg(self, s: _Sock, data: bytes, anc: list, dst: Endpoint) -> bool:
         try:
-            if family == socket.AF_INET6:
-                anc = [(socket.IPPROTO_IPV6, IPV6_PKTINFO, _IN6_PKTINFO.pack(socket.inet_pton(family, src[0]), 0))]
-            else:
-                anc = [(socket.IPPROTO_IP, IP_PKTINFO,
-                        _IN_PKTINFO.pack(0, socket.inet_pton(family, src[0]), bytes(4)))]
             s.sock.sendmsg([data], anc, 0, dst)
+        except (BlockingIOError, InterruptedError):
+            # the socket buffer is full: wait until it is writable, in order
+            s.backlog.append((data, anc, dst))
+            if self._loop is not None and len(s.backlog) == 1:
+                self._loop.add_writer(s.sock.fileno(), self._writable, s)
+            return True
         except OSError as e:
-            log.warning("sending to %s:%d from %s:%d failed: %s", dst[0], dst[1], src[0], src[1],
-                        e.strerror or e)
+            _send_failed(dst, e)
             self.dropped += 1
             return False
         self.sent += 1
         return True
+
+    def _writable(self, s: _Sock) -> None:
+        while s.backlog:
+            data, anc, dst = s.backlog[0]
+            try:
+                s.sock.sendmsg([data], anc, 0, dst)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                _send_failed(dst, e)
+                self.dropped += 1
+            else:
+                self.sent += 1
+            s.backlog.popleft()
+        if self._loop is not None:
+            self._loop.remove_writer(s.sock.fileno())
+
+
+def _send_failed(dst: Endpoint, e: OSError) -> None:
+    # no route to a peer is what IKE retransmission and its timeout report (ike_sa_failed);
+    # anything else (a local address gone, a bad source) is worth a warning each time
+    level = logging.DEBUG if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH) else logging.WARNING
+    log.log(level, "sending to %s:%d failed: %s", dst[0], dst[1], e.strerror or e)
 
 
 def _destination(ancillary: list, family: int) -> str | None:
