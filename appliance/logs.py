@@ -77,7 +77,9 @@ _SECRET_NAME = re.compile(
     r"credentials|token)(?:$|_)|^sk(?:_|$)|(?:^|_)key$|(?:^|_)keys$",
     re.IGNORECASE)
 _SPI_NAME = re.compile(r"(?:^|_)spi(?:$|_)", re.IGNORECASE)
-_BYTES_LITERAL = re.compile(r"""(?<![\w'"])b(['"])(?:\\.|(?!\1)[^\\\n])*\1""")
+# A bytes literal starts where a Python repr can put one: at the start, after whitespace or after
+# one of ( [ { = : , — not inside a word such as "xfrm-b" followed by a quote.
+_BYTES_LITERAL = re.compile(r"""(?<![^\s(\[{=:,])b(['"])(?:\\.|(?!\1)[^\\\n])*\1""")
 _MAX_DEPTH = 6
 
 

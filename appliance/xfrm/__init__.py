@@ -6,36 +6,26 @@ lower layers (:mod:`~appliance.xfrm.kernel`, :mod:`~appliance.xfrm.link`, :mod:`
 are there for tests, benchmarks and tools.
 """
 
-from appliance.xfrm.dataplane import (
-    ChildSaCounters,
-    ChildSaExpire,
-    Dataplane,
-    DataplaneError,
-    DataplaneEvents,
-    ReconcileReport,
-    SaCounters,
-    TunnelAcquire,
-    TunnelStatus,
-)
-from appliance.xfrm.hook import HookResult, TunnelMtu
-from appliance.xfrm.model import (
-    IF_ID_MAX,
-    IF_ID_MIN,
-    ChildSa,
-    DataplaneInputError,
-    Endpoints,
-    EspAlgorithms,
-    Lifetime,
-    SaKeys,
-    TunnelInterface,
-    UdpEncap,
-    derive_if_id,
-)
-from appliance.xfrm.natt import enable_espinudp
+# Names are resolved lazily (PEP 562) so that importing the light modules (e.g. model, for the
+# config validator's if_id rules) does not load pyroute2 and the netlink layers.
+_EXPORTS = {
+    "appliance.xfrm.dataplane": ("ChildSaCounters", "ChildSaExpire", "Dataplane", "DataplaneError", "DataplaneEvents",
+                                 "ReconcileReport", "SaCounters", "TunnelAcquire", "TunnelStatus"),
+    "appliance.xfrm.hook": ("HookResult", "TunnelMtu"),
+    "appliance.xfrm.model": ("IF_ID_MAX", "IF_ID_MIN", "ChildSa", "DataplaneInputError", "Endpoints", "EspAlgorithms",
+                             "Lifetime", "SaKeys", "TunnelInterface", "UdpEncap", "derive_if_id"),
+    "appliance.xfrm.natt": ("enable_espinudp",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
 
-__all__ = [
-    "ChildSa", "ChildSaCounters", "ChildSaExpire", "Dataplane", "DataplaneError", "DataplaneEvents",
-    "DataplaneInputError", "Endpoints", "EspAlgorithms", "HookResult", "IF_ID_MAX", "IF_ID_MIN", "Lifetime",
-    "ReconcileReport", "SaCounters", "SaKeys", "TunnelAcquire", "TunnelInterface", "TunnelMtu", "TunnelStatus",
-    "UdpEncap", "derive_if_id", "enable_espinudp",
-]
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'appliance.xfrm' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -264,3 +264,11 @@ def test_a_loaded_config_logs_without_its_secrets(capture, tmp_path, fmt):
     for leak in (PSK, PSK.encode().hex(), key_body[:40], key_body[-40:], "BEGIN PRIVATE KEY"):
         assert leak not in out, f"{leak!r} leaked"
     assert "BEGIN PRIVATE KEY" not in control  # the model's own repr already hides it; nothing to undo
+
+
+def test_scrub_leaves_words_ending_in_b_alone():
+    """A name such as "xfrm-b" before a quote is text, not a bytes literal (it mangled log lines)."""
+    from appliance.logs import scrub
+
+    assert scrub('reconciled: ["xfrm-b", "x"]') == 'reconciled: ["xfrm-b", "x"]'
+    assert scrub("keys=[b'\\x01\\x02', b\"k\"]") == "keys=[<bytes>, <bytes>]"
