@@ -100,7 +100,7 @@ class LabBridge:
 
     def _args(self) -> list[str]:
         args = ["python3", "-m", "pytest", "-p", "tests.lab.guest_report", "-p", "no:cacheprovider",
-                "-o", "addopts=", "-q", "-rA", "--tb=short",
+                "-o", "addopts=", "-q", "-rfEs", "--tb=short",
                 "--color=" + ("yes" if self.config.get_terminal_writer().hasmarkup else "no"), *self.nodeids]
         verbosity = self.config.getoption("verbose")
         if verbosity > 0:
