@@ -11,7 +11,8 @@ the vectors stay an independent oracle:
   walker over generic payload headers (NOT the codec: appliance/ike/message.py is that).
 * :func:`read_charon_log` - every hex dump a charon log printed at level 4
   (``label => N bytes @ 0x...`` followed by offset/hex/ascii lines), in order.
-* :data:`STRONGSWAN_PSK_X25519` - the vector in /work/shared/vectors/ described by its README.
+* :data:`STRONGSWAN_PSK_X25519` - the shared strongSwan conversation, copied into
+  tests/data/strongswan/shared-psk-x25519-aes256gcm/ (see its README).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-VECTORS_DIR = Path("/work/shared/vectors")
+# Vectors live in the repository, so the tests read nothing outside the checkout.
+VECTORS_DIR = Path(__file__).resolve().parent / "data" / "strongswan"
 
 # --------------------------------------------------------------------------- pcap
 _LINKTYPE_ETHERNET = 1
@@ -362,7 +364,7 @@ class StrongswanVector:
 
 
 STRONGSWAN_PSK_X25519 = StrongswanVector(
-    directory=VECTORS_DIR / "strongswan-5.9.8-psk-x25519-aes256gcm",
+    directory=VECTORS_DIR / "shared-psk-x25519-aes256gcm",
     psk=b"vector-Secret-0123456789",
     initiator_id=b"a.example.net",
     responder_id=b"b.example.net",

@@ -10,7 +10,8 @@ set -euo pipefail
 
 out=${1:?usage: build-rootfs.sh OUTDIR}
 here=$(cd "$(dirname "$0")" && pwd)
-mirror=${ISTHMUS_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror is the one this host's apt uses (ISTHMUS_DEBIAN_MIRROR overrides it).
+read -r mirror security_mirror < <("$here/apt-mirror.sh" bookworm)
 size=${ISTHMUS_LAB_DISK_SIZE:-2G}
 
 pkgs=$(grep -v '^\s*#' "$here/packages.txt" | tr -s ' \n' ',' | sed 's/^,//; s/,$//')
@@ -25,8 +26,8 @@ echo "lab: debootstrap bookworm ($mirror) into $root" >&2
 # in its second stage), so it only lays down minbase; apt in the chroot installs the rest.
 debootstrap --variant=minbase bookworm "$root" "$mirror" >"$tmp/debootstrap.log" 2>&1 || {
     tail -n 40 "$tmp/debootstrap.log" >&2; exit 1; }
-printf 'deb %s bookworm main\ndeb %s bookworm-updates main\ndeb http://deb.debian.org/debian-security bookworm-security main\n' \
-    "$mirror" "$mirror" > "$root/etc/apt/sources.list"
+printf 'deb %s bookworm main\ndeb %s bookworm-updates main\ndeb %s bookworm-security main\n' \
+    "$mirror" "$mirror" "$security_mirror" > "$root/etc/apt/sources.list"
 printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"
 chmod +x "$root/usr/sbin/policy-rc.d"
 mount -t proc proc "$root/proc"

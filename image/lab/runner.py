@@ -10,8 +10,8 @@ data plane runs in this guest. One harness serves the tests, the demo and the be
 Disks given to the guest:
 
 - vda: the cached root filesystem (``$ISTHMUS_CACHE/lab/rootfs-<key>``), opened with
-  ``snapshot=on`` so a run never changes it. ``<key>`` hashes packages.txt, build-rootfs.sh and
-  stage1-init: editing any of them rebuilds it; nothing else does.
+  ``snapshot=on`` so a run never changes it. ``<key>`` hashes packages.txt, build-rootfs.sh,
+  apt-mirror.sh and stage1-init: editing any of them rebuilds it; nothing else does.
 - vdb: the project's current source tree (tracked and untracked-but-not-ignored files), made for
   each run, read-only, label ``isthmus-src``.
 - vdc: the Python dependencies installed on the host from the wheel cache into a folder
@@ -65,7 +65,7 @@ def _digest(paths: Sequence[Path], extra: str = "") -> str:
 
 
 def rootfs_key() -> str:
-    return _digest([HERE / "packages.txt", HERE / "build-rootfs.sh", HERE / "stage1-init"])
+    return _digest([HERE / "packages.txt", HERE / "build-rootfs.sh", HERE / "apt-mirror.sh", HERE / "stage1-init"])
 
 
 @contextlib.contextmanager

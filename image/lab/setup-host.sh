@@ -33,14 +33,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     trap - EXIT
 fi
 
-# Wheels, keyed by the lock file and the interpreter.
+# Wheels, keyed by the lock file and the interpreter. Stock Debian 12 has no python3-pip: the
+# pip used to fetch them is the one python3-venv's ensurepip puts into a bootstrap virtualenv.
 key=$( (cat requirements.lock; "$py" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
 wheels="$cache/wheels/$key"
 if [ ! -f "$wheels/.complete" ]; then
     echo "setup: downloading wheels into $wheels" >&2
     mkdir -p "$wheels"
-    "$py" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+    boot=$(mktemp -d)
+    "$py" -m venv "$boot/venv"
+    "$boot/venv/bin/pip" download --quiet --disable-pip-version-check --only-binary=:all: \
         -d "$wheels" -r requirements.lock
+    rm -rf "$boot"
     touch "$wheels/.complete"
 fi
 

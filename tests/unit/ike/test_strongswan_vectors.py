@@ -1,7 +1,7 @@
 """Conformance with real strongSwan 5.9.8 conversations.
 
 Vectors:
-* /work/shared/vectors/strongswan-5.9.8-psk-x25519-aes256gcm (see its README; Child SA keys
+* tests/data/strongswan/shared-psk-x25519-aes256gcm, a copy of the shared conversation (see its README; Child SA keys
   are not in its logs);
 * tests/data/strongswan/* recorded with tests/record_strongswan_vectors.py: AES-GCM-128 +
   ECP-256 with PFS, AES-CBC-256 + HMAC-SHA2-384/512 + MODP-3072, ChaCha20-Poly1305 + X448 with
