@@ -234,7 +234,8 @@ class IkeSa:
     def _encode(self, msg: Message) -> bytes:
         if not msg.encrypted:
             return encode_message(msg)
-        assert self.cipher_out is not None
+        if self.cipher_out is None:   # kick() and the responders only encrypt once keyed
+            raise ValueError(f"{self}: no keys to protect {msg.summary()}")
         return encode_message(msg, self.cipher_out, self.random(self.cipher_out.iv_size))
 
     def _send(self, data: bytes, src: Endpoint | None = None, dst: Endpoint | None = None) -> None:
@@ -280,14 +281,16 @@ class IkeSa:
         return cfg.retransmit if cfg is not None else RetransmitConfig()
 
     def send_response(self, request: Message, payloads: list[Payload], src: Endpoint,
-                      dst: Endpoint, *, encrypted: bool = True) -> None:
-        """Answer `request` (received from `src` on `dst`): §2.11, reply to where it came from."""
+                      dst: Endpoint, *, encrypted: bool = True) -> bytes:
+        """Answer `request` (received from `src` on `dst`): §2.11, reply to where it came from.
+        Returns the datagram sent."""
         msg = Message(self.spi_i, self.spi_r, request.exchange_type, request.message_id, True,
                       self.initiator, payloads, encrypted=encrypted)
         data = self._encode(msg)
         log.debug("%s: sending %s", self, _Summary(msg))
         self.last_response = _CachedResponse(request.message_id, data, dst, src)
         self.engine.send(data, dst, src)
+        return data
 
     # ------------------------------------------------------------------ receiving
     def receive(self, data: bytes, hdr: Header, src: Endpoint, dst: Endpoint, now: float) -> None:
@@ -582,7 +585,9 @@ class IkeSa:
     def establish(self, now: float) -> None:
         """IKE_AUTH done: the SA is up (§1.2)."""
         cfg = self.config
-        assert cfg is not None
+        if cfg is None:   # ike_auth selects the tunnel first
+            self.fail(now, "IKE_AUTH completed without a tunnel")
+            return
         self.state = IkeState.ESTABLISHED
         self.established_at = now
         self.half_open_deadline = None
@@ -595,7 +600,8 @@ class IkeSa:
 
     def schedule_lifetimes_after_rekey(self, now: float) -> None:
         cfg = self.config
-        assert cfg is not None
+        if cfg is None:   # a rekey copies the config of an established SA
+            return
         self.rekey_at = self.rekey_time(now, cfg.ike_lifetime, cfg.ike_rekey_margin)
         self.expire_at = now + cfg.ike_lifetime
 
@@ -664,7 +670,10 @@ class IkeSa:
 
     def install_child(self, child: ChildSa, *, outbound: bool) -> None:
         cfg = self.config
-        assert cfg is not None
+        if cfg is None:   # Child SAs are negotiated only with a tunnel selected
+            log.warning("%s: Child SA %s not installed: no tunnel", self, child.describe())
+            self.engine.release_child_spi(child.spi_in)
+            return
         child.outbound_installed = outbound
         self.children.append(child)
         enc_in, int_in, enc_out, int_out = child.keys_in_out()
