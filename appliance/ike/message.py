@@ -715,6 +715,19 @@ def encode_message(msg: Message, cipher: SkProtector | None = None, iv: bytes | 
     return aad + protected
 
 
+def datagram_summary(data: bytes) -> str:
+    """A one-line description of a received datagram for an error log line, from its header
+    only (nothing is decrypted, no key material): e.g. `IKE_AUTH request 1, SPIs
+    0123456789abcdef_i 0000000000000000_r, 312 octets`."""
+    if len(data) < IKE_HEADER_LEN:
+        return f"datagram of {len(data)} octets (no IKE header)"
+    xchg, flags = data[18], data[19]
+    mid = int.from_bytes(data[20:24], "big")
+    kind = "response" if flags & FLAG_RESPONSE else "request"
+    return (f"{_enum_name(ExchangeType, xchg)} {kind} {mid}, SPIs {data[0:8].hex()}_i "
+            f"{data[8:16].hex()}_r, {len(data)} octets")
+
+
 def parse_header(data: bytes) -> Header:
     """Parse and check the IKE header (§3.1) against the datagram length."""
     if len(data) < IKE_HEADER_LEN:
