@@ -370,15 +370,21 @@ def test_11a_initiator_does_not_use_a_short_nr():
     assert not [e for e in _drain(a) if isinstance(e, ev.IkeSaUp)]
 
 
-def test_11a_short_nonce_in_create_child_sa_is_refused():
+@pytest.mark.parametrize("kind", ["child-rekey", "new-child", "ike-rekey"])
+def test_11a_short_nonce_in_create_child_sa_is_refused(kind):
     ike = "aes256gcm16-prfsha512-x25519"
     net = _up(a_kw=dict(ike=ike), b_kw=dict(ike=ike))
     a, b = net.engines[A_ADDR], net.engines[B_ADDR]
     sa_a = a.current_sa("to-b")
-    child = sa_a.children[0]
-    msg = M.Message(sa_a.spi_i, sa_a.spi_r, ExchangeType.CREATE_CHILD_SA, 2, False, True,
-                    [M.Notify(NotifyType.REKEY_SA, ProtocolId.ESP, child.spi_in),
-                     M.SA([_esp_proposal(b"ESP9")]), M.Nonce(b"n" * 16), M.TSi(_ANY), M.TSr(_ANY)],
+    short = M.Nonce(b"n" * 16)
+    if kind == "ike-rekey":
+        (p,) = parse_proposals([ike], "ike")
+        payloads = [M.SA([Proposal(ProtocolId.IKE, p.transforms, 1, b"R" * 8)]), short, M.KE(31, b"k" * 32)]
+    else:
+        payloads = [M.SA([_esp_proposal(b"ESP9")]), short, M.TSi(_ANY), M.TSr(_ANY)]
+        if kind == "child-rekey":
+            payloads.insert(0, M.Notify(NotifyType.REKEY_SA, ProtocolId.ESP, sa_a.children[0].spi_in))
+    msg = M.Message(sa_a.spi_i, sa_a.spi_r, ExchangeType.CREATE_CHILD_SA, 2, False, True, payloads,
                     encrypted=True)
     b.receive_datagram(M.encode_message(msg, sa_a.cipher_out, bytes(sa_a.cipher_out.iv_size)),
                        (A_ADDR, 500), (B_ADDR, 500), net.now)
@@ -386,7 +392,7 @@ def test_11a_short_nonce_in_create_child_sa_is_refused():
     outer, enc = M.parse_message(d.data)
     reply = M.decrypt_message(d.data, outer, enc, sa_a.cipher_in)
     assert reply.notify(NotifyType.INVALID_SYNTAX) is not None and reply.get(M.SA) is None
-    assert not [e for e in _drain(b) if isinstance(e, ev.ChildSaInstalled)]
+    assert not [e for e in _drain(b) if isinstance(e, (ev.ChildSaInstalled, ev.IkeSaRekeyed))]
 
 
 def test_11b_zero_spi_i_is_refused():
