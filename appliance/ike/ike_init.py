@@ -62,22 +62,29 @@ class IkeSaInit(Exchange):
     name = "IKE_SA_INIT"
     encrypted = False
 
-    def __init__(self, group: int, cookie: bytes = b"", retries: int = 0) -> None:
+    def __init__(self, group: int, cookie: bytes = b"", retries: int = 0, *,
+                 ke: KeyExchange | None = None, nonce: bytes = b"") -> None:
         self.group = group
         self.cookie = cookie
         self.retries = retries
-        self.ke: KeyExchange | None = None
+        self.ke = ke            # kept across a COOKIE retry (§2.6: all other payloads unchanged)
+        self.nonce = nonce
+        self.ignored = ""       # the last unauthenticated answer we ignored (§2.21.1)
 
     def build(self, sa: IkeSa, now: float):
         cfg = sa.config
-        assert cfg is not None
-        self.ke = KeyExchange.generate(self.group, sa.random)
-        sa.nonce_i = sa.random(NONCE_LEN)
+        if cfg is None:
+            return None
+        if self.ke is None or int(self.ke.dh_id) != self.group:
+            self.ke = KeyExchange.generate(self.group, sa.random)
+        if not self.nonce:
+            self.nonce = sa.random(NONCE_LEN)
+        sa.nonce_i = self.nonce
         payloads: list = []
         if self.cookie:
             payloads.append(Notify(NotifyType.COOKIE, data=self.cookie))  # §2.6: first payload
         payloads += [SA(numbered(cfg.ike_proposals)), KE(self.group, self.ke.public_bytes),
-                     Nonce(sa.nonce_i)]
+                     Nonce(self.nonce)]
         payloads += natd.payloads(sa.spi_i, ZERO_SPI, sa.local, sa.remote)
         return payloads
 
@@ -86,6 +93,13 @@ class IkeSaInit(Exchange):
 
     def on_response(self, sa: IkeSa, msg: Message, now: float) -> None:  # pragma: no cover
         raise AssertionError("IKE_SA_INIT responses are handled by receive()")
+
+    def on_give_up(self, sa: IkeSa, now: float) -> None:
+        if self.ignored:
+            sa.fail(now, f"{self.ignored} (an unauthenticated answer, ignored while waiting for a "
+                         "valid one: none came before the retransmissions ran out)")
+        else:
+            super().on_give_up(sa, now)
 
 
 def start(sa: IkeSa, now: float) -> None:
@@ -115,76 +129,91 @@ def receive(sa: IkeSa, data: bytes, hdr: Header, src: Endpoint, dst: Endpoint, n
     if enc is not None:
         return
     ex = p.exchange
-    ke_err = msg.notify(NotifyType.INVALID_KE_PAYLOAD)
-    if ke_err is not None and len(ke_err.data) == 2 and int.from_bytes(ke_err.data, "big") == ex.group:
-        return  # a stale answer to an earlier attempt with another group: ignore
-    sa.pending = None
-    _process_response(sa, ex, msg, data, src, dst, now)
+    why = _process_response(sa, ex, msg, data, src, dst, now)
+    if why is not None:
+        # §2.21.1: nothing protects this message; anyone may have sent it. Keep waiting for a
+        # valid answer (the retransmission timer runs on) and report this one if none comes.
+        ex.ignored = why
+        log.info("%s: ignoring unauthenticated IKE_SA_INIT response: %s", sa, why)
+        return
     sa.kick(now)
 
 
 def _retry(sa: IkeSa, ex: IkeSaInit, now: float, *, group: int | None = None,
            cookie: bytes | None = None) -> None:
-    if ex.retries >= MAX_INIT_RETRIES:
-        sa.fail(now, "IKE_SA_INIT: too many INVALID_KE_PAYLOAD/COOKIE round trips")
-        return
+    sa.pending = None
     sa.my_mid = 0
-    nxt = IkeSaInit(ex.group if group is None else group,
-                    ex.cookie if cookie is None else cookie, ex.retries + 1)
+    if group is None or group == ex.group:
+        nxt = IkeSaInit(ex.group, ex.cookie if cookie is None else cookie, ex.retries + 1,
+                        ke=ex.ke, nonce=ex.nonce)
+    else:
+        nxt = IkeSaInit(group, ex.cookie if cookie is None else cookie, ex.retries + 1, nonce=ex.nonce)
     sa.queue_exchange(nxt, now, front=True)
 
 
 def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: Endpoint,
-                      dst: Endpoint, now: float) -> None:
+                      dst: Endpoint, now: float) -> str | None:
+    """Act on an IKE_SA_INIT response: None when acted on (retried, failed or IKE_AUTH under
+    way), else why it is ignored. Only COOKIE, INVALID_KE_PAYLOAD (for a group we offer) and
+    INVALID_MAJOR_VERSION act at once; anything else must prove itself with a usable answer."""
     cfg = sa.config
-    assert cfg is not None and ex.ke is not None
+    if cfg is None or ex.ke is None:
+        return "no IKE_SA_INIT of ours to answer"
     cookie = msg.notify(NotifyType.COOKIE)
     if cookie is not None and msg.get(SA) is None:
+        if not 1 <= len(cookie.data) <= 64:
+            return f"a COOKIE of {len(cookie.data)} octets (RFC 7296 §2.6: 1 to 64)"
+        if ex.retries >= MAX_INIT_RETRIES:
+            return "responder asks for a cookie again, after too many round trips"
         log.info("%s: responder asks for a cookie", sa)
         _retry(sa, ex, now, cookie=cookie.data)
-        return
+        return None
     ke_err = msg.notify(NotifyType.INVALID_KE_PAYLOAD)
     if ke_err is not None:
         group = int.from_bytes(ke_err.data, "big") if len(ke_err.data) == 2 else 0
+        if group == ex.group:
+            return f"INVALID_KE_PAYLOAD for {_group_name(group)}, the group we sent (a stale answer)"
         if group not in offered_groups(cfg.ike_proposals):
-            sa.fail(now, f"peer asks for key exchange method {_group_name(group)}, which our IKE "
-                         f"proposals ({_props(cfg.ike_proposals)}) do not offer")
-            return
+            return (f"peer asks for key exchange method {_group_name(group)}, which our IKE "
+                    f"proposals ({_props(cfg.ike_proposals)}) do not offer")
+        if ex.retries >= MAX_INIT_RETRIES:
+            return "INVALID_KE_PAYLOAD again, after too many round trips"
         log.info("%s: peer prefers %s, retrying", sa, _group_name(group))
         _retry(sa, ex, now, group=group)
-        return
+        return None
     err = msg.error_notify()
     if err is not None:
+        if err.notify_type == NotifyType.INVALID_MAJOR_VERSION:
+            sa.pending = None
+            sa.fail(now, "peer does not speak IKEv2 (INVALID_MAJOR_VERSION)")
+            return None
         if err.notify_type == NotifyType.NO_PROPOSAL_CHOSEN:
-            sa.fail(now, f"peer accepted none of our IKE proposals ({_props(cfg.ike_proposals)}): "
-                         "NO_PROPOSAL_CHOSEN")
-        else:
-            sa.fail(now, f"peer refused IKE_SA_INIT with {_notify_name(err.notify_type)}")
-        return
+            return f"peer accepted none of our IKE proposals ({_props(cfg.ike_proposals)}): NO_PROPOSAL_CHOSEN"
+        return f"peer refused IKE_SA_INIT with {_notify_name(err.notify_type)}"
     sa_p, ke_p, nonce = msg.get(SA), msg.get(KE), msg.get(Nonce)
     if sa_p is None or ke_p is None or nonce is None or len(sa_p.proposals) != 1 or msg.spi_r == ZERO_SPI:
-        sa.fail(now, "malformed IKE_SA_INIT response (missing SA, KE, Nonce or responder SPI)")
-        return
+        return "malformed IKE_SA_INIT response (missing SA, KE, Nonce or responder SPI)"
     chosen = sa_p.proposals[0]
     if accepts_selection(numbered(cfg.ike_proposals), chosen) is None or chosen.spi:
-        sa.fail(now, f"peer chose an IKE proposal we did not offer: {format_proposal(chosen)}")
-        return
+        return f"peer chose an IKE proposal we did not offer: {_short(format_proposal(chosen))}"
     if ke_p.dh_group != selected_group(chosen) or ke_p.dh_group != ex.group:
-        sa.fail(now, "peer's KE payload does not match the selected key exchange method")
-        return
+        return "peer's KE payload does not match the selected key exchange method"
     try:
         g_ir = ex.ke.shared_secret(ke_p.data)
     except InvalidKeyExchange as e:
-        sa.fail(now, f"peer's KE payload is invalid: {e}")
-        return
+        return f"peer's KE payload is invalid: {e}"
+    try:
+        _skeyseed, keys = derive_ike_keys(chosen, g_ir, sa.nonce_i, nonce.data, sa.spi_i, msg.spi_r)
+    except CryptoError as e:
+        return f"cannot use the selected IKE proposal: {e}"
+    sa.pending = None
     sa.spi_r = msg.spi_r
     sa.nonce_r = nonce.data
     try:
-        _skeyseed, keys = derive_ike_keys(chosen, g_ir, sa.nonce_i, sa.nonce_r, sa.spi_i, sa.spi_r)
         sa.set_keys(chosen, keys)
     except CryptoError as e:
         sa.fail(now, f"cannot use the selected IKE proposal: {e}")
-        return
+        return None
     sa.init_response = raw
     nat = natd.check(msg, dst, src)
     if nat is not None:
@@ -197,6 +226,12 @@ def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: E
     from appliance.ike import ike_auth
 
     ike_auth.start(sa, now)
+    return None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """Text from the wire in a log line or reason: bounded."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 # --------------------------------------------------------------------------- responder

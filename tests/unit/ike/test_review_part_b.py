@@ -406,16 +406,6 @@ def test_10_spoofed_ike_sa_init_responses_do_not_fail_the_initiator():
     assert not of(net, A_ADDR, ev.IkeSaFailed)
 
 
-def test_10_ignored_errors_are_reported_when_the_initiator_gives_up():
-    # with nothing but the error answers, the initiator gives up after its retransmissions and
-    # says what it was told
-    net = up(a_kw=dict(ike="aes128gcm16-prfsha256-ecp256"), b_kw=dict(ike="aes256gcm16-prfsha384-x25519"),
-             run=200)
-    f = of(net, A_ADDR, ev.IkeSaFailed)[0]
-    assert "NO_PROPOSAL_CHOSEN" in f.reason and "aes128gcm16-prfsha256-ecp256" in f.reason
-    assert net.engines[B_ADDR].sas() == []
-
-
 def test_10_invalid_major_version_and_invalid_ke_still_act_at_once():
     a, _ = make_engines(21, dict(ike="aes256gcm16-prfsha384-x25519-ecp256"))
     a.start(0.0)
