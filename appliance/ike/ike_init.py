@@ -3,8 +3,9 @@
 Initiator: SA, KEi, Ni, NAT detection; retries with the group the responder asks for in
 INVALID_KE_PAYLOAD (§1.2) and with a COOKIE it is given (§2.6). Responder: selects a proposal,
 answers INVALID_KE_PAYLOAD statelessly when the KE group differs from the selected one, and
-only then creates the half-open IKE SA. Sending cookies ourselves under load is a hook for a
-later issue (`IkeEngine.cookie_required`).
+only then creates the half-open IKE SA. Above a number of half-open SAs it asks for a COOKIE
+(stateless, §2.6) and it caps half-open SAs per source and in all (`IkeEngine.admit_half_open`),
+all before any key exchange is computed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from appliance.ike.message import (
     encode_message,
     parse_message,
 )
-from appliance.ike.proposals import Proposal, accepts_selection, format_proposal, select_proposal
+from appliance.ike.proposals import (
+    Proposal,
+    accepts_selection,
+    contains,
+    format_proposal,
+    offer_size,
+    select_proposal,
+)
 from appliance.ike.sa import Endpoint, Exchange, IkeSa
 
 if TYPE_CHECKING:
@@ -239,8 +247,16 @@ def _short(text: str, limit: int = 200) -> str:
 
 def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, dst: Endpoint,
                 now: float) -> IkeSa | None:
-    """A first IKE_SA_INIT request: answer it, creating a half-open SA when it is acceptable."""
+    """A first IKE_SA_INIT request: answer it, creating a half-open SA when it is acceptable.
+
+    What an unauthenticated request may cost is bounded before any key exchange: its size, the
+    number of proposals and transforms in its offer, and (the engine's DosProtection) a COOKIE
+    above a number of half-open SAs, a cap per source address and a global cap."""
     if hdr.is_response or hdr.message_id != 0 or hdr.spi_r != ZERO_SPI or not hdr.is_initiator:
+        return None
+    if len(data) > engine.dos.max_init_request:
+        log.debug("IKE_SA_INIT from %s:%d of %d octets dropped (over %d)", src[0], src[1], len(data),
+                  engine.dos.max_init_request)
         return None
     try:
         msg, enc = parse_message(data, hdr)
@@ -259,17 +275,22 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
     if sa_p is None or ke_p is None or nonce is None:
         _stateless(engine, hdr, [Notify(NotifyType.INVALID_SYNTAX)], src, dst)
         return None
-    if engine.cookie_required(src, now):  # pragma: no cover - hook for the COOKIE issue
-        return None
+    cookie = msg.notify(NotifyType.COOKIE)
+    if not engine.admit_half_open(hdr, cookie.data if cookie is not None else None, nonce.data,
+                                  src, dst, now):
+        return None    # a COOKIE was asked for, or a half-open limit holds (no DH done)
     ours: list[Proposal] = []
     for c in candidates:
         ours.extend(c.ike_proposals)
     chosen = select_proposal(ours, sa_p.proposals)
     if chosen is None or len(chosen.spi) not in (0,):
-        log.info("IKE_SA_INIT from %s: no acceptable proposal among %s", src[0],
-                 ", ".join(format_proposal(p) for p in sa_p.proposals))
+        n, total = offer_size(sa_p.proposals)
+        log.info("IKE_SA_INIT from %s: no acceptable proposal among %d (%d transforms)", src[0], n, total)
         _stateless(engine, hdr, [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], src, dst)
         return None
+    # The SA can end up with only those tunnels whose own proposals contain the chosen one
+    # (it is chosen from their union: the peer's identity is not known before IKE_AUTH).
+    candidates = [c for c in candidates if contains(c.ike_proposals, chosen)]
     group = selected_group(chosen)
     if ke_p.dh_group != group:
         _stateless(engine, hdr, [Notify(NotifyType.INVALID_KE_PAYLOAD, data=group.to_bytes(2, "big"))],
@@ -304,9 +325,14 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
     engine.register(sa)
     engine.register_half_open(sa)
     sa.send_response(msg, reply, src, dst, encrypted=False)
-    assert sa.last_response is not None
-    sa.init_response = sa.last_response.datagram
+    if sa.last_response is not None:
+        sa.init_response = sa.last_response.datagram
     return sa
+
+
+def send_cookie(engine: "IkeEngine", hdr: Header, cookie: bytes, src: Endpoint, dst: Endpoint) -> None:
+    """§2.6: answer an IKE_SA_INIT request with N(COOKIE) only, keeping no state."""
+    _stateless(engine, hdr, [Notify(NotifyType.COOKIE, data=cookie)], src, dst)
 
 
 def _stateless(engine: "IkeEngine", hdr: Header, payloads: list, src: Endpoint, dst: Endpoint) -> None:
