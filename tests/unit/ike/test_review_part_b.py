@@ -425,3 +425,15 @@ def test_10_invalid_major_version_and_invalid_ke_still_act_at_once():
                     [M.Notify(NotifyType.INVALID_MAJOR_VERSION)])
     a.receive_datagram(M.encode_message(msg), first.dst, first.src, 0.2)
     assert [e for e in drain(a) if isinstance(e, ev.IkeSaFailed)]
+
+
+# ------------------------------------------------------------------ found on the way
+
+
+def test_a_responder_selecting_our_second_proposal_is_understood():
+    # §3.3.1: the response's proposal keeps the number of the one selected (here 2)
+    net = up(a_kw=dict(ike="aes128gcm16-prfsha256-ecp256,aes256gcm16-prfsha384-x25519",
+                       esp="aes128gcm16,aes256gcm16"),
+             b_kw=dict(ike="aes256gcm16-prfsha384-x25519", esp="aes256gcm16"), run=10)
+    assert one_ike_sa_each(net) == [] and installed_pair_ok(net) == []
+    assert of(net, A_ADDR, ev.IkeSaUp)[0].proposal == "aes256gcm16-prfsha384-x25519"
