@@ -300,10 +300,11 @@ class CreateChild(Exchange):
             sa.engine.release_child_spi(req.spi_in)
             if e.notify == NotifyType.INVALID_KE_PAYLOAD:
                 group = retry_group(req, e)
-                if group is not None and self.retries < 2:
+                if group is None:
+                    e = ChildError(e.notify, invalid_ke_reason(req, e))
+                elif self.retries < 2:
                     sa.queue_exchange(CreateChild(group, self.retries + 1), now, front=True)
                     return
-                e = ChildError(e.notify, invalid_ke_reason(req, e))
             sa.engine.emit(ev.ChildSaFailed(sa.tunnel, f"creating the Child SA failed: {e.reason}"))
             sa.engine.child_failed(sa, now, temporary=e.notify == NotifyType.TEMPORARY_FAILURE)
             return

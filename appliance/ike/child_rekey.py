@@ -120,11 +120,12 @@ class ChildRekey(Exchange):
         if e.notify == NotifyType.INVALID_KE_PAYLOAD:
             req = self.req
             group = retry_group(req, e) if req is not None else None
-            if group is not None and self.retries < 2 and old.alive:
+            if group is None:
+                if req is not None:
+                    e = ChildError(e.notify, invalid_ke_reason(req, e))
+            elif self.retries < 2 and old.alive:
                 sa.queue_exchange(ChildRekey(old, group, self.retries + 1), now, front=True)
                 return
-            if req is not None:
-                e = ChildError(e.notify, invalid_ke_reason(req, e))
         if peer_won:
             # The peer rekeyed this pair itself (we answered it): that rekey stands and the
             # peer deletes the old pair, which installs the new pair's outbound SA here

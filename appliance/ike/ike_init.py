@@ -141,8 +141,9 @@ def receive(sa: IkeSa, data: bytes, hdr: Header, src: Endpoint, dst: Endpoint, n
     if why is not None:
         # §2.21.1: nothing protects this message; anyone may have sent it. Keep waiting for a
         # valid answer (the retransmission timer runs on) and report this one if none comes.
+        if why != ex.ignored:   # once per kind of answer, not per (possibly flooded) datagram
+            log.info("%s: ignoring unauthenticated IKE_SA_INIT response: %s", sa, why)
         ex.ignored = why
-        log.info("%s: ignoring unauthenticated IKE_SA_INIT response: %s", sa, why)
         return
     sa.kick(now)
 
