@@ -498,7 +498,7 @@ def test_no_nat_no_encapsulation():
 
 def test_initiator_retries_with_the_cookie_it_is_given():
     """§2.6: a responder under load answers IKE_SA_INIT with a COOKIE; the initiator repeats its
-    request with that COOKIE as the first payload (responder-side cookies are a later issue)."""
+    request with that COOKIE as the first payload."""
     import random as _r
 
     a = IkeEngine([tunnel("a")], random=_r.Random(1).randbytes)
