@@ -413,7 +413,8 @@ class IkeEngine:
             return False
         return True
 
-    # §2.6 stateless cookies: Cookie = <VersionIDofSecret> | HMAC-SHA256(secret, Ni | IPi | SPIi)
+    # §2.6 stateless cookies: Cookie = <VersionIDofSecret> | HMAC-SHA256(secret, SPIi | IPi | Ni)
+    # (IPi length-prefixed, so that no two inputs share an encoding)
     def _cookie_secret(self, now: float) -> tuple[int, bytes]:
         cur = self._cookie_cur
         if cur is None or now >= self._cookie_rotate_at:
@@ -429,7 +430,7 @@ class IkeEngine:
     def _cookie_mac(secret: bytes, nonce: bytes, spi_i: bytes, addr: str) -> bytes:
         ip = _ip(addr)
         packed = ip.packed if ip is not None else addr.encode()
-        return hmac.new(secret, nonce + packed + spi_i, hashlib.sha256).digest()
+        return hmac.new(secret, spi_i + bytes([len(packed) & 0xFF]) + packed + nonce, hashlib.sha256).digest()
 
     def _cookie(self, nonce: bytes, spi_i: bytes, addr: str, now: float) -> bytes:
         version, secret = self._cookie_secret(now)

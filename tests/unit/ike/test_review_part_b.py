@@ -358,7 +358,7 @@ def test_9_cookies_are_stateless_and_their_secret_rotates():
                   dos=DosProtection(cookie_threshold=0))
     src = ("198.51.100.6", 500)
 
-    def ask(spi: bytes, now: float, cookie: bytes | None = None, nonce: bytes = b"N" * 32):
+    def ask(spi: bytes, now: float, cookie: bytes | None = None, nonce: bytes = b"N" * 32, src=src):
         extra = [M.Notify(NotifyType.COOKIE, data=cookie)] if cookie is not None else []
         b.receive_datagram(init_request(spi, extra=extra, nonce=nonce), src, (B_ADDR, 500), now)
         (d,) = b.datagrams_to_send()
@@ -369,6 +369,7 @@ def test_9_cookies_are_stateless_and_their_secret_rotates():
     assert r.get(M.SA) is None and b.sas() == [] and 1 <= len(c) <= 64
     assert ask(b"1" * 8, 0.0, c, nonce=b"M" * 32).get(M.SA) is None     # bound to Ni
     assert ask(b"2" * 8, 0.0, c).get(M.SA) is None                       # and to SPIi
+    assert ask(b"1" * 8, 0.0, c, src=("198.51.100.60", 500)).get(M.SA) is None   # and to IPi
     assert ask(b"1" * 8, 1.0, c).get(M.SA) is not None and len(b.sas()) == 1
     # a cookie stays good for one rotation, not for two
     r = ask(b"3" * 8, 10.0)
