@@ -85,8 +85,12 @@ class IkeEngine:
     #: Seconds we let the peer delete a pair/SA it should delete before we do it ourselves.
     redundant_grace = 180.0
 
-    def __init__(self, tunnels: Iterable[TunnelConfig] = (), *, random: Callable[[int], bytes]) -> None:
+    def __init__(self, tunnels: Iterable[TunnelConfig] = (), *, random: Callable[[int], bytes],
+                 wall_offset: float = 0.0) -> None:
         self.random = random
+        #: UNIX time minus `now` (certificate validity needs the wall clock; the runner sets it,
+        #: `set_wall_offset` moves it after a clock step)
+        self.wall_offset = wall_offset
         self._tunnels: dict[str, _Tunnel] = {}
         self._sas: dict[bytes, IkeSa] = {}                       # by our SPI
         self._half_open: dict[tuple[bytes, Endpoint], IkeSa] = {}
@@ -111,6 +115,13 @@ class IkeEngine:
         self._seq = 0
         for t in tunnels:
             self.add_tunnel(t)
+
+    def set_wall_offset(self, offset: float) -> None:
+        self.wall_offset = offset
+
+    def now_wall(self, now: float) -> float:
+        """UNIX time at engine time `now`."""
+        return now + self.wall_offset
 
     # ------------------------------------------------------------------ configuration
     def add_tunnel(self, config: TunnelConfig) -> None:
