@@ -77,16 +77,21 @@ class TestPKI:
 
     __test__ = False
 
-    def __init__(self, kind: str = "ecdsa", org: str = "Isthmus tests") -> None:
+    def __init__(self, kind: str = "ecdsa", org: str = "Isthmus tests", *, root_of: "TestPKI | None" = None,
+                 intermediate_cn: str | None = None) -> None:
         self.kind = kind
         self.org = org
         now = dt.datetime.now(dt.timezone.utc)
-        self.root_key = self._ca_key()
-        self.root = self._build(_name(f"{org} root CA ({kind})", org), self.root_key.public_key(), None,
-                                self.root_key, ca=True, path_len=1, not_before=now - dt.timedelta(days=2),
-                                not_after=now + dt.timedelta(days=60))
+        if root_of is not None:          # another intermediate under the same root
+            self.root_key, self.root = root_of.root_key, root_of.root
+        else:
+            self.root_key = self._ca_key()
+            self.root = self._build(_name(f"{org} root CA ({kind})", org), self.root_key.public_key(), None,
+                                    self.root_key, ca=True, path_len=1, not_before=now - dt.timedelta(days=2),
+                                    not_after=now + dt.timedelta(days=60))
         self.inter_key = self._ca_key()
-        self.intermediate = self._build(_name(f"{org} intermediate CA ({kind})", org), self.inter_key.public_key(),
+        cn = intermediate_cn or f"{org} intermediate CA ({kind})"
+        self.intermediate = self._build(_name(cn, org), self.inter_key.public_key(),
                                         self.root, self.root_key, ca=True, path_len=0,
                                         not_before=now - dt.timedelta(days=2), not_after=now + dt.timedelta(days=45))
         self.revoked: list[tuple[int, dt.datetime]] = []
@@ -129,6 +134,10 @@ class TestPKI:
         if sans:
             b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         return b.sign(signing_key, **self._sign_args(signing_key))
+
+    def sibling(self, cn: str) -> "TestPKI":
+        """A second intermediate CA `cn` under the same root (its own end entities and CRL)."""
+        return TestPKI(self.kind, self.org, root_of=self, intermediate_cn=cn)
 
     # ------------------------------------------------------------------ what tests use
     @property
