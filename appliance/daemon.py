@@ -40,6 +40,7 @@ import concurrent.futures
 import contextlib
 import ipaddress
 import logging
+import math
 import os
 import signal
 import sys
@@ -88,6 +89,7 @@ class _TunnelState:
     spis: tuple[int, int] | None = None    # the pair carrying traffic
     routes: tuple = ()                     # static routes in the kernel
     error: str | None = None               # last data plane failure, until the next success
+    auth_error: str | None = None          # last AuthFailed reason, until an IKE SA comes up
     failures: int = 0
     retry: asyncio.TimerHandle | None = None
     reconnect_on_down: bool = False        # a changed tunnel: initiate as soon as the old IKE SA is gone
@@ -410,6 +412,9 @@ class Daemon:
                 self.metrics.forget_sa(name, e.spi_in, e.spi_out)
             return
         if isinstance(e, ev.IkeSaUp):
+            st = self.state.get(name)
+            if st is not None:
+                st.auth_error = None
             log.info("IKE SA up with %s (%s)", _endpoint(e.remote), e.remote_id,
                      extra={"tunnel": name, "spi_i": int.from_bytes(e.spi_i, "big"),
                             "spi_r": int.from_bytes(e.spi_r, "big"), "proposal": e.proposal})
@@ -433,6 +438,9 @@ class Daemon:
             self.bus.publish("ike_sa_failed", name, reason=e.reason)
         elif isinstance(e, ev.AuthFailed):
             log.warning("authentication failed: %s", e.reason, extra={"tunnel": name})
+            st = self.state.get(name)
+            if st is not None:
+                st.auth_error = e.reason
             self.metrics.auth_failures.inc(tunnel=name or "")
             self.bus.publish("auth_failed", name or None, reason=e.reason)
         elif isinstance(e, ev.PeerDead):
@@ -697,6 +705,8 @@ class Daemon:
             return "up"
         if st is not None and st.error is not None:
             return "error"
+        if st is not None and st.auth_error is not None:
+            return "auth-failed"        # until an IKE SA comes up (the reason: `last_error`)
         if self.engine is not None and self.engine.sas(name):
             return "connecting"
         return "down"
@@ -742,9 +752,23 @@ class Daemon:
                 "interface": plan.interface.ifname, "start": plan.ike.start,
                 "ike_sas": len(sas), "child_sas": sum(1 for sa in sas for c in sa.children_in_use()),
                 "established": round(now - st.up_since, 1) if st.up_since is not None else None,
+                **self._cert_days(name, plan),
+                "last_error": st.auth_error or st.error,
                 **traffic,
             })
         return {"tunnels": rows}
+
+    def _cert_days(self, name: str, plan: TunnelPlan) -> dict[str, int | None]:
+        """Whole days until our and the peer's certificate expire (negative: expired), or None."""
+        wall = time.time()
+        own = peer = None
+        cert = plan.ike.cert
+        if cert is not None:
+            own = math.floor((cert.not_after() - wall) / 86400)
+            sa = self.engine.current_sa(name) if self.engine is not None else None
+            if sa is not None and sa.peer_cert_not_after is not None:
+                peer = math.floor((sa.peer_cert_not_after - wall) / 86400)
+        return {"cert_days_left": own, "peer_cert_days_left": peer}
 
     async def h_sas(self, params: dict[str, Any]) -> dict[str, Any]:
         check_params(params, ("tunnel",))
@@ -865,8 +889,14 @@ class Daemon:
         ike = Counter(sa.state.value for sa in sas if sa.state != IkeState.CONNECTING)
         child = Counter(c.state.value for sa in sas for c in sa.children if c.alive)
         self.metrics.set_sa_states(dict(ike), dict(child), sum(1 for sa in sas if sa.state == IkeState.CONNECTING))
-        for name in self.plans:
+        for name, plan in self.plans.items():
             self.metrics.tunnel_up.set(1 if self._tunnel_state_name(name) == "up" else 0, tunnel=name)
+            days = self._cert_days(name, plan)
+            for side, key in (("local", "cert_days_left"), ("peer", "peer_cert_days_left")):
+                if days[key] is None:
+                    self.metrics.cert_days_left.remove_matching(tunnel=name, side=side)
+                else:
+                    self.metrics.cert_days_left.set(days[key], tunnel=name, side=side)
         for name, cs in (await self._counters()).items():
             for c in cs:
                 if c.inbound is None and c.outbound is None:
