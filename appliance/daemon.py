@@ -90,6 +90,7 @@ class _TunnelState:
     routes: tuple = ()                     # static routes in the kernel
     error: str | None = None               # last data plane failure, until the next success
     auth_error: str | None = None          # last AuthFailed reason, until an IKE SA comes up
+    peer_cert_not_after: float | None = None   # the peer's certificate at its last authentication
     failures: int = 0
     retry: asyncio.TimerHandle | None = None
     reconnect_on_down: bool = False        # a changed tunnel: initiate as soon as the old IKE SA is gone
@@ -221,7 +222,9 @@ class Daemon:
                 log.error("data plane: %s", err)
                 self.bus.publish("dataplane_error", None, message=err)
 
-        self.engine = IkeEngine([p.ike for p in plans.values()], random=os.urandom)
+        # certificate validity needs the wall clock: UNIX time = engine time + offset
+        self.engine = IkeEngine([p.ike for p in plans.values()], random=os.urandom,
+                                wall_offset=time.time() - self.clock())
         self.sockets = IkeSockets(self._datagram)
         try:
             for w in self.sockets.open():
@@ -350,7 +353,9 @@ class Daemon:
     def _on_timer(self) -> None:
         self._timer = None
         if self.engine is not None:
-            self.engine.handle_timer(self.clock())
+            now = self.clock()
+            self.engine.set_wall_offset(time.time() - now)   # follows wall-clock steps
+            self.engine.handle_timer(now)
             self._flush()
 
     def _flush(self) -> None:
@@ -415,6 +420,9 @@ class Daemon:
             st = self.state.get(name)
             if st is not None:
                 st.auth_error = None
+                for sa in self.engine.sas(name) if self.engine is not None else ():
+                    if sa.spi_i == e.spi_i and sa.spi_r == e.spi_r:
+                        st.peer_cert_not_after = sa.peer_cert_not_after
             log.info("IKE SA up with %s (%s)", _endpoint(e.remote), e.remote_id,
                      extra={"tunnel": name, "spi_i": int.from_bytes(e.spi_i, "big"),
                             "spi_r": int.from_bytes(e.spi_r, "big"), "proposal": e.proposal})
@@ -759,15 +767,16 @@ class Daemon:
         return {"tunnels": rows}
 
     def _cert_days(self, name: str, plan: TunnelPlan) -> dict[str, int | None]:
-        """Whole days until our and the peer's certificate expire (negative: expired), or None."""
+        """Whole days until our certificate and the peer's (as of its last authentication)
+        expire (negative: expired), or None."""
         wall = time.time()
         own = peer = None
         cert = plan.ike.cert
+        st = self.state.get(name)
         if cert is not None:
             own = math.floor((cert.not_after() - wall) / 86400)
-            sa = self.engine.current_sa(name) if self.engine is not None else None
-            if sa is not None and sa.peer_cert_not_after is not None:
-                peer = math.floor((sa.peer_cert_not_after - wall) / 86400)
+            if st is not None and st.peer_cert_not_after is not None:
+                peer = math.floor((st.peer_cert_not_after - wall) / 86400)
         return {"cert_days_left": own, "peer_cert_days_left": peer}
 
     async def h_sas(self, params: dict[str, Any]) -> dict[str, Any]:

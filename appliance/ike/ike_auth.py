@@ -97,8 +97,8 @@ def _check_peer(sa: IkeSa, cfg, msg: Message, peer: Identity, auth: AUTH, *, of_
         return f"AUTH of peer {peer} refused: {e.reason}"
     sa.peer_cert_not_after = ee.not_valid_after_utc.timestamp()
     sa.peer_cert_subject = ee.subject.rfc4514_string()
-    log.info("%s: peer %s authenticated with %s (%s), certificate \"%s\"", sa, peer,
-             _aname(auth.method), scheme, sa.peer_cert_subject)
+    log.info("%s: peer %s authenticated with %s (%s), certificate \"%s\"", sa, str(peer),
+             _aname(auth.method), str(scheme), sa.peer_cert_subject)
     return None
 
 
