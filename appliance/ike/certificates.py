@@ -136,9 +136,12 @@ class CertCredentials:
         return out
 
     # ------------------------------------------------------------------ the peer's
-    def validate_peer(self, certs: list[CERT], peer_id: Identity, when: dt.datetime) -> x509.Certificate:
-        """The peer's end-entity certificate, once its chain, revocation status and ID check
-        out at `when`. Raises CertError."""
+    def validate_peer(self, certs: list[CERT], peer_id: Identity, when: dt.datetime,
+                      fetched_crls: "tuple[x509.CertificateRevocationList, ...] | list" = ()
+                      ) -> tuple[x509.Certificate, list[x509.Certificate]]:
+        """The peer's end-entity certificate and the validated chain (end entity first, trust
+        anchor last), once its chain, revocation status (configured CRLs, then `fetched_crls`
+        from distribution points) and ID check out at `when`. Raises CertError."""
         ee, inter = parse_cert_payloads(certs)
         verifier = (PolicyBuilder().store(self._store).time(when)  # type: ignore[attr-defined]
                     .max_chain_depth(MAX_CHAIN_DEPTH)
@@ -150,27 +153,53 @@ class CertCredentials:
         except VerificationError as e:
             raise _diagnose(ee, inter, self.cas, when, str(e)) from None
         chain = list(verified.chain)
-        self._check_revocation(chain, when)
+        check_revocation(chain, tuple(self.crls) + tuple(fetched_crls))
         if not id_matches(ee, peer_id):
             raise CertError("id-mismatch", f"peer identity {peer_id} is not in its certificate "
                                            f"{describe(ee)} ({_names(ee)})")
-        return ee
+        return ee, chain
 
-    def _check_revocation(self, chain: list[x509.Certificate], when: dt.datetime) -> None:
-        for cert, issuer in zip(chain, chain[1:]):
-            for crl in self.crls:
-                if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):
-                    continue
-                r = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-                if r is not None:
-                    reason = ""
-                    try:
-                        reason = f", reason {r.extensions.get_extension_for_class(x509.CRLReason).value.reason.value}"
-                    except x509.ExtensionNotFound:
-                        pass
-                    raise CertError("revoked", f"certificate {describe(cert)} (serial {cert.serial_number:x}) "
-                                               f"is revoked by the CRL of {describe(issuer)} since "
-                                               f"{_utc(r.revocation_date_utc):%Y-%m-%d %H:%M} UTC{reason}")
+
+def check_revocation(chain: list[x509.Certificate] | tuple[x509.Certificate, ...],
+                     crls: tuple[x509.CertificateRevocationList, ...]) -> None:
+    """Raise CertError("revoked") when a CRL of a certificate's issuer (its signature checked)
+    lists that certificate; `chain` is end entity first, each issued by the next."""
+    for cert, issuer in zip(chain, chain[1:]):
+        for crl in crls:
+            if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):
+                continue
+            r = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+            if r is not None:
+                reason = ""
+                try:
+                    reason = f", reason {r.extensions.get_extension_for_class(x509.CRLReason).value.reason.value}"
+                except x509.ExtensionNotFound:
+                    pass
+                raise CertError("revoked", f"certificate {describe(cert)} (serial {cert.serial_number:x}) "
+                                           f"is revoked by the CRL of {describe(issuer)} since "
+                                           f"{_utc(r.revocation_date_utc):%Y-%m-%d %H:%M} UTC{reason}")
+
+
+MAX_CRL_URLS = 4          # distribution point URLs taken from one certificate
+
+
+def crl_urls(chain: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> list[str]:
+    """http(s) URIs of the CRL distribution points (RFC 5280 §4.2.1.13) of every certificate of
+    `chain` but the trust anchor: what the daemon may fetch (the engine does no I/O)."""
+    out: list[str] = []
+    for cert in list(chain)[:-1]:
+        try:
+            dps = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        except x509.ExtensionNotFound:
+            continue
+        n = 0
+        for dp in dps:
+            for g in dp.full_name or ():
+                if isinstance(g, x509.UniformResourceIdentifier) and g.value.lower().startswith(("http://", "https://")):
+                    if g.value not in out and n < MAX_CRL_URLS:
+                        out.append(g.value)
+                        n += 1
+    return out
 
 
 def load_crl(data: bytes) -> x509.CertificateRevocationList:

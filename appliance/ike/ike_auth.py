@@ -87,9 +87,11 @@ def _check_peer(sa: IkeSa, cfg, msg: Message, peer: Identity, auth: AUTH, *, of_
         return f"peer {peer} authenticates with a pre-shared key; tunnel {cfg.name} uses certificates"
     when = dt.datetime.fromtimestamp(sa.engine.now_wall(sa.last_heard), dt.timezone.utc)
     try:
-        ee = cfg.cert.validate_peer(msg.get_all(CERT), peer, when)
+        ee, chain = cfg.cert.validate_peer(msg.get_all(CERT), peer, when, sa.engine.fetched_crls())
     except CertError as e:
         return f"certificate of peer {peer} refused ({e.code}): {e.reason}"
+    sa.peer_cert_chain = tuple(chain)
+    sa.engine.want_crls(chain)
     try:
         scheme = signature_auth.verify(ee.public_key(), auth.method, auth.data,
                                        _octets(sa, of_initiator=of_initiator, id_body=id_body))

@@ -132,6 +132,7 @@ class IkeSa:
     peer_certreq: frozenset[bytes] | None = None          # CA key hashes the peer asked for
     peer_cert_not_after: float | None = None              # UNIX time
     peer_cert_subject = ""
+    peer_cert_chain: tuple = ()                           # validated chain (revocation re-checks)
 
     # message windows (§2.3)
     my_mid = 0

@@ -121,7 +121,7 @@ class TestPKI:
 
     def _build(self, subject: x509.Name, public_key, issuer: x509.Certificate | None, signing_key, *, ca: bool,
                path_len: int | None = None, not_before: dt.datetime, not_after: dt.datetime,
-               sans: list[x509.GeneralName] | None = None) -> x509.Certificate:
+               sans: list[x509.GeneralName] | None = None, cdp: str | None = None) -> x509.Certificate:
         b = (x509.CertificateBuilder().subject_name(subject)
              .issuer_name(issuer.subject if issuer is not None else subject)
              .public_key(public_key).serial_number(x509.random_serial_number())
@@ -133,6 +133,9 @@ class TestPKI:
                             critical=False))
         if sans:
             b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        if cdp:
+            b = b.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+                [x509.UniformResourceIdentifier(cdp)], None, None, None)]), critical=False)
         return b.sign(signing_key, **self._sign_args(signing_key))
 
     def sibling(self, cn: str) -> "TestPKI":
@@ -150,9 +153,9 @@ class TestPKI:
 
     def issue(self, ike_id: str, *, san: str | list[str] | None = None, expired: bool = False,
               not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
-              cn: str | None = None) -> Credential:
+              cn: str | None = None, cdp: str | None = None) -> Credential:
         """An end-entity certificate for `ike_id` (its SAN: `san` when given, else the ID),
-        issued by the intermediate."""
+        issued by the intermediate; `cdp`: a CRL distribution point URL."""
         key = self._ee_key()
         now = dt.datetime.now(dt.timezone.utc)
         if expired:
@@ -161,7 +164,7 @@ class TestPKI:
         cert = self._build(_name(cn or ike_id, self.org), key.public_key(), self.intermediate, self.inter_key,
                            ca=False, not_before=not_before or now - dt.timedelta(days=1),
                            not_after=not_after or now + dt.timedelta(days=30),
-                           sans=[_general_name(n) for n in names])
+                           sans=[_general_name(n) for n in names], cdp=cdp)
         return Credential(ike_id, _pem(cert), _pem_key(key), cert, _pem(self.intermediate))
 
     def revoke(self, cred: Credential) -> None:

@@ -310,3 +310,34 @@ def test_rfc7427_algorithm_identifiers():
     # PSS with the SHA-1 defaults is refused
     with pytest.raises(S.SignatureError, match="SHA1"):
         S.parse_alg_id(bytes.fromhex("300d06092a864886f70d01010a3000"))
+
+
+# ------------------------------------------------------------------ CRL distribution points
+
+
+def test_distribution_point_crl_revokes_a_running_sa_and_later_attempts():
+    """The engine lists the peer chain's CRL distribution points for the daemon to fetch; a CRL
+    handed back that revokes the peer deletes the running IKE SA (AuthFailed with the reason)
+    and refuses the re-initiation."""
+    p = TestPKI("ecdsa", "CDP org")
+    bad = p.issue("a.example.net", cdp="http://crl.example.net/intermediate.crl")
+    a, b, net = engines(creds(p, bad), creds(p, p.issue("b.example.net")))
+    run(a, b, net)
+    assert one_ike_sa_each(net) == []
+    assert b.take_crl_urls() == ["http://crl.example.net/intermediate.crl"]
+    assert b.take_crl_urls() == []
+    # a CRL of another issuer changes nothing
+    assert b.add_crl(pki("ecdsa", "Other org").crl(), net.now) == []
+    p.revoke(bad)
+    assert b.add_crl(p.crl(), net.now) == ["to-a"]
+    net.run(3)
+    (f,) = of(net, B_ADDR, ev.AuthFailed)
+    assert "(revoked)" in f.reason and "a.example.net" in f.reason
+    assert of(net, A_ADDR, ev.IkeSaDown) and of(net, B_ADDR, ev.IkeSaDown)
+    net.run(60)          # A re-initiates (start=True): refused with the fetched CRL
+    fails = of(net, B_ADDR, ev.AuthFailed)
+    assert len(fails) >= 2 and all("(revoked)" in x.reason for x in fails)
+    assert not [s for s in b.sas() if s.established]
+    # one CRL kept per issuer
+    assert {c.issuer for c in b.fetched_crls()} == {p.intermediate.subject,
+                                                    pki("ecdsa", "Other org").intermediate.subject}
