@@ -65,6 +65,7 @@ from appliance.ike.sa import IkeState
 from appliance.ikesockets import IkeSockets, SocketsError
 from appliance.logs import register_secret, setup_logging
 from appliance.metrics import IsthmusMetrics, MetricsServer, Registry, parse_listen
+from appliance.crl_fetch import CrlFetcher
 from appliance.tunnels import TunnelPlan, diff_plans, plan_tunnels
 
 log = logging.getLogger("isthmus.daemon")
@@ -75,6 +76,8 @@ RETRY_FIRST = 2.0
 RETRY_MAX = 60.0
 SHUTDOWN_WAIT = 3.0
 LIVENESS_POLL = 5.0      # seconds between reads of the inbound SA counters (DPD deferral)
+CRL_POLL = 5.0           # seconds between looks at CRL distribution points to (re)fetch
+MAX_CRL_URLS = 128       # distribution points followed at once
 
 
 class StartError(Exception):
@@ -155,6 +158,11 @@ class Daemon:
         self._dp_outstanding = 0                 # Child SA jobs submitted, not yet handled
         self._held: list[list] = []              # datagrams waiting for them
         self._tasks: list[asyncio.Future] = []
+        # CRL distribution points (appliance/crl_fetch.py): fetched in their own threads, bounded
+        self.crl_fetcher = CrlFetcher()
+        self._crl_executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="isthmus-crl")
+        self._crl_urls: dict[str, None] = {}
+        self._crl_inflight: set[str] = set()
 
     # ================================================================== life cycle
     async def run(self) -> int:
@@ -244,6 +252,36 @@ class Daemon:
                 self.http = None
         self._engine_call(self.engine.start)
         self._tasks.append(asyncio.ensure_future(self._liveness()))
+        self._tasks.append(asyncio.ensure_future(self._crl_refresh()))
+
+    async def _crl_refresh(self) -> None:
+        """Fetch the CRL distribution points of the peers' chains the engine validated (it does
+        no I/O): each URL again once the fetcher's cache entry is stale (nextUpdate, bounded);
+        a fetched CRL goes to the engine, which revokes running IKE SAs and later attempts."""
+        while True:
+            await asyncio.sleep(CRL_POLL)
+            if self.engine is None:
+                continue
+            for url in self.engine.take_crl_urls():
+                if len(self._crl_urls) < MAX_CRL_URLS:
+                    self._crl_urls[url] = None
+            for url in list(self._crl_urls):
+                if url in self._crl_inflight or self.crl_fetcher.cached(url) is not None:
+                    continue
+                self._crl_inflight.add(url)
+                fut = self._loop.run_in_executor(self._crl_executor, self.crl_fetcher.get, url)  # type: ignore[union-attr]
+                fut.add_done_callback(lambda f, u=url: self._crl_fetched(u, f))
+
+    def _crl_fetched(self, url: str, fut: asyncio.Future) -> None:
+        self._crl_inflight.discard(url)
+        if fut.cancelled() or fut.exception() is not None or self.engine is None:
+            return
+        crl = fut.result()
+        if crl is not None:
+            hit = self._engine_call(lambda now: self.engine.add_crl(crl, now))  # type: ignore[union-attr]
+            for name in hit or ():
+                log.warning("peer certificate revoked by the CRL from %s; IKE SA deleted", url,
+                            extra={"tunnel": name})
 
     async def _liveness(self) -> None:
         """Inbound ESP proves the peer alive (RFC 7296 §2.4: liveness checks are for when nothing
@@ -309,6 +347,7 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self._dp(self.worker.close)
         self.executor.shutdown(wait=True)
+        self._crl_executor.shutdown(wait=False, cancel_futures=True)
         self._remove_pid_file()
 
     def _write_pid_file(self) -> None:
@@ -711,10 +750,10 @@ class Daemon:
         st = self.state.get(name)
         if st is not None and st.up_since is not None:
             return "up"
-        if st is not None and st.error is not None:
-            return "error"
         if st is not None and st.auth_error is not None:
             return "auth-failed"        # until an IKE SA comes up (the reason: `last_error`)
+        if st is not None and st.error is not None:
+            return "error"
         if self.engine is not None and self.engine.sas(name):
             return "connecting"
         return "down"

@@ -101,3 +101,38 @@ def test_certificates_between_two_daemons_and_a_revoked_one(pair, pki):
     assert "AUTHENTICATION_FAILED" in ra["last_error"]
     out = b.cli("show", "tunnels").stdout
     assert "auth-failed" in out
+
+
+def test_crl_from_the_distribution_point_refuses_a_revoked_peer(pair, pki, tmp_path):
+    """A's certificate names a CRL distribution point on an HTTP server next to B (in B's
+    namespace). B authenticates A once (nothing fetched yet), fetches the CRL the engine asked
+    for, and refuses A's next attempt as revoked."""
+    import subprocess
+    import sys
+
+    a, b = pair
+    bad = pki.issue("a.example.net", cdp="http://192.0.2.2:8089/intermediate.crl")
+    pki.revoke(bad)
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "intermediate.crl").write_bytes(pki.crl_der())
+    install(a, pki, bad)
+    install(b, pki, pki.issue("b.example.net"))
+    a.write_config(config("to-b", "192.0.2.2", "192.0.2.1", True, "a.example.net", "b.example.net", name="ra"))
+    b.write_config(config("to-a", "192.0.2.1", "192.0.2.2", False, "b.example.net", "a.example.net", name="rb"))
+    httpd = subprocess.Popen(["ip", "netns", "exec", b.ns, sys.executable, "-m", "http.server", "--bind", "192.0.2.2",
+                              "--directory", str(www), "8089"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        b.start()
+        a.start()
+        wait_for("B authenticated A (no CRL yet)", lambda: "authenticated with DIGITAL_SIGNATURE" in b.log_text(), 60,
+                 log_of=b)
+        wait_for("B fetched the CRL", lambda: "intermediate.crl fetched" in b.log_text(), 30, log_of=b)
+        a.stop()        # A initiates again at once (rather than after its back-off)
+        a.start()
+        row = wait_for("B refuses A as revoked",
+                       lambda: (t := b.call("tunnels")["tunnels"][0])["state"] == "auth-failed" and t, 30, log_of=b)
+        assert "(revoked)" in row["last_error"]
+    finally:
+        httpd.kill()
+        httpd.wait(5)
