@@ -213,10 +213,9 @@ def load_crl(data: bytes) -> x509.CertificateRevocationList:
 
 def _issuer_keyid(cert: x509.Certificate, inter: tuple[x509.Certificate, ...],
                   cas: tuple[x509.Certificate, ...]) -> set[bytes]:
-    """Key IDs of the certificates that may have issued `cert` (by name, among what we hold),
-    plus its AuthorityKeyIdentifier when that is a SHA-1 key hash."""
-    out = {keyid(c) for c in inter + cas if c.subject == cert.issuer and c is not cert}
-    return out
+    """Key IDs (SHA-1 of the SubjectPublicKeyInfo, as CERTREQ names CAs) of the certificates we
+    hold that may have issued `cert` (by name)."""
+    return {keyid(c) for c in inter + cas if c.subject == cert.issuer and c is not cert}
 
 
 def parse_cert_payloads(certs: list[CERT]) -> tuple[x509.Certificate, list[x509.Certificate]]:
@@ -244,7 +243,9 @@ def _enc_name(e: int) -> str:
 def _diagnose(ee: x509.Certificate, inter: list[x509.Certificate], cas: tuple[x509.Certificate, ...],
               when: dt.datetime, detail: str) -> CertError:
     """A CertError naming the most likely reason the verifier gave up."""
-    for c in [ee] + inter + list(cas):
+    # the CAs that matter: those named as issuer by the end entity or a presented intermediate
+    issuers = {c.issuer for c in [ee] + inter}
+    for c in [ee] + inter + [ca for ca in cas if ca.subject in issuers]:
         if when > c.not_valid_after_utc:
             who = "peer certificate" if c is ee else ("CA certificate" if c in cas else "intermediate")
             return CertError("expired", f"{who} {describe(c)} expired on "

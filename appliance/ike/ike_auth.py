@@ -63,13 +63,18 @@ def _own_auth(sa: IkeSa, cfg, *, as_initiator: bool, id_body: bytes) -> list[Pay
     return [*cfg.cert.cert_payloads(sa.peer_certreq), AUTH(method, data)]
 
 
+MAX_CERTREQ_CAS = 64     # CA key hashes kept from the peer's CERTREQ payloads
+
+
 def note_certreq(sa: IkeSa, msg: Message) -> None:
     """Remember the CAs the peer asked for (CERTREQ, §3.7: SHA-1 key hashes)."""
     reqs = [r for r in msg.get_all(CERTREQ) if r.encoding == 4]
     if reqs:
         ids = set(sa.peer_certreq or ())
         for r in reqs:
-            ids.update(r.data[i:i + 20] for i in range(0, len(r.data) - 19, 20))
+            for i in range(0, len(r.data) - 19, 20):
+                if len(ids) < MAX_CERTREQ_CAS:
+                    ids.add(r.data[i:i + 20])
         sa.peer_certreq = frozenset(ids)
 
 

@@ -341,3 +341,35 @@ def test_distribution_point_crl_revokes_a_running_sa_and_later_attempts():
     # one CRL kept per issuer
     assert {c.issuer for c in b.fetched_crls()} == {p.intermediate.subject,
                                                     pki("ecdsa", "Other org").intermediate.subject}
+
+
+def test_an_ike_rekey_keeps_the_peer_certificate_for_revocation_and_expiry():
+    p = TestPKI("ecdsa", "Rekey org")
+    cred = p.issue("a.example.net")
+    a, b, net = engines(creds(p, cred), creds(p, p.issue("b.example.net")))
+    run(a, b, net)
+    old = b.sas()[0]
+    a.rekey_ike("to-b", net.now)
+    net.run(5)
+    assert one_ike_sa_each(net) == []
+    new = b.sas()[0]
+    assert new is not old and new.peer_cert_not_after == old.peer_cert_not_after is not None
+    p.revoke(cred)
+    assert b.add_crl(p.crl(), net.now) == ["to-a"]
+    net.run(3)
+    assert "(revoked)" in of(net, B_ADDR, ev.AuthFailed)[0].reason
+
+
+def test_an_expired_ca_is_named_only_when_it_is_the_issuer():
+    """An unrelated expired CA in our list does not hide the real reason (wrong CA)."""
+    import datetime as dt
+
+    p, q = pki("ecdsa"), pki("ecdsa", "Other org")
+    old_ca = TestPKI("ecdsa", "Old org")
+    expired_root = old_ca._build(old_ca.root.subject, old_ca.root_key.public_key(), None, old_ca.root_key, ca=True,
+                                 path_len=1, not_before=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
+                                 not_after=dt.datetime(2021, 1, 1, tzinfo=dt.timezone.utc))
+    from cryptography.hazmat.primitives import serialization as ser
+    b_cred = creds(p, p.issue("b.example.net"), ca=[p.root_pem, expired_root.public_bytes(ser.Encoding.PEM)])
+    reason = _refusal(creds(q, q.issue("a.example.net"), ca=[p.root_pem]), b_cred, B_ADDR)
+    assert "(untrusted)" in reason and "Old org" not in reason.split("trusted")[0]
