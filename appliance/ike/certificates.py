@@ -88,7 +88,7 @@ class CertCredentials:
         if not isinstance(self.private_key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey,
                                              ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
             raise PolicyError("the private key must be ECDSA, RSA, Ed25519 or Ed448")
-        object.__setattr__(self, "_store", Store(list(self.cas)))
+        object.__setattr__(self, "_store", trust_store(self.cas))
         object.__setattr__(self, "ca_keyids", tuple(keyid(c) for c in self.cas))
 
     @classmethod
@@ -142,22 +142,41 @@ class CertCredentials:
         """The peer's end-entity certificate and the validated chain (end entity first, trust
         anchor last), once its chain, revocation status (configured CRLs, then `fetched_crls`
         from distribution points) and ID check out at `when`. Raises CertError."""
-        ee, inter = parse_cert_payloads(certs)
-        verifier = (PolicyBuilder().store(self._store).time(when)  # type: ignore[attr-defined]
-                    .max_chain_depth(MAX_CHAIN_DEPTH)
-                    .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(),
-                                        ee_policy=ExtensionPolicy.permit_all())
-                    .build_client_verifier())
-        try:
-            verified = verifier.verify(ee, inter)
-        except VerificationError as e:
-            raise _diagnose(ee, inter, self.cas, when, str(e)) from None
-        chain = list(verified.chain)
-        check_revocation(chain, tuple(self.crls) + tuple(fetched_crls))
-        if not id_matches(ee, peer_id):
-            raise CertError("id-mismatch", f"peer identity {peer_id} is not in its certificate "
-                                           f"{describe(ee)} ({_names(ee)})")
-        return ee, chain
+        return validate_chain(self._store, self.cas, tuple(self.crls) + tuple(fetched_crls), certs, peer_id,  # type: ignore[attr-defined]
+                              when, known=self.intermediates)
+
+
+def trust_store(cas: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> Store:
+    return Store(list(cas))
+
+
+def validate_chain(store: Store, cas: tuple[x509.Certificate, ...] | list[x509.Certificate],
+                   crls: tuple[x509.CertificateRevocationList, ...], certs: list[CERT], peer_id: Identity,
+                   when: dt.datetime, known: tuple[x509.Certificate, ...] | list[x509.Certificate] = ()
+                   ) -> tuple[x509.Certificate, list[x509.Certificate]]:
+    """The peer's end entity and validated chain from its CERT payloads (see
+    CertCredentials.validate_peer). `known`: intermediates we hold (those of our own chain),
+    also tried when building the peer's chain - a peer whose CERTREQ says we share an
+    intermediate sends only its end entity. They are untrusted: the chain must still reach one
+    of the CAs in `store`. Raises CertError."""
+    ee, inter = parse_cert_payloads(certs)
+    presented = list(inter)
+    inter = presented + [k for k in known if k not in presented]
+    verifier = (PolicyBuilder().store(store).time(when)
+                .max_chain_depth(MAX_CHAIN_DEPTH)
+                .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+                                    ee_policy=ExtensionPolicy.permit_all())
+                .build_client_verifier())
+    try:
+        verified = verifier.verify(ee, inter)
+    except VerificationError as e:
+        raise _diagnose(ee, inter, tuple(cas), when, str(e)) from None
+    chain = list(verified.chain)
+    check_revocation(chain, crls)
+    if not id_matches(ee, peer_id):
+        raise CertError("id-mismatch", f"peer identity {peer_id} is not in its certificate "
+                                       f"{describe(ee)} ({_names(ee)})")
+    return ee, chain
 
 
 def check_revocation(chain: list[x509.Certificate] | tuple[x509.Certificate, ...],
