@@ -79,7 +79,7 @@ def note_certreq(sa: IkeSa, msg: Message) -> None:
 
 
 def _check_peer(sa: IkeSa, cfg, msg: Message, peer: Identity, auth: AUTH, *, of_initiator: bool,
-                id_body: bytes) -> str | None:
+                id_body: bytes, now: float) -> str | None:
     """None when the peer's AUTH (and, with certificates, its chain and ID) is good, else the
     reason it is not."""
     if cfg.cert is None:
@@ -90,7 +90,7 @@ def _check_peer(sa: IkeSa, cfg, msg: Message, peer: Identity, auth: AUTH, *, of_
         return None
     if auth.method == AuthMethod.SHARED_KEY_MIC:
         return f"peer {peer} authenticates with a pre-shared key; tunnel {cfg.name} uses certificates"
-    when = dt.datetime.fromtimestamp(sa.engine.now_wall(sa.last_heard), dt.timezone.utc)
+    when = dt.datetime.fromtimestamp(sa.engine.now_wall(now), dt.timezone.utc)
     try:
         ee, chain = cfg.cert.validate_peer(msg.get_all(CERT), peer, when, sa.engine.fetched_crls())
     except CertError as e:
@@ -176,7 +176,7 @@ class IkeAuth(Exchange):
                          "pre-shared key", auth=True)
             return
         if cfg.cert is not None:
-            why = _check_peer(sa, cfg, msg, peer, auth, of_initiator=False, id_body=idr.body())
+            why = _check_peer(sa, cfg, msg, peer, auth, of_initiator=False, id_body=idr.body(), now=now)
             if why is not None:
                 sa.engine.release_child_spi(self.req.spi_in)
                 _tell_responder(sa)
@@ -228,7 +228,7 @@ def respond(sa: IkeSa, msg: Message, src: Endpoint, dst: Endpoint, now: float) -
     sa.config = cfg
     sa.engine.retag(sa, old_name)
     note_certreq(sa, msg)
-    why = _check_peer(sa, cfg, msg, peer, auth, of_initiator=True, id_body=idi.body())
+    why = _check_peer(sa, cfg, msg, peer, auth, of_initiator=True, id_body=idi.body(), now=now)
     if why is not None:
         log.info("%s: %s", sa, why)
         sa.after_response(lambda t: sa.fail(t, why, auth=True))

@@ -6,7 +6,8 @@ Vectors:
 * tests/data/strongswan/* recorded with tests/record_strongswan_vectors.py: AES-GCM-128 +
   ECP-256 with PFS, AES-CBC-256 + HMAC-SHA2-384/512 + MODP-3072, ChaCha20-Poly1305 + X448 with
   X25519 PFS; each with two Child SA rekeys and an IKE SA rekey started by the responder; the
-  Child SA keys are logged.
+  Child SA keys are logged. cert-ecdsa_*: the same with certificate authentication (RFC 7427
+  ECDSA signatures, CERT/CERTREQ; the recorded certificates, no keys, are in the directory).
 
 From the logged shared secrets and the nonces/SPIs on the wire we derive SKEYSEED and every
 SK_* of every IKE SA (the rekeyed ones with §2.18) and compare them with both daemons' logs;
