@@ -212,6 +212,15 @@ def test_psk_tunnel_refuses_a_certificate_peer_and_vice_versa():
     (f,) = of(net, B_ADDR, ev.AuthFailed)[:1]
     # B sent no SIGNATURE_HASH_ALGORITHMS, so A used RFC 4754's method for its P-256 key
     assert "ECDSA_SHA256_P256" in f.reason and "pre-shared key" in f.reason
+    # and a PSK initiator meeting a certificate responder
+    a = IkeEngine([tunnel("a")], random=_random.Random(1).randbytes)
+    b = IkeEngine([tunnel("b", psk=b"", cert=creds(p, p.issue("b.example.net")))],
+                  random=_random.Random(2).randbytes, wall_offset=time.time() - 1000)
+    net = SimNet({A_ADDR: a, B_ADDR: b})
+    run(a, b, net, 3)
+    (f,) = of(net, B_ADDR, ev.AuthFailed)[:1]
+    assert "authenticates with a pre-shared key; tunnel to-a uses certificates" in f.reason
+    assert "AUTHENTICATION_FAILED" in of(net, A_ADDR, ev.AuthFailed)[0].reason
 
 
 def test_identity_matching_rules():
@@ -373,3 +382,23 @@ def test_an_expired_ca_is_named_only_when_it_is_the_issuer():
     b_cred = creds(p, p.issue("b.example.net"), ca=[p.root_pem, expired_root.public_bytes(ser.Encoding.PEM)])
     reason = _refusal(creds(q, q.issue("a.example.net"), ca=[p.root_pem]), b_cred, B_ADDR)
     assert "(untrusted)" in reason and "Old org" not in reason.split("trusted")[0]
+
+
+@pytest.mark.parametrize("lost", [2, 3])     # datagram 2: IKE_AUTH request, 3: its response
+def test_a_lost_ike_auth_message_is_retransmitted_and_the_sa_comes_up(lost):
+    """Loss of the (large) certificate-carrying IKE_AUTH request or response: the initiator
+    retransmits; the responder answers a retransmitted request from its cache, so the signature
+    and the chain are checked once and both sides agree."""
+    from tests.unit.ike.simnet import Faults
+
+    p = pki("ecdsa")
+    wall = time.time() - 1000.0
+    a = IkeEngine([tunnel("a", psk=b"", cert=creds(p, p.issue("a.example.net")))],
+                  random=_random.Random(1).randbytes, wall_offset=wall)
+    b = IkeEngine([tunnel("b", psk=b"", cert=creds(p, p.issue("b.example.net")))],
+                  random=_random.Random(2).randbytes, wall_offset=wall)
+    net = SimNet({A_ADDR: a, B_ADDR: b}, Faults(drop=lambda d, n: n == lost))
+    run(a, b, net, 20)
+    assert one_ike_sa_each(net) == [] and installed_pair_ok(net) == []
+    assert len(of(net, B_ADDR, ev.IkeSaUp)) == 1 and not of(net, B_ADDR, ev.AuthFailed)
+    assert len([m for _s, m in auth_messages(net) if not m.is_response]) == 2 - (lost == 2)  # delivered requests
