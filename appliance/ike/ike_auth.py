@@ -95,13 +95,14 @@ def _check_peer(sa: IkeSa, cfg, msg: Message, peer: Identity, auth: AUTH, *, of_
         ee, chain = cfg.cert.validate_peer(msg.get_all(CERT), peer, when, sa.engine.fetched_crls())
     except CertError as e:
         return f"certificate of peer {peer} refused ({e.code}): {e.reason}"
-    sa.peer_cert_chain = tuple(chain)
-    sa.engine.want_crls(chain)
     try:
         scheme = signature_auth.verify(ee.public_key(), auth.method, auth.data,
                                        _octets(sa, of_initiator=of_initiator, id_body=id_body))
     except signature_auth.SignatureError as e:
         return f"AUTH of peer {peer} refused: {e.reason}"
+    # only a peer that proved its key gets its chain kept and its CRL URLs fetched
+    sa.peer_cert_chain = tuple(chain)
+    sa.engine.want_crls(chain)
     sa.peer_cert_not_after = ee.not_valid_after_utc.timestamp()
     sa.peer_cert_subject = ee.subject.rfc4514_string()
     log.info("%s: peer %s authenticated with %s (%s), certificate \"%s\"", sa, str(peer),
