@@ -402,3 +402,13 @@ def test_a_lost_ike_auth_message_is_retransmitted_and_the_sa_comes_up(lost):
     assert one_ike_sa_each(net) == [] and installed_pair_ok(net) == []
     assert len(of(net, B_ADDR, ev.IkeSaUp)) == 1 and not of(net, B_ADDR, ev.AuthFailed)
     assert len([m for _s, m in auth_messages(net) if not m.is_response]) == 2 - (lost == 2)  # delivered requests
+
+
+def test_a_certificate_without_its_private_key_is_refused():
+    """A peer presenting someone's valid certificate but signing with another key (it does not
+    hold the certificate's key): the signature does not verify, whatever the chain."""
+    p = pki("ecdsa")
+    stolen = creds(p, p.issue("a.example.net"))
+    object.__setattr__(stolen, "private_key", ec.generate_private_key(ec.SECP256R1()))
+    reason = _refusal(stolen, creds(p, p.issue("b.example.net")), B_ADDR)
+    assert "AUTH of peer a.example.net refused" in reason and "does not verify with the key" in reason
