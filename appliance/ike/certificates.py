@@ -100,7 +100,9 @@ class CertCredentials:
         try:
             chain = x509.load_pem_x509_certificates(cert_pem)
         except ValueError:
-            raise PolicyError("the certificate is not PEM X.509") from None
+            chain = []
+        if not chain:
+            raise PolicyError("the certificate is not PEM X.509")
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError):
