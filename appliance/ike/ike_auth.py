@@ -47,7 +47,8 @@ def _auth_ok(sa: IkeSa, psk: bytes, *, of_initiator: bool, id_body: bytes, recei
 
 def _octets(sa: IkeSa, *, of_initiator: bool, id_body: bytes) -> bytes:
     keys = sa.keys
-    assert keys is not None
+    if keys is None:   # IKE_AUTH runs on an SA with keys
+        raise ValueError("IKE SA without keys has no signed octets")
     if of_initiator:
         return signed_octets(sa.prf_id, sa.init_request, sa.nonce_r, keys.SK_pi, id_body)
     return signed_octets(sa.prf_id, sa.init_response, sa.nonce_i, keys.SK_pr, id_body)
