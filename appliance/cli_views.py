@@ -214,6 +214,8 @@ TUNNEL: View = (
     Field("remote_id", STR, "REMOTE ID"), Field("local", STR), Field("local_id", STR),
     Field("interface", STR, "INTERFACE"), Field("start", BOOL), Field("ike_sas", INT),
     Field("child_sas", INT, "CHILD SAS"), Field("established", DURATION, "UP FOR"),
+    Field("cert_days_left", INT, "CERT DAYS"), Field("peer_cert_days_left", INT, "PEER CERT DAYS"),
+    Field("last_error", STR),
     Field("bytes_in", BYTES), Field("packets_in", PKTS), Field("bytes_out", BYTES), Field("packets_out", PKTS),
 )
 

@@ -40,6 +40,7 @@ import concurrent.futures
 import contextlib
 import ipaddress
 import logging
+import math
 import os
 import signal
 import sys
@@ -64,6 +65,7 @@ from appliance.ike.sa import IkeState
 from appliance.ikesockets import IkeSockets, SocketsError
 from appliance.logs import register_secret, setup_logging
 from appliance.metrics import IsthmusMetrics, MetricsServer, Registry, parse_listen
+from appliance.crl_fetch import CrlFetcher
 from appliance.tunnels import TunnelPlan, diff_plans, plan_tunnels
 
 log = logging.getLogger("isthmus.daemon")
@@ -74,6 +76,8 @@ RETRY_FIRST = 2.0
 RETRY_MAX = 60.0
 SHUTDOWN_WAIT = 3.0
 LIVENESS_POLL = 5.0      # seconds between reads of the inbound SA counters (DPD deferral)
+CRL_POLL = 5.0           # seconds between looks at CRL distribution points to (re)fetch
+MAX_CRL_URLS = 128       # distribution points followed at once
 
 
 class StartError(Exception):
@@ -88,6 +92,8 @@ class _TunnelState:
     spis: tuple[int, int] | None = None    # the pair carrying traffic
     routes: tuple = ()                     # static routes in the kernel
     error: str | None = None               # last data plane failure, until the next success
+    auth_error: str | None = None          # last AuthFailed reason, until an IKE SA comes up
+    peer_cert_not_after: float | None = None   # the peer's certificate at its last authentication
     failures: int = 0
     retry: asyncio.TimerHandle | None = None
     reconnect_on_down: bool = False        # a changed tunnel: initiate as soon as the old IKE SA is gone
@@ -152,6 +158,11 @@ class Daemon:
         self._dp_outstanding = 0                 # Child SA jobs submitted, not yet handled
         self._held: list[list] = []              # datagrams waiting for them
         self._tasks: list[asyncio.Future] = []
+        # CRL distribution points (appliance/crl_fetch.py): fetched in their own threads, bounded
+        self.crl_fetcher = CrlFetcher()
+        self._crl_executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="isthmus-crl")
+        self._crl_urls: dict[str, None] = {}
+        self._crl_inflight: set[str] = set()
 
     # ================================================================== life cycle
     async def run(self) -> int:
@@ -219,8 +230,10 @@ class Daemon:
                 log.error("data plane: %s", err)
                 self.bus.publish("dataplane_error", None, message=err)
 
+        # certificate validity needs the wall clock: UNIX time = engine time + offset
         self.engine = IkeEngine([p.ike for p in plans.values()], random=os.urandom,
-                                dos=config.appliance.dos_protection)
+                                dos=config.appliance.dos_protection,
+                                wall_offset=time.time() - self.clock())
         self.sockets = IkeSockets(self._datagram)
         try:
             for w in self.sockets.open():
@@ -240,6 +253,36 @@ class Daemon:
                 self.http = None
         self._engine_call(self.engine.start)
         self._tasks.append(asyncio.ensure_future(self._liveness()))
+        self._tasks.append(asyncio.ensure_future(self._crl_refresh()))
+
+    async def _crl_refresh(self) -> None:
+        """Fetch the CRL distribution points of the peers' chains the engine validated (it does
+        no I/O): each URL again once the fetcher's cache entry is stale (nextUpdate, bounded);
+        a fetched CRL goes to the engine, which revokes running IKE SAs and later attempts."""
+        while True:
+            await asyncio.sleep(CRL_POLL)
+            if self.engine is None:
+                continue
+            for url in self.engine.take_crl_urls():
+                if len(self._crl_urls) < MAX_CRL_URLS:
+                    self._crl_urls[url] = None
+            for url in list(self._crl_urls):
+                if url in self._crl_inflight or self.crl_fetcher.cached(url) is not None:
+                    continue
+                self._crl_inflight.add(url)
+                fut = self._loop.run_in_executor(self._crl_executor, self.crl_fetcher.get, url)  # type: ignore[union-attr]
+                fut.add_done_callback(lambda f, u=url: self._crl_fetched(u, f))
+
+    def _crl_fetched(self, url: str, fut: asyncio.Future) -> None:
+        self._crl_inflight.discard(url)
+        if fut.cancelled() or fut.exception() is not None or self.engine is None:
+            return
+        crl = fut.result()
+        if crl is not None:
+            hit = self._engine_call(lambda now: self.engine.add_crl(crl, now))  # type: ignore[union-attr]
+            for name in hit or ():
+                log.warning("peer certificate revoked by the CRL from %s; IKE SA deleted", url,
+                            extra={"tunnel": name})
 
     async def _liveness(self) -> None:
         """Inbound ESP proves the peer alive (RFC 7296 §2.4: liveness checks are for when nothing
@@ -305,6 +348,7 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self._dp(self.worker.close)
         self.executor.shutdown(wait=True)
+        self._crl_executor.shutdown(wait=False, cancel_futures=True)
         self._remove_pid_file()
 
     def _write_pid_file(self) -> None:
@@ -354,6 +398,7 @@ class Daemon:
         self._timer = None
         if self.engine is not None:
             now = self.clock()
+            self.engine.set_wall_offset(time.time() - now)   # follows wall-clock steps
             try:
                 self.engine.handle_timer(now)
             except Exception:  # noqa: BLE001 - the timer must be re-armed whatever happened
@@ -423,6 +468,12 @@ class Daemon:
                 self.metrics.forget_sa(name, e.spi_in, e.spi_out)
             return
         if isinstance(e, ev.IkeSaUp):
+            st = self.state.get(name)
+            if st is not None:
+                st.auth_error = None
+                for sa in self.engine.sas(name) if self.engine is not None else ():
+                    if sa.spi_i == e.spi_i and sa.spi_r == e.spi_r:
+                        st.peer_cert_not_after = sa.peer_cert_not_after
             log.info("IKE SA up with %s (%s)", _endpoint(e.remote), e.remote_id,
                      extra={"tunnel": name, "spi_i": int.from_bytes(e.spi_i, "big"),
                             "spi_r": int.from_bytes(e.spi_r, "big"), "proposal": e.proposal})
@@ -446,6 +497,9 @@ class Daemon:
             self.bus.publish("ike_sa_failed", name, reason=e.reason)
         elif isinstance(e, ev.AuthFailed):
             log.warning("authentication failed: %s", e.reason, extra={"tunnel": name})
+            st = self.state.get(name)
+            if st is not None:
+                st.auth_error = e.reason
             self.metrics.auth_failures.inc(tunnel=name or "")
             self.bus.publish("auth_failed", name or None, reason=e.reason)
         elif isinstance(e, ev.PeerDead):
@@ -710,6 +764,8 @@ class Daemon:
         st = self.state.get(name)
         if st is not None and st.up_since is not None:
             return "up"
+        if st is not None and st.auth_error is not None:
+            return "auth-failed"        # until an IKE SA comes up (the reason: `last_error`)
         if st is not None and st.error is not None:
             return "error"
         if self.engine is not None and self.engine.sas(name):
@@ -757,9 +813,24 @@ class Daemon:
                 "interface": plan.interface.ifname, "start": plan.ike.start,
                 "ike_sas": len(sas), "child_sas": sum(1 for sa in sas for c in sa.children_in_use()),
                 "established": round(now - st.up_since, 1) if st.up_since is not None else None,
+                **self._cert_days(name, plan),
+                "last_error": st.auth_error or st.error,
                 **traffic,
             })
         return {"tunnels": rows}
+
+    def _cert_days(self, name: str, plan: TunnelPlan) -> dict[str, int | None]:
+        """Whole days until our certificate and the peer's (as of its last authentication)
+        expire (negative: expired), or None."""
+        wall = time.time()
+        own = peer = None
+        cert = plan.ike.cert
+        st = self.state.get(name)
+        if cert is not None:
+            own = math.floor((cert.not_after() - wall) / 86400)
+            if st is not None and st.peer_cert_not_after is not None:
+                peer = math.floor((st.peer_cert_not_after - wall) / 86400)
+        return {"cert_days_left": own, "peer_cert_days_left": peer}
 
     async def h_sas(self, params: dict[str, Any]) -> dict[str, Any]:
         check_params(params, ("tunnel",))
@@ -880,8 +951,14 @@ class Daemon:
         ike = Counter(sa.state.value for sa in sas if sa.state != IkeState.CONNECTING)
         child = Counter(c.state.value for sa in sas for c in sa.children if c.alive)
         self.metrics.set_sa_states(dict(ike), dict(child), sum(1 for sa in sas if sa.state == IkeState.CONNECTING))
-        for name in self.plans:
+        for name, plan in self.plans.items():
             self.metrics.tunnel_up.set(1 if self._tunnel_state_name(name) == "up" else 0, tunnel=name)
+            days = self._cert_days(name, plan)
+            for side, key in (("local", "cert_days_left"), ("peer", "peer_cert_days_left")):
+                if days[key] is None:
+                    self.metrics.cert_days_left.remove_matching(tunnel=name, side=side)
+                else:
+                    self.metrics.cert_days_left.set(days[key], tunnel=name, side=side)
         for name, cs in (await self._counters()).items():
             for c in cs:
                 if c.inbound is None and c.outbound is None:

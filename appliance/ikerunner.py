@@ -98,6 +98,7 @@ class IkeRunner:
             self._socks[key] = sock
             self._natt[key] = li.natt
             self._loop.add_reader(sock.fileno(), self._readable, sock, li)
+        self.engine.set_wall_offset(time.time() - self.clock())   # certificate validity
         self.engine.start(self.clock())
         self._flush()
 
@@ -150,6 +151,7 @@ class IkeRunner:
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
         now = self.clock()
+        self.engine.set_wall_offset(time.time() - now)   # follows wall-clock steps
         try:
             self.engine.handle_timer(now)
         except Exception:  # noqa: BLE001 - the timer must be re-armed whatever happened
@@ -267,14 +269,28 @@ _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 def tunnel_from_json(d: dict) -> TunnelConfig:
     """A TunnelConfig from the runner's JSON (names as in TunnelConfig; `psk_hex` or
-    `psk_file`; proposals as strongSwan strings; `dpd` as {interval, timeout, action})."""
-    if "psk_file" in d:
+    `psk_file`, or `cert` = {certificate, key, ca: [files], crl: [files]}; proposals as
+    strongSwan strings; `dpd` as {interval, timeout, action})."""
+    cert = None
+    psk = b""
+    if "cert" in d:
+        from appliance.ike.certificates import CertCredentials
+
+        c = d["cert"]
+
+        def read(path: str) -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+        cas = c["ca"] if isinstance(c["ca"], list) else [c["ca"]]
+        cert = CertCredentials.from_pem(read(c["certificate"]), read(c["key"]), [read(x) for x in cas],
+                                        [read(x) for x in c.get("crl", [])])
+    elif "psk_file" in d:
         with open(d["psk_file"], "rb") as f:
             psk = f.read().strip()
     else:
         psk = bytes.fromhex(d["psk_hex"])
     kw = {k: v for k, v in d.items() if k in {f.name for f in fields(TunnelConfig)}
-          and k not in ("psk", "local_id", "remote_id", "ike_proposals", "esp_proposals", "dpd",
+          and k not in ("psk", "cert", "local_id", "remote_id", "ike_proposals", "esp_proposals", "dpd",
                         "retransmit", "local_ts", "remote_ts")}
     if "dpd" in d:
         kw["dpd"] = DpdConfig(**d["dpd"])
@@ -286,7 +302,7 @@ def tunnel_from_json(d: dict) -> TunnelConfig:
     return TunnelConfig(
         local_id=Identity.parse(d["local_id"]),
         remote_id=Identity.parse(d["remote_id"]) if d.get("remote_id") else None,
-        psk=psk,
+        psk=psk, cert=cert,
         ike_proposals=tuple(parse_proposals(d.get("ike_proposals", ["aes256gcm16-prfsha384-x25519"]), "ike")),
         esp_proposals=tuple(parse_proposals(d.get("esp_proposals", ["aes256gcm16"]), "esp")),
         **kw)

@@ -258,6 +258,10 @@ class IsthmusMetrics:
         self.auth_failures = r.counter(
             "isthmus_auth_failures_total",
             "IKE_AUTH failures, either side (tunnel is empty when the peer matched no tunnel).", ["tunnel"])
+        self.cert_days_left = r.gauge(
+            "isthmus_certificate_days_left",
+            "Whole days until a tunnel's certificate expires (side: local = ours, peer = the peer's on the "
+            "current IKE SA); negative once expired.", ["tunnel", "side"], hidden_until_set=True)
         # Route manager: defined now, exported once the route manager sets them.
         bgp = ["tunnel", "peer"]
         self.bgp_session_up = r.gauge("isthmus_bgp_session_up", "1 if the BGP session is Established.", bgp,

@@ -20,7 +20,7 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from appliance.config import Config, ConfigError, Issue, PskAuth, Tunnel
+from appliance.config import CertAuth, Config, ConfigError, Issue, PskAuth, Tunnel
 from appliance.ike.constants import EncrId, IntegId, TransformType
 from appliance.ike.events import ChildSaInstalled
 from appliance.ike.policy import DpdConfig, Identity, PolicyError, TunnelConfig
@@ -97,10 +97,20 @@ class _Refused(Exception):
         self.message = message
 
 
+def _credentials(auth: CertAuth):
+    """The engine's certificate credentials (RFC 7427) from the config model's files."""
+    from appliance.ike.certificates import CertCredentials
+
+    try:
+        return CertCredentials.from_pem(auth.certificate_pem, auth.key_pem.reveal(), list(auth.ca_pem),
+                                        list(auth.crl_data))
+    except PolicyError as e:
+        raise _Refused("auth", str(e)) from None
+
+
 def _plan(t: Tunnel, resolve_local: LocalResolver) -> TunnelPlan:
-    if not isinstance(t.auth, PskAuth):
-        raise _Refused("auth", "certificate authentication is not implemented by the IKE engine yet; "
-                               "allowed for now: auth: {psk_file: ...}")
+    cert = _credentials(t.auth) if isinstance(t.auth, CertAuth) else None
+    psk = t.auth.psk.reveal() if isinstance(t.auth, PskAuth) else b""
     local = t.local
     if local is None:
         local = resolve_local(t.remote)
@@ -110,10 +120,18 @@ def _plan(t: Tunnel, resolve_local: LocalResolver) -> TunnelPlan:
     local_id = (Identity.from_config(t.local_id.kind, t.local_id.value) if t.local_id is not None
                 else Identity.parse(str(local)))
     remote_id = Identity.from_config(t.remote_id.kind, t.remote_id.value)
+    if cert is not None:
+        from appliance.ike.certificates import id_matches
+
+        if not id_matches(cert.certificate, local_id):
+            raise _Refused("local_id", f"local_id {local_id} is not in our certificate "
+                                       f"'{t.auth.certificate}' (subjectAltName dNSName / rfc822Name / "
+                                       f"iPAddress, or the subject DN): the peer would refuse it; set "
+                                       f"local_id to one of the certificate's names")
     try:
         ike = TunnelConfig(
             name=t.name, local_addr=str(local), remote_addr=str(t.remote), local_id=local_id, remote_id=remote_id,
-            psk=t.auth.psk.reveal(), ike_proposals=t.ike.proposals, esp_proposals=t.esp.proposals,
+            psk=psk, cert=cert, ike_proposals=t.ike.proposals, esp_proposals=t.esp.proposals,
             if_id=t.interface.if_id, start=t.start,
             ike_lifetime=float(t.ike.lifetime), ike_rekey_margin=float(max(1, t.ike.rekey_margin)),
             child_lifetime=float(t.esp.lifetime), child_rekey_margin=float(max(1, t.esp.rekey_margin)),

@@ -8,6 +8,9 @@ Child SA again on the new IKE SA, A terminates.
 
     python tests/record_strongswan_vectors.py --out tests/data/strongswan [--peers-from DIR]
 
+Certificate scenarios (cert-*) authenticate with a test PKI instead of the PSK and keep its
+certificates (ca.pem, intermediate.pem, cert-A.pem, cert-S.pem; no private key).
+
 Writes one directory per scenario (charon-A.log, charon-S.log, ike.pcap, vector.json); the
 unit tests in tests/unit/ike/test_recorded_vectors.py read them with tests/vectors.py. The
 charon logs are reduced to the lines the tests read (the hex dumps of the IKE and CHD groups,
@@ -37,6 +40,12 @@ SCENARIOS = {
     "chacha20poly1305-prfsha512-x448_esp-chacha20poly1305-x25519": (
         "chacha20poly1305-prfsha512-x448", "chacha20poly1305-x25519"),
 }
+# certificate authentication (RFC 7427 signatures, CERT/CERTREQ): name: (IKE, ESP, PKI kind).
+# ECDSA only: with RSA-2048 certificates the IKE_AUTH messages exceed the veth MTU, go out as IP
+# fragments, and tests/vectors.py's pcap reader does not reassemble IP fragments.
+CERT_SCENARIOS = {
+    "cert-ecdsa_aes256gcm16-prfsha384-x25519": ("aes256gcm16-prfsha384-x25519", "aes256gcm16", "ecdsa"),
+}
 _KEEP = re.compile(r"\[(IKE|CHD)\]|CHILD_SA .*established|IKE_SA .*(established|rekeyed)|"
                    r"establishing CHILD_SA|\d+: [0-9A-F]{2} ")
 
@@ -45,7 +54,11 @@ def reduce_log(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if _KEEP.search(line)) + "\n"
 
 
-def record(name: str, ike: str, esp: str, out: Path) -> None:
+def record(name: str, ike: str, esp: str, out: Path, pki_kind: str | None = None) -> None:
+    """With `pki_kind`, both sides authenticate with certificates of a test PKI (root ->
+    intermediate -> end entity, tests/peers/certs.py); the certificates (no keys) are kept in
+    the vector directory."""
+    from tests.peers.certs import TestPKI
     from tests.peers.strongswan import Child, Conn, StrongSwan
     from tests.peers.topology import pair_of_namespaces
 
@@ -59,13 +72,22 @@ def record(name: str, ike: str, esp: str, out: Path) -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
         try:
+            auth = dict(psk=PSK) if pki_kind is None else dict(auth="pubkey", cert="me.pem")
             conn = Conn(local_addrs=[a.addr4], remote_addrs=[b.addr4], local_id="a.example.net",
-                        remote_id="b.example.net", psk=PSK, proposals=[ike],
+                        remote_id="b.example.net", proposals=[ike], **auth,
                         children=[Child(esp_proposals=[esp], local_ts=["0.0.0.0/0"],
                                         remote_ts=["0.0.0.0/0"])],
                         dpd_delay=None, mobike=False)
             with StrongSwan(Path(tmp) / "A", a.name, name="A", log_levels=levels) as sa, \
                     StrongSwan(Path(tmp) / "S", b.name, name="S", log_levels=levels) as ss:
+                if pki_kind is not None:
+                    pki = TestPKI(pki_kind)
+                    for who, sw, ident in (("A", sa, "a.example.net"), ("S", ss, "b.example.net")):
+                        cred = pki.issue(ident)
+                        pki.write_strongswan(sw.swanctl_dir, cred, "me")
+                        (out / f"cert-{who}.pem").write_bytes(cred.cert_pem)
+                    (out / "ca.pem").write_bytes(pki.root_pem)
+                    (out / "intermediate.pem").write_bytes(pki.intermediate_pem)
                 ss.load(conn.mirrored())
                 sa.load(conn)
                 sa.initiate("c")
@@ -91,7 +113,8 @@ def record(name: str, ike: str, esp: str, out: Path) -> None:
             dump.send_signal(signal.SIGINT)
             dump.wait(10)
     (out / "vector.json").write_text(json.dumps({
-        "psk": PSK, "initiator_id": "a.example.net", "responder_id": "b.example.net",
+        "psk": PSK if pki_kind is None else "", "auth": "psk" if pki_kind is None else "pubkey",
+        "recorded_at": int(time.time()), "initiator_id": "a.example.net", "responder_id": "b.example.net",
         "initiator_addr": a.addr4, "responder_addr": b.addr4, "ike_proposal": ike,
         "esp_proposal": esp, "logs": {"initiator": "charon-A.log", "responder": "charon-S.log"},
         "sequence": "A initiates; A rekeys the Child SA; S rekeys the IKE SA; A rekeys the "
@@ -118,6 +141,11 @@ def main() -> int:
             continue
         print(f"recording {name} ...", flush=True)
         record(name, ike, esp, args.out / name)
+    for name, (ike, esp, kind) in CERT_SCENARIOS.items():
+        if args.only and name not in args.only:
+            continue
+        print(f"recording {name} ...", flush=True)
+        record(name, ike, esp, args.out / name, kind)
     return 0
 
 

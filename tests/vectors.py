@@ -334,6 +334,8 @@ class StrongswanVector:
     ike_proposal: str
     esp_proposal: str
     logs: dict[str, str] = field(default_factory=dict)  # role -> file name
+    auth: str = "psk"            # or "pubkey": certificates (ca.pem, cert-A.pem, cert-S.pem)
+    recorded_at: float = 0.0     # UNIX time of the recording (certificate validity)
 
     @property
     def pcap(self) -> Path:
@@ -360,7 +362,8 @@ class StrongswanVector:
                    responder_id=meta["responder_id"].encode(),
                    initiator_addr=meta["initiator_addr"], responder_addr=meta["responder_addr"],
                    ike_proposal=meta["ike_proposal"], esp_proposal=meta["esp_proposal"],
-                   logs=meta["logs"])
+                   logs=meta["logs"], auth=meta.get("auth", "psk"),
+                   recorded_at=float(meta.get("recorded_at", 0)))
 
 
 STRONGSWAN_PSK_X25519 = StrongswanVector(

@@ -62,14 +62,18 @@ class PskAuth:
 
 @dataclass(frozen=True)
 class CertAuth:
-    """Certificate authentication: our certificate + private key, and the CA that signs the peer's."""
+    """Certificate authentication (RFC 7427 signatures): our certificate (optionally followed by
+    the intermediates to send) + private key, the CA(s) that may sign the peer's chain, and the
+    CRLs its chain is checked against. ``key_pem`` never shows in a repr."""
 
     certificate: Path
     key: Path
-    ca: Path
+    ca: tuple[Path, ...]
     certificate_pem: bytes = field(repr=False)
     key_pem: Secret = field(repr=False)
-    ca_pem: bytes = field(repr=False)
+    ca_pem: tuple[bytes, ...] = field(repr=False)
+    crl: tuple[Path, ...] = ()
+    crl_data: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 Auth = PskAuth | CertAuth

@@ -41,7 +41,7 @@ APPLIANCE_KEYS = ("name", "router_id", "delete_on_shutdown", "dos_protection")
 DOS_KEYS = ("half_open_max", "half_open_per_source", "cookie_threshold", "max_init_request")
 TUNNEL_KEYS = ("remote", "local", "local_id", "remote_id", "auth", "ike", "esp", "dpd", "nat_traversal",
                "mobike", "start", "interface", "bgp", "peer_profile", "routes")
-AUTH_KEYS = ("psk_file", "certificate", "key", "ca")
+AUTH_KEYS = ("psk_file", "certificate", "key", "ca", "crl")
 SA_KEYS = ("proposals", "lifetime", "rekey_margin")
 DPD_KEYS = ("interval", "timeout", "action")
 INTERFACE_KEYS = ("name", "if_id", "address", "address6", "mtu", "outer_mtu")
@@ -698,7 +698,7 @@ def _auth(ctx: Ctx, m: MarkedMap, path: str, key_line: int) -> PskAuth | CertAut
     if am is None:
         return None
     has_psk = "psk_file" in am
-    cert_keys = [k for k in ("certificate", "key", "ca") if k in am]
+    cert_keys = [k for k in ("certificate", "key", "ca", "crl") if k in am]
     if has_psk and cert_keys:
         ctx.error(am.line, apath, "use either psk_file or certificate/key/ca, not both")
         return None
@@ -731,27 +731,55 @@ def _cert_auth(ctx: Ctx, am: MarkedMap, apath: str) -> CertAuth | None:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    texts = {k: ctx.field(am, k, apath, to_str, required=True) for k in ("certificate", "key", "ca")}
-    if any(v is None for v in texts.values()):
+    texts = {k: ctx.field(am, k, apath, to_str, required=True) for k in ("certificate", "key")}
+    cas = _file_list(ctx, am, "ca", apath, required=True)
+    crls = _file_list(ctx, am, "crl", apath, required=False)
+    if any(v is None for v in texts.values()) or cas is None or crls is None:
         return None
     files = {k: _resolve(ctx, v) for k, v in texts.items()}
     ok = True
     pems: dict[str, bytes] = {}
-    for k in ("certificate", "ca"):
-        f = files[k]
+
+    def read_certs(f: Path, line: int, where: str, what: str) -> bytes | None:
         try:
             if not f.is_file():
-                raise Bad(f"{k} file '{f}' does not exist or is not a regular file")
-            pems[k] = f.read_bytes()
-            certs = x509.load_pem_x509_certificates(pems[k])
-            if not certs:
+                raise Bad(f"{what} file '{f}' does not exist or is not a regular file")
+            data = f.read_bytes()
+            if not x509.load_pem_x509_certificates(data):
                 raise ValueError
+            return data
         except Bad as exc:
-            ctx.error(am.value_line(k), f"{apath}.{k}", str(exc))
-            ok = False
+            ctx.error(line, where, str(exc))
         except (OSError, ValueError):
-            ctx.error(am.value_line(k), f"{apath}.{k}",
-                      f"'{f}' is not readable as PEM X.509 certificate(s)")
+            ctx.error(line, where, f"'{f}' is not readable as PEM X.509 certificate(s)")
+        return None
+
+    data = read_certs(files["certificate"], am.value_line("certificate"), f"{apath}.certificate", "certificate")
+    if data is None:
+        ok = False
+    else:
+        pems["certificate"] = data
+    ca_pems: list[bytes] = []
+    for f, line, where in cas:
+        data = read_certs(f, line, where, "ca")
+        if data is None:
+            ok = False
+        else:
+            ca_pems.append(data)
+    crl_data: list[bytes] = []
+    for f, line, where in crls:
+        try:
+            raw = f.read_bytes()
+            if raw.lstrip().startswith(b"-----BEGIN"):
+                x509.load_pem_x509_crl(raw)
+            else:
+                x509.load_der_x509_crl(raw)
+            crl_data.append(raw)
+        except OSError as exc:
+            ctx.error(line, where, f"CRL file '{f}' cannot be read ({exc.strerror})")
+            ok = False
+        except ValueError:
+            ctx.error(line, where, f"'{f}' is not a PEM or DER X.509 CRL")
             ok = False
     key_pem = None
     try:
@@ -782,8 +810,40 @@ def _cert_auth(ctx: Ctx, am: MarkedMap, apath: str) -> CertAuth | None:
                     ok = False
     if not ok or key_pem is None:
         return None
-    return CertAuth(certificate=files["certificate"], key=files["key"], ca=files["ca"],
-                    certificate_pem=pems["certificate"], key_pem=key_pem, ca_pem=pems["ca"])
+    return CertAuth(certificate=files["certificate"], key=files["key"], ca=tuple(f for f, _l, _w in cas),
+                    certificate_pem=pems["certificate"], key_pem=key_pem, ca_pem=tuple(ca_pems),
+                    crl=tuple(f for f, _l, _w in crls), crl_data=tuple(crl_data))
+
+
+def _file_list(ctx: Ctx, am: MarkedMap, key: str, apath: str, *, required: bool
+               ) -> list[tuple[Path, int, str]] | None:
+    """``key``: one file name or a list of them, as (path, line, field path); None after an
+    error (reported)."""
+    raw = am.get(key)
+    if raw is None:
+        if required:
+            ctx.error(am.line, f"{apath}.{key}", f"is required, e.g. {key}: /etc/isthmus/certs/ca.pem")
+            return None
+        return []
+    items: list[tuple[Any, int, str]]
+    if isinstance(raw, MarkedSeq):
+        items = [(v, raw.item_line(i), f"{apath}.{key}[{i}]") for i, v in enumerate(raw)]
+        if not items and required:
+            ctx.error(am.value_line(key), f"{apath}.{key}", "needs at least one file")
+            return None
+    else:
+        items = [(raw, am.value_line(key), f"{apath}.{key}")]
+    out: list[tuple[Path, int, str]] = []
+    ok = True
+    for v, line, where in items:
+        try:
+            text = to_str(v)
+        except Bad as exc:
+            ctx.error(line, where, str(exc))
+            ok = False
+            continue
+        out.append((_resolve(ctx, text), line, where))
+    return out if ok else None
 
 
 def _sa(ctx: Ctx, sm: MarkedMap | None, path: str, kind: str, parent: MarkedMap, default_proposals: list[str],

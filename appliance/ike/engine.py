@@ -89,9 +89,14 @@ class IkeEngine:
     redundant_grace = 180.0
 
     def __init__(self, tunnels: Iterable[TunnelConfig] = (), *, random: Callable[[int], bytes],
-                 dos: DosProtection | None = None) -> None:
+                 dos: DosProtection | None = None, wall_offset: float = 0.0) -> None:
         self.random = random
         self.dos = dos if dos is not None else DosProtection()
+        #: UNIX time minus `now` (certificate validity needs the wall clock; the runner sets it,
+        #: `set_wall_offset` moves it after a clock step)
+        self.wall_offset = wall_offset
+        self._crl_urls: dict[str, None] = {}          # CRL distribution points to fetch
+        self._fetched_crls: dict[bytes, object] = {}  # fetched CRLs by issuer (DER name)
         self._tunnels: dict[str, _Tunnel] = {}
         self._sas: dict[bytes, IkeSa] = {}                       # by our SPI
         # responder SAs whose IKE_AUTH has not completed, and how many from each address
@@ -123,6 +128,64 @@ class IkeEngine:
         self._seq = 0
         for t in tunnels:
             self.add_tunnel(t)
+
+    def set_wall_offset(self, offset: float) -> None:
+        self.wall_offset = offset
+
+    # ------------------------------------------------------------------ CRLs from distribution points
+    #: bounds of what the engine keeps for the daemon's CRL fetcher (certificates.crl_urls)
+    max_crl_urls = 64
+    max_fetched_crls = 256
+
+    def want_crls(self, chain) -> None:
+        """Note the CRL distribution points of a validated peer chain (the daemon fetches)."""
+        from appliance.ike.certificates import crl_urls
+
+        for u in crl_urls(chain):
+            if len(self._crl_urls) < self.max_crl_urls:
+                self._crl_urls[u] = None
+
+    def take_crl_urls(self) -> list[str]:
+        """CRL distribution point URLs seen since the last call (for the daemon to fetch)."""
+        urls = list(self._crl_urls)
+        self._crl_urls = {}
+        return urls
+
+    def fetched_crls(self) -> tuple:
+        return tuple(self._fetched_crls.values())
+
+    def add_crl(self, crl, now: float) -> list[str]:
+        """A CRL fetched from a distribution point (an x509.CertificateRevocationList): kept
+        (newest per issuer, bounded) for later authentications, and every established IKE SA
+        whose peer chain it revokes is deleted with AuthFailed. Returns those tunnels' names."""
+        from appliance.ike import informational
+        from appliance.ike.certificates import CertError, check_revocation
+
+        key = crl.issuer.public_bytes()
+        old = self._fetched_crls.get(key)
+        if old is not None and old.last_update_utc > crl.last_update_utc:
+            return []
+        if key not in self._fetched_crls and len(self._fetched_crls) >= self.max_fetched_crls:
+            self._fetched_crls.pop(next(iter(self._fetched_crls)))
+        self._fetched_crls[key] = crl
+        hit = []
+        for sa in list(self._sas.values()):
+            if not sa.peer_cert_chain or sa.state != IkeState.ESTABLISHED:
+                continue
+            try:
+                check_revocation(sa.peer_cert_chain, (crl,))
+            except CertError as e:
+                reason = f"certificate of peer {sa.remote_id_text} refused ({e.code}): {e.reason}"
+                log.info("%s: %s", sa, reason)
+                self.emit(ev.AuthFailed(sa.tunnel, reason))
+                informational.delete_ike_sa(sa, now, reason)
+                self._touch(sa)
+                hit.append(sa.tunnel)
+        return hit
+
+    def now_wall(self, now: float) -> float:
+        """UNIX time at engine time `now`."""
+        return now + self.wall_offset
 
     # ------------------------------------------------------------------ configuration
     def add_tunnel(self, config: TunnelConfig) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from appliance.ike import natd
-from appliance.ike.constants import DhId, ExchangeType, NotifyType, ProtocolId, TransformType
+from appliance.ike import natd, signature_auth
+from appliance.ike.constants import CertEncoding, DhId, ExchangeType, NotifyType, ProtocolId, TransformType
 from appliance.ike.crypto import (
     CryptoError,
     InvalidKeyExchange,
@@ -23,6 +23,7 @@ from appliance.ike.crypto import (
     min_nonce_len,
 )
 from appliance.ike.message import (
+    CERTREQ,
     KE,
     SA,
     Header,
@@ -113,6 +114,8 @@ class IkeSaInit(Exchange):
         payloads += [SA(numbered(cfg.ike_proposals)), KE(self.group, self.ke.public_bytes),
                      Nonce(self.nonce)]
         payloads += natd.payloads(sa.spi_i, ZERO_SPI, sa.local, sa.remote)
+        if cfg.cert is not None:
+            payloads.append(signature_auth.hash_notify())   # RFC 7427 §4
         return payloads
 
     def sent(self, sa: IkeSa, datagram: bytes) -> None:
@@ -248,6 +251,9 @@ def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: E
         sa.fail(now, f"cannot use the selected IKE proposal: {e}")
         return None
     sa.init_response = raw
+    sa.peer_hash_algorithms = signature_auth.peer_hashes(msg.notify(NotifyType.SIGNATURE_HASH_ALGORITHMS))
+    from appliance.ike import ike_auth
+    ike_auth.note_certreq(sa, msg)
     nat = natd.check(msg, dst, src)
     if nat is not None:
         sa.nat_local, sa.nat_remote = nat
@@ -349,6 +355,8 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
         sa.nat_local, sa.nat_remote = nat
     reply = [SA([chosen]), KE(group, ke.public_bytes), Nonce(sa.nonce_r)]
     reply += natd.payloads(sa.spi_i, sa.spi_r, dst, src)
+    sa.peer_hash_algorithms = signature_auth.peer_hashes(msg.notify(NotifyType.SIGNATURE_HASH_ALGORITHMS))
+    reply += _cert_payloads(candidates)
     sa.init_request = data
     sa.peer_mid = 1
     sa.half_open_deadline = now + candidates[0].half_open_timeout
@@ -361,6 +369,18 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
 def send_cookie(engine: "IkeEngine", hdr: Header, cookie: bytes, src: Endpoint, dst: Endpoint) -> None:
     """§2.6: answer an IKE_SA_INIT request with N(COOKIE) only, keeping no state."""
     _stateless(engine, hdr, [Notify(NotifyType.COOKIE, data=cookie)], src, dst)
+
+
+def _cert_payloads(candidates) -> list:
+    """SIGNATURE_HASH_ALGORITHMS (RFC 7427 §4) and a CERTREQ for our CAs (§3.7) when a
+    candidate tunnel authenticates with certificates."""
+    ids: list[bytes] = []
+    for c in candidates:
+        if c.cert is not None:
+            ids += [k for k in c.cert.ca_keyids if k not in ids]
+    if not ids:
+        return []
+    return [signature_auth.hash_notify(), CERTREQ(CertEncoding.X509_SIGNATURE, b"".join(ids))]
 
 
 def _stateless(engine: "IkeEngine", hdr: Header, payloads: list, src: Endpoint, dst: Endpoint) -> None:

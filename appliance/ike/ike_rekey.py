@@ -169,6 +169,9 @@ def new_sa(old: IkeSa, *, initiator: bool, spi_i: bytes, spi_r: bytes, proposal:
     new.nonce_i, new.nonce_r = ni, nr
     new.nat_local, new.nat_remote = old.nat_local, old.nat_remote
     new.remote_id_text = old.remote_id_text
+    # the authentication carries over (§2.18): the peer's certificate, for revocation and expiry
+    new.peer_cert_chain, new.peer_cert_not_after = old.peer_cert_chain, old.peer_cert_not_after
+    new.peer_cert_subject = old.peer_cert_subject
     new.rekey_replaces = old
     new.state = IkeState.CONNECTING   # until adopted
     old.engine.register(new)

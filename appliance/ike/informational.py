@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 
 from appliance.ike.child import ChildSa, ChildState
-from appliance.ike.constants import ExchangeType, ProtocolId
+from appliance.ike import events as ev
+from appliance.ike.constants import ExchangeType, NotifyType, ProtocolId
 from appliance.ike.message import Delete, Message, Payload
 from appliance.ike.sa import Exchange, IkeSa, IkeState
 
@@ -85,6 +86,13 @@ def delete_ike_sa(sa: IkeSa, now: float, reason: str) -> None:
 
 def respond(sa: IkeSa, msg: Message, now: float) -> list[Payload]:
     deletes = msg.get_all(Delete)
+    if msg.notify(NotifyType.AUTHENTICATION_FAILED) is not None and not sa.initiator and msg.message_id == 2:
+        # §2.21.2: the initiator refused our IKE_AUTH response (our certificate, say)
+        reason = "peer refused our authentication after IKE_AUTH (AUTHENTICATION_FAILED)"
+        sa.engine.emit(ev.AuthFailed(sa.tunnel, reason))
+        log.info("%s: %s", sa, reason)
+        sa.after_response(lambda t: sa.die(t, reason))
+        return []
     for d in deletes:
         if d.protocol_id == ProtocolId.IKE:
             _peer_deletes_ike_sa(sa, now)

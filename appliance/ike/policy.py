@@ -13,10 +13,13 @@ import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from appliance.ike.constants import IdType
 from appliance.ike.proposals import Proposal, parse_proposals
+
+if TYPE_CHECKING:
+    from appliance.ike.certificates import CertCredentials
 
 DpdAction = Literal["clear", "restart", "hold", "none"]
 
@@ -309,7 +312,7 @@ class TunnelConfig:
     remote_addr: str | None
     local_id: Identity
     remote_id: Identity | None
-    psk: bytes = field(repr=False)
+    psk: bytes = field(default=b"", repr=False)
     ike_proposals: tuple[Proposal, ...] = ()
     esp_proposals: tuple[Proposal, ...] = ()
     if_id: int = 0
@@ -332,12 +335,17 @@ class TunnelConfig:
     #: replaces older SAs). False accepts any number of IKE SAs for the tunnel (a responder for
     #: many initiators with the same identity, as strongSwan's unique=never; the benchmark).
     unique: bool = True
+    #: Certificate authentication (RFC 7427 signatures, certificates.CertCredentials) instead
+    #: of the PSK; None: PSK.
+    cert: "CertCredentials | None" = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise PolicyError("a tunnel needs a name")
-        if not self.psk:
+        if self.cert is None and not self.psk:
             raise PolicyError(f"tunnel {self.name}: empty pre-shared key")
+        if self.cert is not None and self.psk:
+            raise PolicyError(f"tunnel {self.name}: use a pre-shared key or a certificate, not both")
         if not self.ike_proposals:
             object.__setattr__(self, "ike_proposals", tuple(parse_proposals("aes256gcm16-prfsha384-x25519", "ike")))
         if not self.esp_proposals:

@@ -128,6 +128,12 @@ class IkeSa:
     nat_remote = False      # the peer is behind a NAT
     remote_id_text = ""
     sent_initial_contact = False
+    # certificate authentication (signature_auth, certificates)
+    peer_hash_algorithms: tuple[int, ...] | None = None   # SIGNATURE_HASH_ALGORITHMS, RFC 7427 §4
+    peer_certreq: frozenset[bytes] | None = None          # CA key hashes the peer asked for
+    peer_cert_not_after: float | None = None              # UNIX time
+    peer_cert_subject = ""
+    peer_cert_chain: tuple = ()                           # validated chain (revocation re-checks)
 
     # message windows (§2.3)
     my_mid = 0

@@ -153,7 +153,8 @@ def test_show_tunnels(daemon):
     assert r.exit_code == 0
     rows = json.loads(r.stdout)["tunnels"]
     keys = ["name", "state", "remote", "remote_id", "local", "local_id", "interface", "start", "ike_sas",
-            "child_sas", "established", "bytes_in", "packets_in", "bytes_out", "packets_out"]
+            "child_sas", "established", "cert_days_left", "peer_cert_days_left", "last_error", "bytes_in",
+            "packets_in", "bytes_out", "packets_out"]
     assert [list(row) for row in rows] == [keys, keys]  # stable keys, in order, for every row
     assert rows[1]["local"] is None and rows[1]["bytes_in"] is None
     assert rows[1]["remote_id"] == "evil\x1b[2J\x1b]0;pwned\x07"  # JSON escapes it (\u001b) for scripts

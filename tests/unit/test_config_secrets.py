@@ -131,7 +131,7 @@ def test_certificate_auth(tmp_path):
     cfg = load_config(write_config(tmp_path, text))
     auth = cfg.tunnels["to-b"].auth
     assert isinstance(auth, CertAuth)
-    assert auth.certificate == pki["certificate"] and auth.key == pki["key"] and auth.ca == pki["ca"]
+    assert auth.certificate == pki["certificate"] and auth.key == pki["key"] and auth.ca == (pki["ca"],)
     assert auth.key_pem.reveal().startswith(b"-----BEGIN PRIVATE KEY-----")
     key_text = pki["key"].read_text().strip().splitlines()[1]
     assert key_text not in repr(cfg) and key_text not in repr(auth)

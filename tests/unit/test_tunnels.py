@@ -70,16 +70,71 @@ def test_no_route_to_the_peer_is_a_config_issue_with_line_and_field(tmp_path):
     assert "no route to remote 198.51.100.2" in issue.message and "set local:" in issue.message
 
 
-def test_certificate_auth_is_refused_until_the_engine_has_it(tmp_path):
-    make_pki(tmp_path)
+def _cert_files(tmp_path, crl=False):
+    from tests.peers.certs import TestPKI
+
+    p = TestPKI("ecdsa")
+    other = TestPKI("ecdsa", "Other org")
+    cred = p.issue("a.example.net")
+    revoked = p.issue("c.example.net")
+    p.revoke(revoked)
+    d = tmp_path / "pki"
+    d.mkdir()
+    (d / "a.pem").write_bytes(cred.bundle_pem)
+    (d / "a.key").write_bytes(cred.key_pem)
+    (d / "a.key").chmod(0o600)
+    (d / "root.pem").write_bytes(p.root_pem)
+    (d / "other.pem").write_bytes(other.root_pem)
+    (d / "p.crl").write_bytes(p.crl_der())
+    return p, cred, revoked
+
+
+def test_certificate_auth_becomes_engine_credentials(tmp_path):
+    p, cred, revoked = _cert_files(tmp_path)
     text = tunnel("").replace("    auth: {psk_file: secrets/to-b.psk}\n", "") + \
-        "    auth: {certificate: certs/a.pem, key: private/a.key, ca: certs/ca.pem}\n"
+        "    local_id: a.example.net\n" \
+        "    auth: {certificate: pki/a.pem, key: pki/a.key, ca: [pki/root.pem, pki/other.pem], crl: [pki/p.crl]}\n"
     cfg = load_config(write_config(tmp_path, text))
+    ike = plan_tunnels(cfg, resolve_local=lambda r: ipaddress.ip_address("192.0.2.1"))["to-b"].ike
+    c = ike.cert
+    assert c is not None and ike.psk == b""
+    assert c.certificate == cred.cert and c.intermediates == (p.intermediate,)
+    assert len(c.cas) == 2 and len(c.crls) == 1
+    assert c.crls[0].get_revoked_certificate_by_serial_number(revoked.cert.serial_number) is not None
+    assert cred.key_pem.decode().splitlines()[1] not in repr(ike)
+    # a single CA file is fine too
+    text1 = text.replace("ca: [pki/root.pem, pki/other.pem], crl: [pki/p.crl]", "ca: pki/root.pem")
+    ike1 = plan_tunnels(load_config(write_config(tmp_path, text1, "one.yaml")),
+                        resolve_local=lambda r: ipaddress.ip_address("192.0.2.1"))["to-b"].ike
+    assert len(ike1.cert.cas) == 1 and ike1.cert.crls == ()
+
+
+def test_certificate_auth_file_errors_name_file_and_line(tmp_path):
+    from tests.unit.config_util import issues_of, line_of
+
+    _cert_files(tmp_path)
+    (tmp_path / "pki" / "junk.crl").write_bytes(b"not a CRL")
+    base = tunnel("").replace("    auth: {psk_file: secrets/to-b.psk}\n", "") + "    local_id: a.example.net\n"
+    text = base + ("    auth:\n      certificate: pki/a.pem\n      key: pki/a.key\n      ca:\n"
+                   "        - pki/root.pem\n        - pki/missing.pem\n      crl:\n        - pki/junk.crl\n")
+    path = write_config(tmp_path, text)
+    issues = {i.path: i for i in issues_of(path)}
+    assert set(issues) == {"tunnels.to-b.auth.ca[1]", "tunnels.to-b.auth.crl[0]"}
+    assert issues["tunnels.to-b.auth.ca[1]"].line == line_of(path, "pki/missing.pem")
+    assert "does not exist" in issues["tunnels.to-b.auth.ca[1]"].message
+    assert issues["tunnels.to-b.auth.crl[0]"].line == line_of(path, "pki/junk.crl")
+    assert "not a PEM or DER X.509 CRL" in issues["tunnels.to-b.auth.crl[0]"].message
+    # our local_id must be in our own certificate
+    bad_id = base.replace("local_id: a.example.net", "local_id: z.example.net") + \
+        "    auth: {certificate: pki/a.pem, key: pki/a.key, ca: pki/root.pem}\n"
     with pytest.raises(ConfigError) as exc:
-        plan_tunnels(cfg, resolve_local=lambda r: ipaddress.ip_address("192.0.2.1"))
+        plan_tunnels(load_config(write_config(tmp_path, bad_id, "id.yaml")),
+                     resolve_local=lambda r: ipaddress.ip_address("192.0.2.1"))
     (issue,) = exc.value.issues
-    assert issue.path == "tunnels.to-b.auth" and "certificate authentication is not implemented" in issue.message
-    assert "allowed for now: auth: {psk_file: ...}" in issue.message
+    assert issue.path == "tunnels.to-b.local_id" and "z.example.net is not in our certificate" in issue.message
+    path = write_config(tmp_path, base + "    auth: {certificate: pki/a.pem, key: pki/a.key, ca: []}\n", "e.yaml")
+    (issue,) = issues_of(path)
+    assert issue.path == "tunnels.to-b.auth.ca" and "at least one" in issue.message
 
 
 def test_rekey_margin_close_to_the_lifetime_fits_the_engine(tmp_path):

@@ -78,10 +78,25 @@ class Replay:
             self.events.append(e)
 
 
+def _own_credentials(v):
+    """For a certificate vector: our credential (a throwaway one: the IKE_AUTH request is made
+    A's below, so only its CAs matter) trusting the recorded root, with the recorded
+    intermediate (both strongSwans sent only their end entity)."""
+    from tests.peers.certs import TestPKI
+
+    from appliance.ike.certificates import CertCredentials
+
+    own = TestPKI("ecdsa", "throwaway")
+    cred = own.issue(v.initiator_id.decode())
+    return CertCredentials.from_pem(cred.cert_pem + (v.directory / "intermediate.pem").read_bytes(), cred.key_pem,
+                                    [(v.directory / "ca.pem").read_bytes()])
+
+
 def _config(v) -> TunnelConfig:
     return TunnelConfig(name="p", local_addr=v.initiator_addr, remote_addr=v.responder_addr,
                         local_id=Identity.parse(v.initiator_id.decode()),
                         remote_id=Identity.parse(v.responder_id.decode()), psk=v.psk, if_id=42,
+                        cert=_own_credentials(v) if v.auth == "pubkey" else None,
                         ike_proposals=tuple(parse_proposals(v.ike_proposal, "ike")),
                         esp_proposals=tuple(parse_proposals(v.esp_proposal, "esp")),
                         dpd=DpdConfig(interval=0), start=True)
@@ -91,8 +106,9 @@ def _config(v) -> TunnelConfig:
 def test_our_initiator_accepts_strongswans_answers(vector):
     r = Replay(vector)
     cfg = _config(vector)
-    r.engine = engine = IkeEngine([cfg], random=random.Random(5).randbytes)
     now = 100.0
+    # certificates are checked at the recording's wall-clock time
+    r.engine = engine = IkeEngine([cfg], random=random.Random(5).randbytes, wall_offset=vector.recorded_at - now)
     d0 = M.parse_message(r.grams[0].message)[0]
     d1 = M.parse_message(r.grams[1].message)[0]
     g_ir = dumps(r.log, "shared Diffie Hellman secret")
@@ -124,10 +140,27 @@ def test_our_initiator_accepts_strongswans_answers(vector):
     sa.pending.exchange.req = req
     # strongSwan's initiator AUTH verifies with our responder-side check as well
     idi = d2.get(M.IDi)
-    assert ike_auth._auth_ok(sa, vector.psk, of_initiator=True, id_body=idi.body(), received=d2.get(M.AUTH).data)
+    if vector.auth == "psk":
+        assert ike_auth._auth_ok(sa, vector.psk, of_initiator=True, id_body=idi.body(),
+                                 received=d2.get(M.AUTH).data)
+    else:
+        # ... and its signature with the RFC 7427 check and A's certificate
+        from cryptography import x509
+
+        from appliance.ike import signature_auth
+
+        a_cert = x509.load_pem_x509_certificate((vector.directory / "cert-A.pem").read_bytes())
+        a = d2.get(M.AUTH)
+        signature_auth.verify(a_cert.public_key(), a.method, a.data,
+                              ike_auth._octets(sa, of_initiator=True, id_body=idi.body()))
+        # IKE_SA_INIT gave us strongSwan's hashes and its CERTREQ (root + intermediate)
+        assert sa.peer_hash_algorithms is not None and 2 in sa.peer_hash_algorithms
+        assert sa.peer_certreq is not None and len(sa.peer_certreq) == 2
     r.feed(3, now + 1)
     kinds = [type(e).__name__ for e in r.events]
-    assert kinds == ["IkeSaUp", "ChildSaInstalled"], kinds
+    assert kinds == ["IkeSaUp", "ChildSaInstalled"], (kinds, r.events)
+    if vector.auth == "pubkey":   # strongSwan's CERT + RFC 7427 AUTH passed our validation
+        assert sa.peer_cert_subject == "CN=b.example.net,O=Isthmus tests" and sa.peer_cert_chain
     first = r.events[1]
     child_keys = logged_child_keys(r.log)
     if child_keys:

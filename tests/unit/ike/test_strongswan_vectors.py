@@ -6,7 +6,8 @@ Vectors:
 * tests/data/strongswan/* recorded with tests/record_strongswan_vectors.py: AES-GCM-128 +
   ECP-256 with PFS, AES-CBC-256 + HMAC-SHA2-384/512 + MODP-3072, ChaCha20-Poly1305 + X448 with
   X25519 PFS; each with two Child SA rekeys and an IKE SA rekey started by the responder; the
-  Child SA keys are logged.
+  Child SA keys are logged. cert-ecdsa_*: the same with certificate authentication (RFC 7427
+  ECDSA signatures, CERT/CERTREQ; the recorded certificates, no keys, are in the directory).
 
 From the logged shared secrets and the nonces/SPIs on the wire we derive SKEYSEED and every
 SK_* of every IKE SA (the rekeyed ones with §2.18) and compare them with both daemons' logs;
@@ -42,6 +43,8 @@ from tests.vectors import (
 
 RECORDED = recorded_vectors()
 ALL = ([STRONGSWAN_PSK_X25519] if STRONGSWAN_PSK_X25519.available() else []) + RECORDED
+PSK_VECTORS = [v for v in ALL if v.auth == "psk"]
+CERT_VECTORS = [v for v in ALL if v.auth == "pubkey"]
 
 
 def _id(v) -> str:
@@ -68,7 +71,7 @@ def recorded(request) -> Conversation:
 
 
 def test_vectors_are_present():
-    assert len(RECORDED) == 3, "tests/data/strongswan is incomplete"
+    assert len(RECORDED) == 4 and len(CERT_VECTORS) == 1, "tests/data/strongswan is incomplete"
 
 
 def _logged_ike_keys(log, n, aead):
@@ -144,8 +147,19 @@ def test_tampering_with_a_recorded_message_is_detected(conv):
         conv.cipher_of(d).decrypt(sk.body, bytes(aad))
 
 
+@pytest.fixture(params=PSK_VECTORS, ids=_id)
+def psk_conv(request) -> Conversation:
+    return conversation(request.param)
+
+
+@pytest.fixture(params=CERT_VECTORS, ids=_id)
+def cert_conv(request) -> Conversation:
+    return conversation(request.param)
+
+
 @pytest.mark.parametrize("role", ["initiator", "responder"])
-def test_psk_auth_payloads_rfc7296_2_15(conv, role):
+def test_psk_auth_payloads_rfc7296_2_15(psk_conv, role):
+    conv = psk_conv
     v, sa = conv.vector, conv.ike_sas[0]
     auth_req = next(i for i, d in enumerate(conv.msgs)
                     if d.header.exchange == ExchangeType.IKE_AUTH and not d.header.is_response)
@@ -225,3 +239,58 @@ def test_shared_vector_is_the_documented_conversation():
     # the last exchange (DELETE of the rekeyed IKE SA) runs on the new SPIs
     last = conv.msgs[-1].header
     assert (last.spi_i, last.spi_r) == (conv.ike_sas[1].spi_i, conv.ike_sas[1].spi_r)
+
+
+@pytest.mark.parametrize("role", ["initiator", "responder"])
+def test_certificate_auth_payloads_rfc7427(cert_conv, role):
+    """strongSwan's RFC 7427 AUTH payloads (ECDSA) verify with our signature_auth over the
+    §2.15 octets; its CERT payloads validate with our chain validation (at the recording time)
+    against the recorded root; its CERTREQ names the root's key hash; both sides announced
+    SIGNATURE_HASH_ALGORITHMS."""
+    import datetime as dt
+
+    from cryptography import x509
+
+    from appliance.ike import signature_auth
+    from appliance.ike.certificates import keyid, trust_store, validate_chain
+    from appliance.ike.message import CERT
+    from appliance.ike.policy import Identity
+
+    conv = cert_conv
+    v, sa = conv.vector, conv.ike_sas[0]
+    root = x509.load_pem_x509_certificate((v.directory / "ca.pem").read_bytes())
+    auth_req = next(i for i, d in enumerate(conv.msgs)
+                    if d.header.exchange == ExchangeType.IKE_AUTH and not d.header.is_response)
+    if role == "initiator":
+        inner, first, nonce, id_t, sk_p, want, own = (conv.inner[auth_req], conv.msgs[0].message, sa.Nr,
+                                                      PayloadType.IDi, sa.keys.SK_pi, v.initiator_id, "A")
+    else:
+        inner, first, nonce, id_t, sk_p, want, own = (conv.inner[conv.response_to(auth_req)],
+                                                      conv.msgs[1].message, sa.Ni, PayloadType.IDr,
+                                                      sa.keys.SK_pr, v.responder_id, "S")
+    id_body = body_of(inner, id_t)
+    certs = [CERT(p.body[0], p.body[1:]) for p in inner if p.type == PayloadType.CERT]
+    ee_recorded = x509.load_pem_x509_certificate((v.directory / f"cert-{own}.pem").read_bytes())
+    when = dt.datetime.fromtimestamp(v.recorded_at, dt.timezone.utc)
+    inter = x509.load_pem_x509_certificate((v.directory / "intermediate.pem").read_bytes())
+    # both strongSwans hold the intermediate, so each CERTREQ names it and each sends only its
+    # end entity: the chain is built with the intermediate we hold (as our own chain would be)
+    assert len(certs) == 1
+    ee, chain = validate_chain(trust_store([root]), [root], (), certs, Identity.parse(want.decode()), when,
+                               known=[inter])
+    assert ee == ee_recorded and chain == [ee, inter, root]
+    with pytest.raises(Exception, match="does not chain to a trusted CA"):
+        validate_chain(trust_store([root]), [root], (), certs, Identity.parse(want.decode()), when)
+    auth = body_of(inner, PayloadType.AUTH)
+    assert auth[0] == AuthMethod.DIGITAL_SIGNATURE
+    octets = crypto.signed_octets(conv.suite.prf, first, nonce, sk_p, id_body)
+    scheme = signature_auth.verify(ee.public_key(), auth[0], auth[4:], octets)
+    assert str(scheme) == "ECDSA-SHA256"
+    with pytest.raises(signature_auth.SignatureError):
+        signature_auth.verify(ee.public_key(), auth[0], auth[4:], octets[:-1] + bytes([octets[-1] ^ 1]))
+    # IKE_SA_INIT: hashes announced both ways; the responder's CERTREQ names the root
+    for m in (conv.msgs[0], conv.msgs[1]):
+        (hashes,) = notify_data(message_payloads(m.message), NotifyType.SIGNATURE_HASH_ALGORITHMS)
+        assert b"\x00\x02" in [hashes[i:i + 2] for i in range(0, len(hashes), 2)]
+    creq = body_of(message_payloads(conv.msgs[1].message), PayloadType.CERTREQ)
+    assert creq[0] == 4 and keyid(root) in [creq[1 + i:21 + i] for i in range(0, len(creq) - 1, 20)]
