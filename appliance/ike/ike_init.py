@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from appliance.ike import natd
+from appliance.ike import fragmentation, natd
 from appliance.ike.constants import DhId, ExchangeType, NotifyType, ProtocolId, TransformType
 from appliance.ike.crypto import (
     CryptoError,
@@ -99,6 +99,7 @@ class IkeSaInit(Exchange):
         payloads += [SA(numbered(cfg.ike_proposals)), KE(self.group, self.ke.public_bytes),
                      Nonce(sa.nonce_i)]
         payloads += natd.payloads(sa.spi_i, ZERO_SPI, sa.local, sa.remote)
+        payloads += fragmentation.request_notifies(sa)   # RFC 7383 §2.3
         return payloads
 
     def sent(self, sa: IkeSa, datagram: bytes) -> None:
@@ -214,6 +215,7 @@ def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: E
         sa.fail(now, f"cannot use the selected IKE proposal: {e}")
         return
     sa.init_response = raw
+    fragmentation.initiator_response(sa, msg)
     nat = natd.check(msg, dst, src)
     if nat is not None:
         sa.nat_local, sa.nat_remote = nat
@@ -296,6 +298,7 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
         sa.nat_local, sa.nat_remote = nat
     reply = [SA([chosen]), KE(group, ke.public_bytes), Nonce(sa.nonce_r)]
     reply += natd.payloads(sa.spi_i, sa.spi_r, dst, src)
+    reply += fragmentation.response_notifies(sa, msg)   # RFC 7383 §2.3
     sa.init_request = data
     sa.peer_mid = 1
     sa.half_open_deadline = now + candidates[0].half_open_timeout
