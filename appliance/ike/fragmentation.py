@@ -268,12 +268,12 @@ def receive(sa: "IkeSa", data: bytes, hdr: Header, outer: Message, enc: Encrypte
     part.size += len(piece)
     if num == 1:
         part.first_inner = enc.first_inner
-    if len(part.pieces) < total:
+    if len(part.pieces) < part.total:
         return None
     setattr(r, slot, None)
     if r.request is None and r.response is None:
         sa.reassembly = None
-    inner = b"".join(part.pieces[i] for i in range(1, total + 1))
+    inner = b"".join(part.pieces[i] for i in range(1, part.total + 1))
     payloads = parse_inner(inner, part.first_inner)   # AuthenticParseError if malformed
     log.debug("%s: %s %d reassembled from %d fragments (%d octets)", sa, slot, hdr.message_id,
               total, len(inner))
