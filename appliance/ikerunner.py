@@ -31,7 +31,7 @@ from typing import Callable
 from appliance.ike import events as ev
 from appliance.ike.engine import IkeEngine
 from appliance.ike.message import datagram_summary
-from appliance.ike.policy import DpdConfig, Identity, RetransmitConfig, TunnelConfig
+from appliance.ike.policy import DpdConfig, FragmentationConfig, Identity, RetransmitConfig, TunnelConfig
 from appliance.ike.proposals import parse_proposals
 
 log = logging.getLogger("isthmus.ikerunner")
@@ -267,7 +267,8 @@ _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 def tunnel_from_json(d: dict) -> TunnelConfig:
     """A TunnelConfig from the runner's JSON (names as in TunnelConfig; `psk_hex` or
-    `psk_file`; proposals as strongSwan strings; `dpd` as {interval, timeout, action})."""
+    `psk_file`; proposals as strongSwan strings; `dpd` as {interval, timeout, action};
+    `fragmentation` as FragmentationConfig's fields)."""
     if "psk_file" in d:
         with open(d["psk_file"], "rb") as f:
             psk = f.read().strip()
@@ -275,11 +276,13 @@ def tunnel_from_json(d: dict) -> TunnelConfig:
         psk = bytes.fromhex(d["psk_hex"])
     kw = {k: v for k, v in d.items() if k in {f.name for f in fields(TunnelConfig)}
           and k not in ("psk", "local_id", "remote_id", "ike_proposals", "esp_proposals", "dpd",
-                        "retransmit", "local_ts", "remote_ts")}
+                        "retransmit", "local_ts", "remote_ts", "fragmentation")}
     if "dpd" in d:
         kw["dpd"] = DpdConfig(**d["dpd"])
     if "retransmit" in d:
         kw["retransmit"] = RetransmitConfig(**d["retransmit"])
+    if "fragmentation" in d:
+        kw["fragmentation"] = FragmentationConfig(**d["fragmentation"])
     for k in ("local_ts", "remote_ts"):
         if k in d:
             kw[k] = tuple(d[k])
