@@ -62,6 +62,7 @@ SKF_HEADER_LEN = GENERIC_HEADER_LEN + 4      # + Fragment Number, Total Fragment
 IP_HEADER_LEN = {4: 20, 6: 40}
 UDP_HEADER_LEN = 8
 NON_ESP_MARKER_LEN = 4
+IKE_PORT = 500
 IKE_NATT_PORT = 4500
 
 
@@ -103,7 +104,8 @@ def inherit(new: "IkeSa", old: "IkeSa") -> None:
 def overhead(local: tuple[str, int], remote: tuple[str, int]) -> int:
     """Octets of IP and UDP header (and non-ESP marker) around an IKE message."""
     n = IP_HEADER_LEN[6 if ":" in remote[0] else 4] + UDP_HEADER_LEN
-    if local[1] == IKE_NATT_PORT or remote[1] == IKE_NATT_PORT:
+    # the marker is there on port 4500; strongSwan counts it whenever neither port is 500
+    if IKE_NATT_PORT in (local[1], remote[1]) or IKE_PORT not in (local[1], remote[1]):
         n += NON_ESP_MARKER_LEN
     return n
 
