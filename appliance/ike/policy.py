@@ -254,7 +254,9 @@ class FragmentationConfig:
 
     `enabled`: announce IKEV2_FRAGMENTATION_SUPPORTED in IKE_SA_INIT and, when the peer does
     too, send a protected message (IKE_AUTH and later) that would exceed the fragment size as
-    Encrypted Fragment payloads; False: announce nothing, never fragment, refuse fragments.
+    Encrypted Fragment payloads; False: announce nothing and never fragment (a peer's fragments
+    are then dropped: support was not announced). A responder announces per its first candidate
+    tunnel (the tunnel is known only in IKE_AUTH) and sends fragments per the chosen one.
     `size_ipv4` / `size_ipv6`: the largest IP datagram (IP and UDP headers and the non-ESP
     marker included) a fragment may make, per address family of the SA. RFC 7383 §2.5.1
     suggests 576 (IPv4) and 1280 (IPv6) when nothing is known about the path; strongSwan's
