@@ -212,6 +212,20 @@ def expire(sa: "IkeSa", now: float) -> None:
         sa.reassembly = None
 
 
+def forget(sa: "IkeSa", hdr: Header) -> None:
+    """An authentic unfragmented message arrived: a set of the same direction with its
+    message ID or an older one will never be needed."""
+    r = sa.reassembly
+    if r is None:
+        return
+    slot = "response" if hdr.is_response else "request"
+    p = getattr(r, slot)
+    if p is not None and (hdr.message_id - p.message_id) & 0xFFFFFFFF < 0x80000000:
+        setattr(r, slot, None)
+        if r.request is None and r.response is None:
+            sa.reassembly = None
+
+
 def receive(sa: "IkeSa", data: bytes, hdr: Header, outer: Message, enc: EncryptedFragment,
             now: float) -> Message | None:
     """One SKF datagram that passed IkeSa's message-ID window. Returns the whole message once

@@ -345,6 +345,8 @@ class IkeSa:
                     return   # stored, or dropped; nothing else changes
             else:
                 msg = decrypt_message(data, outer, enc, self.cipher_in)
+                if self.reassembly is not None:   # a whole message: its set is not needed
+                    fragmentation.forget(self, hdr)
         except AuthenticParseError as e:
             # The ICV verified but the plaintext is malformed: a new request gets the error
             # notify (§2.21.2), a response fails its exchange.

@@ -384,6 +384,44 @@ def test_a_stale_set_is_discarded_when_the_next_fragment_comes_after_the_timeout
     assert b.datagrams_to_send() == [] and _drain(b) == []
 
 
+def test_a_set_is_discarded_when_its_message_arrives_whole():
+    """The peer gave up fragmenting (or another path delivered it whole): the message ID moves
+    on and the half-finished set goes at once, not at the timeout."""
+    net = _net({}, {})
+    _up(net)
+    sa_a = net.engines[A_ADDR].current_sa("to-b")
+    sa_b = net.engines[B_ADDR].current_sa("to-a")
+    mid = sa_b.peer_mid
+    large, _small = _informational_sets(net, mid)
+    _to_b(net, large[0])
+    assert sa_b.reassembly is not None
+    whole = M.Message(sa_a.spi_i, sa_a.spi_r, ExchangeType.INFORMATIONAL, mid, False, True,
+                      [M.VendorID(bytes(range(256)) * 2)], encrypted=True)
+    out = _to_b(net, M.encode_message(whole, sa_a.cipher_out, bytes(8)))
+    assert _answer(net, out) == f"INFORMATIONAL response {mid} [ SK{{}} ]"
+    assert sa_b.reassembly is None and sa_b.peer_mid == mid + 1
+    assert _to_b(net, large[1]) == []      # the rest of the old set: a retransmission, ignored
+    assert sa_b.reassembly is None
+
+
+def test_fragments_leave_room_for_headers_and_the_non_esp_marker():
+    assert fragmentation.overhead(("192.0.2.1", 500), ("192.0.2.2", 500)) == 28
+    assert fragmentation.overhead(("192.0.2.1", 4500), ("192.0.2.2", 4500)) == 32
+    assert fragmentation.overhead(("2001:db8::1", 500), ("2001:db8::2", 500)) == 48
+    assert fragmentation.overhead(("2001:db8::1", 4500), ("2001:db8::2", 4500)) == 52
+    # behind a NAT the SA floats to 4500: every fragment still fits 400 octets with the marker
+    nat = {(A_ADDR, 500): ("198.51.100.7", 500), (A_ADDR, 4500): ("198.51.100.7", 4500)}
+    a, b = make_engines(1, _kw(_frag(400)), _kw(_frag(400), remote_addr=None, start=False))
+    net = SimNet({A_ADDR: a, B_ADDR: b}, now=T0, nat=nat)
+    a.start(net.now)
+    b.start(net.now)
+    _up(net)
+    auth = [d for _t, d in net.delivered if _hdr(d).exchange_type == ExchangeType.IKE_AUTH]
+    assert auth and all(d.dst[1] == 4500 and _skf(d) is not None for d in auth)
+    assert all(len(d.data) + IP_UDP + 4 <= 400 for d in auth)
+    assert any(len(d.data) + IP_UDP + 4 > 390 for d in auth)   # the room is used
+
+
 # ------------------------------------------------------------------ §2.6.1 Total Fragments
 
 
