@@ -31,7 +31,8 @@ from typing import Callable
 from appliance.ike import events as ev
 from appliance.ike.engine import IkeEngine
 from appliance.ike.message import datagram_summary
-from appliance.ike.policy import DpdConfig, FragmentationConfig, Identity, RetransmitConfig, TunnelConfig
+from appliance.ike.policy import DpdConfig, Identity, RetransmitConfig, TunnelConfig
+from appliance.ike.policy import FragmentationConfig
 from appliance.ike.proposals import parse_proposals
 
 log = logging.getLogger("isthmus.ikerunner")

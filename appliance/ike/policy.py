@@ -235,20 +235,6 @@ class DpdConfig:
 
 
 @dataclass(frozen=True)
-class RetransmitConfig:
-    """Request retransmission (RFC 7296 §2.1): first after `timeout` s, then multiplied by
-    `base` each time; after `tries` retransmissions and one more wait, give up."""
-
-    timeout: float = 4.0
-    base: float = 1.8
-    tries: int = 5
-
-    def schedule(self) -> list[float]:
-        """Delays (relative to the previous send) of each retransmission, then the give-up wait."""
-        return [self.timeout * self.base ** n for n in range(self.tries + 1)]
-
-
-@dataclass(frozen=True)
 class FragmentationConfig:
     """IKE fragmentation (RFC 7383), as strongSwan's `fragmentation = yes` by default.
 
@@ -289,6 +275,20 @@ class FragmentationConfig:
     def size_for(self, address: str) -> int:
         """The fragment size for an SA whose peer is at `address`."""
         return self.size_ipv6 if ":" in address else self.size_ipv4
+
+
+@dataclass(frozen=True)
+class RetransmitConfig:
+    """Request retransmission (RFC 7296 §2.1): first after `timeout` s, then multiplied by
+    `base` each time; after `tries` retransmissions and one more wait, give up."""
+
+    timeout: float = 4.0
+    base: float = 1.8
+    tries: int = 5
+
+    def schedule(self) -> list[float]:
+        """Delays (relative to the previous send) of each retransmission, then the give-up wait."""
+        return [self.timeout * self.base ** n for n in range(self.tries + 1)]
 
 
 def _nets(values: tuple[str, ...], what: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
