@@ -32,7 +32,6 @@ from appliance.ike import events as ev
 from appliance.ike.engine import IkeEngine
 from appliance.ike.message import datagram_summary
 from appliance.ike.policy import DpdConfig, Identity, RetransmitConfig, TunnelConfig
-from appliance.ike.policy import FragmentationConfig
 from appliance.ike.proposals import parse_proposals
 
 log = logging.getLogger("isthmus.ikerunner")
@@ -283,6 +282,8 @@ def tunnel_from_json(d: dict) -> TunnelConfig:
     if "retransmit" in d:
         kw["retransmit"] = RetransmitConfig(**d["retransmit"])
     if "fragmentation" in d:
+        from appliance.ike.policy import FragmentationConfig
+
         kw["fragmentation"] = FragmentationConfig(**d["fragmentation"])
     for k in ("local_ts", "remote_ts"):
         if k in d:
