@@ -240,7 +240,7 @@ def receive(sa: "IkeSa", data: bytes, hdr: Header, outer: Message, enc: Encrypte
         log.info("%s: dropping %s: fragmentation was not negotiated", sa, what)
         return None
     if num == 0 or total == 0 or num > total:
-        log.info("%s: dropping %s: invalid Fragment Number / Total Fragments", sa, what)
+        log.debug("%s: dropping %s: invalid Fragment Number / Total Fragments", sa, what)
         return None
     if total > cfg.max_fragments:
         log.info("%s: dropping %s: more than %d fragments", sa, what, cfg.max_fragments)
