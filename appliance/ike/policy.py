@@ -248,13 +248,16 @@ class FragmentationConfig:
     suggests 576 (IPv4) and 1280 (IPv6) when nothing is known about the path; strongSwan's
     charon.fragment_size default is 1280 for both, and so is ours. Reassembly limits (§2.6):
     at most `max_fragments` fragments and `max_message` octets of reassembled plaintext per
-    message, a half-finished set dropped after `reassembly_timeout` seconds."""
+    message, a half-finished set dropped after `reassembly_timeout` seconds. Anyone can open a
+    half-open IKE SA and so knows its keys: `max_message` (16 KiB, more than a 3-level RSA-4096
+    chain; strongSwan's charon.max_packet is 10000) times the half-open cap bounds what
+    fragments can hold before any authentication."""
 
     enabled: bool = True
     size_ipv4: int = 1280
     size_ipv6: int = 1280
     max_fragments: int = 64
-    max_message: int = 65535
+    max_message: int = 16384
     reassembly_timeout: float = 30.0
 
     #: smallest fragment size: room for the IP/UDP/IKE/SKF headers, an IV, an ICV and content

@@ -326,6 +326,30 @@ def test_a_fragment_is_refused_where_fragmentation_was_not_negotiated():
     assert [type(e).__name__ for e in _drain(b)] == ["IkeSaUp", "ChildSaInstalled"]
 
 
+def test_ike_sa_init_is_never_fragmented_nor_reassembled():
+    """§2.5: only messages with an SK payload, IKE_AUTH and later. An IKE_SA_INIT carrying an
+    SKF payload (request or response) is dropped without an answer or state."""
+    a, b = make_engines(1, _kw(), _kw())
+    a.start(T0)
+    (init,) = a.datagrams_to_send()
+    assert _skf(init) is None and M.parse_message(init.data)[0].notify(
+        NotifyType.IKEV2_FRAGMENTATION_SUPPORTED) is not None
+    h = _hdr(init)
+    skf = struct.pack("!BBHHH", PayloadType.SA, 0, 8 + 40, 1, 2) + bytes(40)
+    forged = init.data[:16] + struct.pack("!BBBBII", PayloadType.SKF, 0x20, ExchangeType.IKE_SA_INIT,
+                                          h.flags, 0, M.IKE_HEADER_LEN + len(skf)) + skf
+    b.receive_datagram(forged, ATTACKER, init.dst, T0)
+    assert b.datagrams_to_send() == [] and b.sas() == []
+    b.receive_datagram(init.data, init.src, init.dst, T0)
+    (init_r,) = b.datagrams_to_send()
+    resp = init_r.data[:16] + struct.pack("!BBBBII", PayloadType.SKF, 0x20, ExchangeType.IKE_SA_INIT,
+                                          0x20, 0, M.IKE_HEADER_LEN + len(skf)) + skf
+    a.receive_datagram(resp, (B_ADDR, 500), init.src, T0)
+    assert a.datagrams_to_send() == [] and _drain(a) == []
+    a.receive_datagram(init_r.data, init_r.src, init_r.dst, T0)   # the genuine one still works
+    assert [_hdr(d).exchange_type for d in a.datagrams_to_send()] == [ExchangeType.IKE_AUTH] * 2
+
+
 def _cipher_from(engine: IkeEngine, d: Datagram):
     (sa,) = engine.sas()
     return sa.cipher_in
