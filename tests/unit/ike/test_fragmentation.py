@@ -326,6 +326,50 @@ def test_a_fragment_is_refused_where_fragmentation_was_not_negotiated():
     assert [type(e).__name__ for e in _drain(b)] == ["IkeSaUp", "ChildSaInstalled"]
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_any_mix_of_forged_duplicated_and_reordered_fragments_reassembles_the_genuine_message(data):
+    """The genuine set in any order, with duplicates, among forged fragments of any numbers
+    and any bit flipped: the message is processed exactly once, when the last genuine
+    fragment arrives, and the SA comes up."""
+    a, b, frags = _after_ike_sa_init(_kw(_frag(400)), _kw(_frag(400)))
+    n = len(frags)
+    order = data.draw(st.permutations(range(n)))
+    dups = data.draw(st.lists(st.integers(0, n - 1), max_size=6))
+    stream = [("genuine", i) for i in order]
+    for i in dups:   # a duplicate somewhere after the first copy
+        first = stream.index(("genuine", i))
+        stream.insert(data.draw(st.integers(first + 1, len(stream))), ("genuine", i))
+    forged = data.draw(st.lists(st.one_of(
+        st.tuples(st.just("flip"), st.integers(0, n - 1), st.integers(M.IKE_HEADER_LEN, 399)),
+        st.tuples(st.just("made"), st.integers(0, 70), st.integers(0, 70), st.binary(max_size=120))),
+        max_size=12))
+    for f in forged:
+        stream.insert(data.draw(st.integers(0, len(stream))), f)
+    last = max(k for k, item in enumerate(stream) if item[0] == "genuine" and stream.index(item) == k)
+    src, dst = frags[0].src, frags[0].dst
+    answers = []
+    for k, item in enumerate(stream):
+        if item[0] == "genuine":
+            b.receive_datagram(frags[item[1]].data, src, dst, T0)
+        elif item[0] == "flip":
+            d = frags[item[1]]
+            if item[2] >= len(d.data):
+                continue
+            b.receive_datagram(_flipped(d, item[2]), ATTACKER, dst, T0)
+        else:
+            b.receive_datagram(_forged_skf(frags[0], item[1], item[2], item[3], PayloadType.IDi),
+                               ATTACKER, dst, T0)
+        out = b.datagrams_to_send()
+        if out:
+            answers.append((k, out))
+    assert len(answers) >= 1 and answers[0][0] == last
+    assert all(_hdr(d).is_response and _skf(d) is not None for _k, out in answers for d in out)
+    # later duplicates of fragment 1 are retransmissions: they bring the cached response again
+    assert all(stream[k] == ("genuine", 0) for k, _out in answers[1:])
+    assert [type(e).__name__ for e in _drain(b)] == ["IkeSaUp", "ChildSaInstalled"]
+
+
 def test_ike_sa_init_is_never_fragmented_nor_reassembled():
     """§2.5: only messages with an SK payload, IKE_AUTH and later. An IKE_SA_INIT carrying an
     SKF payload (request or response) is dropped without an answer or state."""
