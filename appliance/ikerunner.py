@@ -270,7 +270,8 @@ _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 def tunnel_from_json(d: dict) -> TunnelConfig:
     """A TunnelConfig from the runner's JSON (names as in TunnelConfig; `psk_hex` or
     `psk_file`, or `cert` = {certificate, key, ca: [files], crl: [files]}; proposals as
-    strongSwan strings; `dpd` as {interval, timeout, action})."""
+    strongSwan strings; `dpd` as {interval, timeout, action}; `fragmentation` as
+    FragmentationConfig's fields)."""
     cert = None
     psk = b""
     if "cert" in d:
@@ -291,11 +292,15 @@ def tunnel_from_json(d: dict) -> TunnelConfig:
         psk = bytes.fromhex(d["psk_hex"])
     kw = {k: v for k, v in d.items() if k in {f.name for f in fields(TunnelConfig)}
           and k not in ("psk", "cert", "local_id", "remote_id", "ike_proposals", "esp_proposals", "dpd",
-                        "retransmit", "local_ts", "remote_ts")}
+                        "retransmit", "local_ts", "remote_ts", "fragmentation")}
     if "dpd" in d:
         kw["dpd"] = DpdConfig(**d["dpd"])
     if "retransmit" in d:
         kw["retransmit"] = RetransmitConfig(**d["retransmit"])
+    if "fragmentation" in d:
+        from appliance.ike.policy import FragmentationConfig
+
+        kw["fragmentation"] = FragmentationConfig(**d["fragmentation"])
     for k in ("local_ts", "remote_ts"):
         if k in d:
             kw[k] = tuple(d[k])

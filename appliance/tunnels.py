@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from appliance.config import CertAuth, Config, ConfigError, Issue, PskAuth, Tunnel
 from appliance.ike.constants import EncrId, IntegId, TransformType
 from appliance.ike.events import ChildSaInstalled
-from appliance.ike.policy import DpdConfig, Identity, PolicyError, TunnelConfig
+from appliance.ike.policy import DpdConfig, FragmentationConfig, Identity, PolicyError, TunnelConfig
 from appliance.ike.proposals import Proposal
 from appliance.xfrm.model import (ChildSa, DataplaneInputError, Endpoints, EspAlgorithms, Lifetime, SaKeys,
                                   TunnelInterface, UdpEncap, check_unique_if_ids)
@@ -135,7 +135,8 @@ def _plan(t: Tunnel, resolve_local: LocalResolver) -> TunnelPlan:
             if_id=t.interface.if_id, start=t.start,
             ike_lifetime=float(t.ike.lifetime), ike_rekey_margin=float(max(1, t.ike.rekey_margin)),
             child_lifetime=float(t.esp.lifetime), child_rekey_margin=float(max(1, t.esp.rekey_margin)),
-            rekey_jitter=_jitter(t), dpd=DpdConfig(float(t.dpd.interval), float(t.dpd.timeout), t.dpd.action))
+            rekey_jitter=_jitter(t), dpd=DpdConfig(float(t.dpd.interval), float(t.dpd.timeout), t.dpd.action),
+            fragmentation=_fragmentation(t))
     except PolicyError as e:
         raise _Refused("", str(e)) from None
     mtu = t.interface.mtu
@@ -148,6 +149,14 @@ def _plan(t: Tunnel, resolve_local: LocalResolver) -> TunnelPlan:
     except DataplaneInputError as e:
         raise _Refused("interface", str(e)) from None
     return TunnelPlan(name=t.name, tunnel=t, ike=ike, interface=iface, routes=tuple(t.routes))
+
+
+def _fragmentation(t: Tunnel) -> FragmentationConfig:
+    """ike.fragmentation / ike.fragment_size (one size: a tunnel has one address family)."""
+    size = t.ike.fragment_size
+    if size is None:
+        return FragmentationConfig(enabled=t.ike.fragmentation)
+    return FragmentationConfig(enabled=t.ike.fragmentation, size_ipv4=size, size_ipv6=size)
 
 
 def _jitter(t: Tunnel) -> float:

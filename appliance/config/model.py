@@ -87,6 +87,10 @@ class IkeSettings:
     proposals: tuple[Proposal, ...] = field(repr=False, compare=False)  # determined by the strings
     lifetime: int = DEFAULT_IKE_LIFETIME          # seconds; rekey at lifetime - rekey_margin
     rekey_margin: int = DEFAULT_REKEY_MARGIN
+    #: IKE fragmentation (RFC 7383), strongSwan's fragmentation=yes by default
+    fragmentation: bool = True
+    #: largest IP datagram of a fragment (None: the engine's default, 1280)
+    fragment_size: int | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ Validation continues after a problem so that one run reports all of them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import difflib
 import re
 from collections.abc import Callable, Iterable
@@ -43,6 +45,7 @@ TUNNEL_KEYS = ("remote", "local", "local_id", "remote_id", "auth", "ike", "esp",
                "mobike", "start", "interface", "bgp", "peer_profile", "routes")
 AUTH_KEYS = ("psk_file", "certificate", "key", "ca", "crl")
 SA_KEYS = ("proposals", "lifetime", "rekey_margin")
+IKE_KEYS = SA_KEYS + ("fragmentation", "fragment_size")   # RFC 7383
 DPD_KEYS = ("interval", "timeout", "action")
 INTERFACE_KEYS = ("name", "if_id", "address", "address6", "mtu", "outer_mtu")
 TUNNEL_BGP_KEYS = ("peer_as", "peer_address", "hold_time", "import", "export")
@@ -558,11 +561,11 @@ def _tunnel(ctx: Ctx, name: str, value: Any, key_line: int, bgp: BgpSettings | N
 
     auth = _auth(ctx, m, path, key_line)
 
-    ike_m = _sub(ctx, m, "ike", path, SA_KEYS, "{proposals: [aes256gcm16-prfsha384-x25519], lifetime: 24h}")
+    ike_m = _sub(ctx, m, "ike", path, IKE_KEYS, "{proposals: [aes256gcm16-prfsha384-x25519], lifetime: 24h}")
     esp_m = _sub(ctx, m, "esp", path, SA_KEYS, "{proposals: [aes256gcm16], lifetime: 1h}")
     dpd_m = _sub(ctx, m, "dpd", path, DPD_KEYS, "{interval: 10s, timeout: 30s, action: restart}")
     if_m = _sub(ctx, m, "interface", path, INTERFACE_KEYS, "{name: xfrm-b, address: 169.254.21.1/30}")
-    seen.note(ike_m, "ike", SA_KEYS)
+    seen.note(ike_m, "ike", IKE_KEYS)
     seen.note(esp_m, "esp", SA_KEYS)
     seen.note(dpd_m, "dpd", DPD_KEYS)
     seen.note(if_m, "interface", INTERFACE_KEYS)
@@ -570,6 +573,11 @@ def _tunnel(ctx: Ctx, name: str, value: Any, key_line: int, bgp: BgpSettings | N
 
     ike = _sa(ctx, ike_m, f"{path}.ike", "ike", m, dflt("ike.proposals", [DEFAULT_IKE_PROPOSAL]),
               dflt("ike.lifetime", DEFAULT_IKE_LIFETIME), dflt("ike.rekey_margin", DEFAULT_REKEY_MARGIN))
+    if ike_m is not None:   # IKE fragmentation (RFC 7383): on by default, size = IP datagram
+        frag = ctx.field(ike_m, "fragmentation", f"{path}.ike", to_bool, default=True)
+        frag_size = ctx.field(ike_m, "fragment_size", f"{path}.ike", int_range(576, 9000), default=None)
+        if ike is not None:
+            ike = dataclasses.replace(ike, fragmentation=frag is not False, fragment_size=frag_size)
     esp = _sa(ctx, esp_m, f"{path}.esp", "esp", m, dflt("esp.proposals", [DEFAULT_ESP_PROPOSAL]),
               dflt("esp.lifetime", DEFAULT_ESP_LIFETIME), dflt("esp.rekey_margin", DEFAULT_REKEY_MARGIN))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from appliance.ike import natd, signature_auth
+from appliance.ike import fragmentation, natd, signature_auth
 from appliance.ike.constants import CertEncoding, DhId, ExchangeType, NotifyType, ProtocolId, TransformType
 from appliance.ike.crypto import (
     CryptoError,
@@ -116,6 +116,7 @@ class IkeSaInit(Exchange):
         payloads += natd.payloads(sa.spi_i, ZERO_SPI, sa.local, sa.remote)
         if cfg.cert is not None:
             payloads.append(signature_auth.hash_notify())   # RFC 7427 §4
+        payloads += fragmentation.request_notifies(sa)   # RFC 7383 §2.3
         return payloads
 
     def sent(self, sa: IkeSa, datagram: bytes) -> None:
@@ -254,6 +255,7 @@ def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: E
     sa.peer_hash_algorithms = signature_auth.peer_hashes(msg.notify(NotifyType.SIGNATURE_HASH_ALGORITHMS))
     from appliance.ike import ike_auth
     ike_auth.note_certreq(sa, msg)
+    fragmentation.initiator_response(sa, msg)
     nat = natd.check(msg, dst, src)
     if nat is not None:
         sa.nat_local, sa.nat_remote = nat
@@ -357,6 +359,7 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
     reply += natd.payloads(sa.spi_i, sa.spi_r, dst, src)
     sa.peer_hash_algorithms = signature_auth.peer_hashes(msg.notify(NotifyType.SIGNATURE_HASH_ALGORITHMS))
     reply += _cert_payloads(candidates)
+    reply += fragmentation.response_notifies(sa, msg)   # RFC 7383 §2.3
     sa.init_request = data
     sa.peer_mid = 1
     sa.half_open_deadline = now + candidates[0].half_open_timeout

@@ -562,6 +562,17 @@ class Encrypted(Payload):
     body_start: int = 0
 
 
+@dataclass(slots=True)
+class EncryptedFragment(Encrypted):
+    """An Encrypted Fragment payload (SKF, RFC 7383 §2.5) as received: `first_inner` is the
+    first inner payload's type in fragment 1 (zero in the others); `body_start` is the IV's
+    offset (everything before it, Fragment Number and Total Fragments included, is the AAD)."""
+
+    PAYLOAD_TYPE: ClassVar[int] = PayloadType.SKF
+    fragment_number: int = 0
+    total_fragments: int = 0
+
+
 _KNOWN: dict[int, type[Payload]] = {cls.PAYLOAD_TYPE: cls for cls in (
     SA, KE, IDi, IDr, CERT, CERTREQ, AUTH, Nonce, Notify, Delete, VendorID, TSi, TSr)}
 
@@ -761,11 +772,19 @@ def _parse_chain(data: bytes, pos: int, end: int, first: int, *,
         if plen < GENERIC_HEADER_LEN or pos + plen > end:
             raise ParseError(f"payload type {this} length {plen} overruns the message")
         body = data[pos + GENERIC_HEADER_LEN:pos + plen]
-        if this == PayloadType.SK:
+        if this == PayloadType.SK or this == PayloadType.SKF:
             if not allow_sk:
-                raise ParseError("SK payload inside an SK payload")
+                raise ParseError(f"{PayloadType(this).name} payload inside an SK payload")
             if pos + plen != end:
-                raise ParseError("SK payload is not the last payload")
+                raise ParseError(f"{PayloadType(this).name} payload is not the last payload")
+            if this == PayloadType.SKF:
+                # RFC 7383 §2.5: Fragment Number and Total Fragments precede the IV; checked
+                # (and authenticated) by appliance.ike.fragmentation
+                if plen < GENERIC_HEADER_LEN + 4:
+                    raise ParseError("SKF payload too short for Fragment Number and Total Fragments")
+                num, total = struct.unpack_from("!HH", data, pos + GENERIC_HEADER_LEN)
+                return payloads, EncryptedFragment(first_inner=nxt, body_start=pos + GENERIC_HEADER_LEN + 4,
+                                                   fragment_number=num, total_fragments=total)
             return payloads, Encrypted(first_inner=nxt, body_start=pos + GENERIC_HEADER_LEN)
         cls = _KNOWN.get(this)
         if cls is not None:
@@ -802,22 +821,35 @@ def decrypt_message(data: bytes, msg: Message, enc: Encrypted, cipher: SkProtect
     Two kinds of failure, kept apart (RFC 7296 §2.21): IntegrityError when the SK payload does
     not verify - too short to hold its IV and ICV, or a wrong ICV: anyone can send that, it is
     not from the peer; AuthenticParseError when it verified but the plaintext is malformed."""
-    body = data[enc.body_start:]
-    if len(body) < cipher.iv_size + cipher.icv_size:
-        raise IntegrityError(f"SK payload of {len(body)} octets cannot hold its "
-                             f"{cipher.iv_size}-octet IV and {cipher.icv_size}-octet ICV")
-    plaintext = cipher.decrypt(body, data[:enc.body_start])   # IntegrityError unless verified
-    # authentic from here on
-    try:
-        if not plaintext:
-            raise ParseError("empty SK plaintext (no Pad Length octet)")
-        pad_len = plaintext[-1]
-        if pad_len + 1 > len(plaintext):
-            raise ParseError("SK pad length exceeds the plaintext")
-        inner = plaintext[:len(plaintext) - pad_len - 1]
-        payloads, _ = _parse_chain(inner, 0, len(inner), enc.first_inner, allow_sk=False)
-    except ParseError as e:
-        raise AuthenticParseError(e.reason, e.notify, e.notify_data) from None
+    inner = open_sk(data, enc.body_start, cipher)
+    payloads = parse_inner(inner, enc.first_inner)
     return Message(msg.spi_i, msg.spi_r, msg.exchange_type, msg.message_id, msg.is_response,
                    msg.is_initiator, list(msg.payloads) + payloads, encrypted=True,
                    minor_version=msg.minor_version)
+
+
+def open_sk(data: bytes, body_start: int, cipher: SkProtector) -> bytes:
+    """Verify and decrypt the IV | ciphertext | ICV at `body_start` (everything before it is
+    the AAD, §3.14; RFC 7383 §2.5 for SKF) and strip the padding: the inner payload octets.
+    IntegrityError unless the ICV verified; AuthenticParseError for bad padding after that."""
+    body = data[body_start:]
+    if len(body) < cipher.iv_size + cipher.icv_size:
+        raise IntegrityError(f"SK payload of {len(body)} octets cannot hold its "
+                             f"{cipher.iv_size}-octet IV and {cipher.icv_size}-octet ICV")
+    plaintext = cipher.decrypt(body, data[:body_start])   # IntegrityError unless verified
+    # authentic from here on
+    if not plaintext:
+        raise AuthenticParseError("empty SK plaintext (no Pad Length octet)")
+    pad_len = plaintext[-1]
+    if pad_len + 1 > len(plaintext):
+        raise AuthenticParseError("SK pad length exceeds the plaintext")
+    return plaintext[:len(plaintext) - pad_len - 1]
+
+
+def parse_inner(inner: bytes, first: int) -> list[Payload]:
+    """The payload chain of authentic plaintext (AuthenticParseError if malformed)."""
+    try:
+        payloads, _ = _parse_chain(inner, 0, len(inner), first, allow_sk=False)
+    except ParseError as e:
+        raise AuthenticParseError(e.reason, e.notify, e.notify_data) from None
+    return payloads

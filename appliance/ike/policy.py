@@ -238,6 +238,52 @@ class DpdConfig:
 
 
 @dataclass(frozen=True)
+class FragmentationConfig:
+    """IKE fragmentation (RFC 7383), as strongSwan's `fragmentation = yes` by default.
+
+    `enabled`: announce IKEV2_FRAGMENTATION_SUPPORTED in IKE_SA_INIT and, when the peer does
+    too, send a protected message (IKE_AUTH and later) that would exceed the fragment size as
+    Encrypted Fragment payloads; False: announce nothing and never fragment (a peer's fragments
+    are then dropped: support was not announced). A responder announces per its first candidate
+    tunnel (the tunnel is known only in IKE_AUTH) and sends fragments per the chosen one.
+    `size_ipv4` / `size_ipv6`: the largest IP datagram (IP and UDP headers and the non-ESP
+    marker included) a fragment may make, per address family of the SA. RFC 7383 §2.5.1
+    suggests 576 (IPv4) and 1280 (IPv6) when nothing is known about the path; strongSwan's
+    charon.fragment_size default is 1280 for both, and so is ours. Reassembly limits (§2.6):
+    at most `max_fragments` fragments and `max_message` octets of reassembled plaintext per
+    message, a half-finished set dropped after `reassembly_timeout` seconds. Anyone can open a
+    half-open IKE SA and so knows its keys: `max_message` (16 KiB, more than a 3-level RSA-4096
+    chain; strongSwan's charon.max_packet is 10000) times the half-open cap bounds what
+    fragments can hold before any authentication."""
+
+    enabled: bool = True
+    size_ipv4: int = 1280
+    size_ipv6: int = 1280
+    max_fragments: int = 64
+    max_message: int = 16384
+    reassembly_timeout: float = 30.0
+
+    #: smallest fragment size: room for the IP/UDP/IKE/SKF headers, an IV, an ICV and content
+    MIN_SIZE = 256
+
+    def __post_init__(self) -> None:
+        for what, v in (("size_ipv4", self.size_ipv4), ("size_ipv6", self.size_ipv6)):
+            if not isinstance(v, int) or not self.MIN_SIZE <= v <= 65535:
+                raise PolicyError(f"fragmentation {what} {v!r}: allowed {self.MIN_SIZE}..65535 "
+                                  "octets (the whole IP datagram)")
+        if not 1 <= self.max_fragments <= 65535:
+            raise PolicyError("fragmentation max_fragments: allowed 1..65535")
+        if not 1 <= self.max_message <= 16 * 65535:
+            raise PolicyError("fragmentation max_message: allowed 1..1048560 octets")
+        if self.reassembly_timeout <= 0:
+            raise PolicyError("fragmentation reassembly_timeout must be > 0 seconds")
+
+    def size_for(self, address: str) -> int:
+        """The fragment size for an SA whose peer is at `address`."""
+        return self.size_ipv6 if ":" in address else self.size_ipv4
+
+
+@dataclass(frozen=True)
 class RetransmitConfig:
     """Request retransmission (RFC 7296 §2.1): first after `timeout` s, then multiplied by
     `base` each time; after `tries` retransmissions and one more wait, give up."""
@@ -338,6 +384,8 @@ class TunnelConfig:
     #: Certificate authentication (RFC 7427 signatures, certificates.CertCredentials) instead
     #: of the PSK; None: PSK.
     cert: "CertCredentials | None" = None
+    #: IKE fragmentation (RFC 7383): negotiation, fragment sizes, reassembly limits.
+    fragmentation: FragmentationConfig = field(default_factory=FragmentationConfig)
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from appliance.ike import events as ev
+from appliance.ike import fragmentation
 from appliance.ike.child import ChildSa, ChildState
 from appliance.ike.constants import ExchangeType, ProtocolId
 from appliance.ike.crypto import CryptoError, IkeKeys, IntegrityError, SkCipher
 from appliance.ike.message import (
     AuthenticParseError,
+    EncryptedFragment,
     Header,
     Message,
     Notify,
@@ -95,6 +97,7 @@ class _Pending:
     next_at: float
     retransmits: int = 0
     deadline: float | None = None
+    more: tuple[bytes, ...] = ()     # further SKF fragments, sent after `datagram` (RFC 7383)
 
 
 @dataclass
@@ -103,6 +106,7 @@ class _CachedResponse:
     datagram: bytes
     src: Endpoint
     dst: Endpoint
+    more: tuple[bytes, ...] = ()     # further SKF fragments, sent after `datagram` (RFC 7383)
 
 
 class IkeSa:
@@ -134,6 +138,10 @@ class IkeSa:
     peer_cert_not_after: float | None = None              # UNIX time
     peer_cert_subject = ""
     peer_cert_chain: tuple = ()                           # validated chain (revocation re-checks)
+    # IKE fragmentation (RFC 7383, fragmentation.py)
+    frag_ours = False       # we announced IKEV2_FRAGMENTATION_SUPPORTED
+    frag_peer = False       # the peer did
+    reassembly: "fragmentation.Reassembly | None" = None
 
     # message windows (§2.3)
     my_mid = 0
@@ -244,6 +252,10 @@ class IkeSa:
             raise ValueError(f"{self}: no keys to protect {msg.summary()}")
         return encode_message(msg, self.cipher_out, self.random(self.cipher_out.iv_size))
 
+    def _encode_datagrams(self, msg: Message) -> list[bytes]:
+        """The datagrams carrying `msg`: one, or its SKF fragments (RFC 7383 §2.5)."""
+        return fragmentation.encode(self, msg, self._encode(msg))
+
     def _send(self, data: bytes, src: Endpoint | None = None, dst: Endpoint | None = None) -> None:
         self.engine.send(data, src or self.local, dst or self.remote)
 
@@ -271,14 +283,17 @@ class IkeSa:
                 continue
             msg = Message(self.spi_i, self.spi_r, ex.exchange_type, self.my_mid, False,
                           self.initiator, payloads, encrypted=ex.encrypted)
-            data = self._encode(msg)
+            data, *more = self._encode_datagrams(msg)
             log.debug("%s: sending %s", self, _Summary(msg))
             cfg = self._retransmit_cfg()
             deadline = now + ex.give_up_after if ex.give_up_after is not None else None
-            self.pending = _Pending(ex, self.my_mid, data, now, now + cfg.timeout, 0, deadline)
+            self.pending = _Pending(ex, self.my_mid, data, now, now + cfg.timeout, 0, deadline,
+                                    tuple(more))
             self.my_mid = (self.my_mid + 1) & 0xFFFFFFFF
             ex.sent(self, data)
             self._send(data)
+            for d in more:
+                self._send(d)
 
     def _retransmit_cfg(self):
         from appliance.ike.policy import RetransmitConfig
@@ -292,10 +307,12 @@ class IkeSa:
         Returns the datagram sent."""
         msg = Message(self.spi_i, self.spi_r, request.exchange_type, request.message_id, True,
                       self.initiator, payloads, encrypted=encrypted)
-        data = self._encode(msg)
+        data, *more = self._encode_datagrams(msg)
         log.debug("%s: sending %s", self, _Summary(msg))
-        self.last_response = _CachedResponse(request.message_id, data, dst, src)
+        self.last_response = _CachedResponse(request.message_id, data, dst, src, tuple(more))
         self.engine.send(data, dst, src)
+        for d in more:
+            self.engine.send(d, dst, src)
         return data
 
     # ------------------------------------------------------------------ receiving
@@ -328,7 +345,14 @@ class IkeSa:
             if not self._request_in_window(hdr.message_id):
                 return
         try:
-            msg = decrypt_message(data, outer, enc, self.cipher_in)
+            if isinstance(enc, EncryptedFragment):
+                msg = fragmentation.receive(self, data, hdr, outer, enc, now)
+                if msg is None:
+                    return   # stored, or dropped; nothing else changes
+            else:
+                msg = decrypt_message(data, outer, enc, self.cipher_in)
+                if self.reassembly is not None:   # a whole message: its set is not needed
+                    fragmentation.forget(self, hdr)
         except AuthenticParseError as e:
             # The ICV verified but the plaintext is malformed: a new request gets the error
             # notify (§2.21.2), a response fails its exchange.
@@ -414,6 +438,8 @@ class IkeSa:
         if cached is not None and mid == cached.message_id and mid != self.peer_mid:
             log.debug("%s: retransmitting response %d", self, mid)
             self.engine.send(cached.datagram, dst, src)
+            for d in cached.more:
+                self.engine.send(d, dst, src)
             return True
         return False
 
@@ -482,7 +508,8 @@ class IkeSa:
             times.append(p.next_at)
             if p.deadline is not None:
                 times.append(p.deadline)
-        for t in (self.half_open_deadline, self.delete_deadline):
+        for t in (self.half_open_deadline, self.delete_deadline,
+                  fragmentation.next_timer(self) if self.reassembly is not None else None):
             if t is not None:
                 times.append(t)
         # the rest is only acted on while established (handle_timer mirrors this)
@@ -534,6 +561,10 @@ class IkeSa:
                     p.next_at = now + sched[p.retransmits]
                     log.debug("%s: retransmit %d of request %d", self, p.retransmits, p.message_id)
                     self._send(p.datagram)
+                    for d in p.more:
+                        self._send(d)
+        if self.reassembly is not None:
+            fragmentation.expire(self, now)
         if self.half_open_deadline is not None and now >= self.half_open_deadline:
             self.half_open_deadline = None
             if self.state == IkeState.CONNECTING:

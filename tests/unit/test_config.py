@@ -418,3 +418,20 @@ def test_explicit_if_id_must_be_in_the_owned_range(tmp_path):
         load_config(write_config(tmp_path, tunnel("interface: {if_id: 7, address: 169.254.21.1/30}")))
     by_path = {i.path: i for i in e.value.issues}
     assert "0x49000000-0x49ffffff" in by_path["tunnels.to-b.interface.if_id"].message
+
+
+def test_ike_fragmentation_keys(tmp_path):
+    """ike.fragmentation (RFC 7383, default on as strongSwan's fragmentation=yes) and
+    ike.fragment_size (the whole IP datagram; default: the engine's 1280)."""
+    write_psk(tmp_path)
+    t = load_config(write_config(tmp_path, tunnel(""))).tunnels["to-b"]
+    assert (t.ike.fragmentation, t.ike.fragment_size) == (True, None)
+    t = load_config(write_config(tmp_path, tunnel("ike: {fragmentation: false, fragment_size: 576}"),
+                                 "b.yaml")).tunnels["to-b"]
+    assert (t.ike.fragmentation, t.ike.fragment_size) == (False, 576)
+    for text, fragment in (("ike: {fragment_size: 200}", "576..9000"),
+                           ("ike: {fragmentation: maybe}", "true or false"),
+                           ("esp: {fragmentation: true}", "unknown key 'fragmentation'")):
+        path = write_config(tmp_path, tunnel(text), "c.yaml")
+        issue = one_issue(path)
+        assert fragment in issue.message and issue.line == line_of(path, "fragment"), text

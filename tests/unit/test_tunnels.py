@@ -52,6 +52,14 @@ def test_plan_maps_every_field(tmp_path):
     assert p.routes == (ipaddress.ip_network("10.2.0.0/16"),)
 
 
+def test_ike_fragmentation_settings_reach_the_engine(tmp_path):
+    ike = plan_tunnels(_cfg(tmp_path, "local: 192.0.2.1"), resolve_local=None)["to-b"].ike
+    assert ike.fragmentation.enabled and ike.fragmentation.size_for("198.51.100.2") == 1280
+    cfg = _cfg(tmp_path, "local: 192.0.2.1\nike: {fragmentation: false, fragment_size: 900}", "b.yaml")
+    frag = plan_tunnels(cfg, resolve_local=None)["to-b"].ike.fragmentation
+    assert not frag.enabled and frag.size_for("198.51.100.2") == 900
+
+
 def test_local_address_and_default_local_id_come_from_the_route_to_the_peer(tmp_path):
     cfg = _cfg(tmp_path, "")
     asked = []

@@ -227,6 +227,10 @@ def decode(receiver: IkeEngine, data: bytes):
         msg, enc = M.parse_message(data)
     except M.ParseError as e:
         return f"malformed ({e.reason})", None
+    if isinstance(enc, M.EncryptedFragment):   # RFC 7383: one piece of a message
+        kind = "response" if hdr.is_response else "request"
+        return (f"{M._enum_name(M.ExchangeType, hdr.exchange_type)} {kind} {hdr.message_id} "
+                f"[ SKF({enc.fragment_number}/{enc.total_fragments}) ]"), None
     if enc is not None:
         key = hdr.spi_r if hdr.is_initiator else hdr.spi_i
         sa = receiver._sas.get(key)
