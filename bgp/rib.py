@@ -37,6 +37,7 @@ from bgp.policy import DEFAULT_LOCAL_PREF, PolicyEngine, Verdict
 from bgp.route import Origin, Route
 
 _NO_ROUTER_ID = 1 << 32     # a route without a peer router id loses the router id step
+_EMPTY: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,14 @@ class RibChange:
                     or self.restart_neighbor)
 
 
-def prefix_key(net: IPNetwork) -> tuple[int, int, int]:
-    return net.version, net.first, net.prefixlen
+def pkey(net: IPNetwork) -> int:
+    """The RIB's key for a prefix: one int ordering like (version, first address, length).
+    Hashing netaddr objects is the RIB's main cost otherwise (docs/bgp.md, "Scale")."""
+    return (net.version << 160) | (net.first << 8) | net.prefixlen
+
+
+def prefix_key(net: IPNetwork) -> int:
+    return pkey(net)
 
 
 def _nh_key(nh: tuple[str, IPAddress]) -> tuple[str, int, int]:
@@ -75,13 +82,14 @@ class _Neighbor:
         self.name = tunnel.name
         self.up = False
         #: received route and the verdict on it, in arrival order (max-prefix stop re-admits in it)
-        self.adj_in: dict[IPNetwork, tuple[Route, Verdict]] = {}
-        self.counted: set[IPNetwork] = set()        # accepted by policy and within max-prefix
-        self.held: dict[IPNetwork, None] = {}       # accepted by policy, over the max-prefix limit (stop)
+        #: (all dicts and sets here are keyed by pkey(prefix))
+        self.adj_in: dict[int, tuple[Route, Verdict]] = {}
+        self.counted: set[int] = set()        # accepted by policy and within max-prefix
+        self.held: dict[int, None] = {}       # accepted by policy, over the max-prefix limit (stop)
         self.warned = False                          # max-prefix warn/stop reported for this excursion
         self.dampener = dampener
-        self.stale: set[IPNetwork] = set()          # see Rib.mark_stale
-        self.adj_out: dict[IPNetwork, Route] = {}
+        self.stale: set[int] = set()          # see Rib.mark_stale
+        self.adj_out: dict[int, Route] = {}
         self.peer_address = int(IPAddress(str(tunnel.bgp.peer_address))) if tunnel.bgp else 0
 
 
@@ -92,10 +100,11 @@ class Rib:
         self.settings = settings
         self.policy = policy
         self._neighbors: dict[str, _Neighbor] = {}
-        self._eligible: dict[IPNetwork, dict[str, Route]] = {}   # per prefix: tunnel -> policied route
-        self._loc: dict[IPNetwork, tuple[Route, ...]] = {}       # per prefix: the selected set, best first
-        self._fib: dict[IPNetwork, FibEntry] = {}
-        self._own: dict[IPNetwork, Route] = {}
+        # keyed by pkey(prefix):
+        self._eligible: dict[int, dict[str, Route]] = {}   # per prefix: tunnel -> policied route
+        self._loc: dict[int, tuple[Route, ...]] = {}       # per prefix: the selected set, best first
+        self._fib: dict[int, FibEntry] = {}
+        self._own: dict[int, Route] = {}
         self._transit_to: dict[str, set[str]] = {}   # source tunnel -> tunnels whose export names it
         self._configure(settings, tunnels)
 
@@ -108,7 +117,7 @@ class Rib:
         for p in settings.announce:
             net = IPNetwork(str(p))
             nh = IPAddress("0.0.0.0") if net.version == 4 else IPAddress("::")
-            self._own[net] = Route(prefix=net, next_hop=nh, neighbor="", origin=Origin.IGP)
+            self._own[pkey(net)] = Route(prefix=net, next_hop=nh, neighbor="", origin=Origin.IGP)
         old = self._neighbors
         self._neighbors = {}
         for name, t in tunnels.items():
@@ -145,7 +154,7 @@ class Rib:
             del self._neighbors[name]
             self._recompute(affected, change)
         self.policy = PolicyEngine(settings, tunnels)
-        affected: set[IPNetwork] = set(self._eligible) | set(self._loc)
+        affected: set[int] = set(self._eligible) | set(self._loc)
         self._configure(settings, tunnels)
         self._eligible = {}
         for n in self._neighbors.values():
@@ -153,8 +162,8 @@ class Rib:
                 continue
             received = list(n.adj_in.items())
             n.adj_in, n.counted, n.held, n.warned = {}, set(), {}, False
-            for prefix, (route, _) in received:
-                affected.add(prefix)
+            for k, (route, _) in received:
+                affected.add(k)
                 if not self._learn(n, route, now, affected, change, flap=False):
                     break
         self._recompute(affected, change)
@@ -188,17 +197,17 @@ class Rib:
         if n is None:
             change.events.append({"type": "bgp_unknown_neighbor", "tunnel": tunnel})
             return change
-        affected: set[IPNetwork] = set()
+        affected: set[int] = set()
         self._down(n, change, now, affected)
         self._recompute(affected, change)
         return change
 
-    def _down(self, n: _Neighbor, change: RibChange, now: float, affected: set[IPNetwork]) -> None:
-        for prefix in n.adj_in:
-            routes = self._eligible.get(prefix)
+    def _down(self, n: _Neighbor, change: RibChange, now: float, affected: set[int]) -> None:
+        for k in n.adj_in:
+            routes = self._eligible.get(k)
             if routes is not None and routes.pop(n.name, None) is not None and not routes:
-                del self._eligible[prefix]
-            affected.add(prefix)
+                del self._eligible[k]
+            affected.add(k)
         n.up = False
         n.adj_in, n.counted, n.held, n.warned, n.stale, n.adj_out = {}, set(), {}, False, set(), {}
         if n.dampener is not None:      # a session reset is not a flap of each route (FRR clears too)
@@ -217,7 +226,7 @@ class Rib:
         n = self._neighbors.get(tunnel)
         if n is None or not n.stale:
             return RibChange()
-        stale = [p for p in n.adj_in if p in n.stale]
+        stale = [route.prefix for k, (route, _) in n.adj_in.items() if k in n.stale]
         n.stale = set()
         return self.update(tunnel, [], stale, now)
 
@@ -235,27 +244,27 @@ class Rib:
         if not n.up:
             change.events.append({"type": "bgp_update_ignored", "tunnel": tunnel, "reason": "neighbor not up"})
             return change
-        affected: set[IPNetwork] = set()
+        affected: set[int] = set()
         for prefix in withdrawn:
-            self._unlearn(n, prefix, now, affected)
+            self._unlearn(n, pkey(prefix), now, affected)
         for route in announced:
             if not self._learn(n, route, now, affected, change, flap=True):
                 break       # max-prefix restart: the neighbour is down, the rest is moot
         self._recompute(affected, change)
         return change
 
-    def _unlearn(self, n: _Neighbor, prefix: IPNetwork, now: float, affected: set[IPNetwork]) -> None:
-        old = n.adj_in.pop(prefix, None)
-        n.stale.discard(prefix)
+    def _unlearn(self, n: _Neighbor, k: int, now: float, affected: set[int]) -> None:
+        old = n.adj_in.pop(k, None)
+        n.stale.discard(k)
         if old is None:
             return
-        affected.add(prefix)
+        affected.add(k)
         if n.dampener is not None:
-            n.dampener.withdrawn(prefix, now)
-        n.held.pop(prefix, None)
-        if prefix in n.counted:
-            n.counted.discard(prefix)
-            self._set_eligible(n, prefix, None)
+            n.dampener.withdrawn(k, now)
+        n.held.pop(k, None)
+        if k in n.counted:
+            n.counted.discard(k)
+            self._set_eligible(n, k, None)
             self._readmit(n, now, affected)
 
     def _limit(self, n: _Neighbor):
@@ -263,25 +272,25 @@ class Rib:
         pol = self.policy.policies.get(name) if name else None
         return pol.policy.max_prefix if pol is not None else None
 
-    def _learn(self, n: _Neighbor, route: Route, now: float, affected: set[IPNetwork], change: RibChange,
+    def _learn(self, n: _Neighbor, route: Route, now: float, affected: set[int], change: RibChange,
                flap: bool) -> bool:
         """Take one received route. False: max-prefix restart took the neighbour down."""
-        prefix = route.prefix
-        n.stale.discard(prefix)
-        old = n.adj_in.get(prefix)
+        k = pkey(route.prefix)
+        n.stale.discard(k)
+        old = n.adj_in.get(k)
         if flap and n.dampener is not None and old is not None and old[0] != route:
-            n.dampener.attributes_changed(prefix, now)
+            n.dampener.attributes_changed(k, now)
         verdict = self.policy.import_route(n.tunnel, route)
-        affected.add(prefix)
+        affected.add(k)
         if not verdict.accepted:
-            n.adj_in[prefix] = (route, verdict)
-            n.held.pop(prefix, None)
-            if prefix in n.counted:
-                n.counted.discard(prefix)
-                self._set_eligible(n, prefix, None)
+            n.adj_in[k] = (route, verdict)
+            n.held.pop(k, None)
+            if k in n.counted:
+                n.counted.discard(k)
+                self._set_eligible(n, k, None)
                 self._readmit(n, now, affected)
             return True
-        if prefix not in n.counted:
+        if k not in n.counted:
             limit = self._limit(n)
             if limit is not None and len(n.counted) >= limit.limit:
                 count = len(n.counted) + 1
@@ -293,8 +302,8 @@ class Rib:
                     self._down(n, change, now, affected)
                     return False
                 if limit.action == "stop":
-                    n.adj_in[prefix] = (route, Verdict(False, None, f"max-prefix {limit.limit} reached (stop)"))
-                    n.held[prefix] = None
+                    n.adj_in[k] = (route, Verdict(False, None, f"max-prefix {limit.limit} reached (stop)"))
+                    n.held[k] = None
                     if not n.warned:
                         n.warned = True
                         change.events.append({"type": "bgp_max_prefix", "tunnel": n.name, "action": "stop",
@@ -304,17 +313,17 @@ class Rib:
                     n.warned = True
                     change.events.append({"type": "bgp_max_prefix", "tunnel": n.name, "action": "warn",
                                           "count": count, "limit": limit.limit})
-            n.counted.add(prefix)
-        n.adj_in[prefix] = (route, verdict)
-        self._set_eligible(n, prefix, verdict.route)
+            n.counted.add(k)
+        n.adj_in[k] = (route, verdict)
+        self._set_eligible(n, k, verdict.route)
         return True
 
-    def _readmit(self, n: _Neighbor, now: float, affected: set[IPNetwork]) -> None:
+    def _readmit(self, n: _Neighbor, now: float, affected: set[int]) -> None:
         """Room under the max-prefix limit: let held routes (stop) back in, oldest first."""
         limit = self._limit(n)
         if limit is None:
-            for prefix in list(n.held):
-                self._admit_held(n, prefix, affected)
+            for k in list(n.held):
+                self._admit_held(n, k, affected)
             n.warned = False
             return
         while n.held and len(n.counted) < limit.limit:
@@ -322,39 +331,39 @@ class Rib:
         if len(n.counted) + len(n.held) <= limit.limit:
             n.warned = False
 
-    def _admit_held(self, n: _Neighbor, prefix: IPNetwork, affected: set[IPNetwork]) -> None:
-        del n.held[prefix]
-        route = n.adj_in[prefix][0]
+    def _admit_held(self, n: _Neighbor, k: int, affected: set[int]) -> None:
+        del n.held[k]
+        route = n.adj_in[k][0]
         verdict = self.policy.import_route(n.tunnel, route)
-        n.adj_in[prefix] = (route, verdict)
-        affected.add(prefix)
+        n.adj_in[k] = (route, verdict)
+        affected.add(k)
         if verdict.accepted:
-            n.counted.add(prefix)
-            self._set_eligible(n, prefix, verdict.route)
+            n.counted.add(k)
+            self._set_eligible(n, k, verdict.route)
 
-    def _set_eligible(self, n: _Neighbor, prefix: IPNetwork, route: Route | None) -> None:
-        if route is not None and n.dampener is not None and n.dampener.is_suppressed(prefix):
+    def _set_eligible(self, n: _Neighbor, k: int, route: Route | None) -> None:
+        if route is not None and n.dampener is not None and n.dampener.is_suppressed(k):
             route = None
-        routes = self._eligible.get(prefix)
+        routes = self._eligible.get(k)
         if route is None:
             if routes is not None and routes.pop(n.name, None) is not None and not routes:
-                del self._eligible[prefix]
+                del self._eligible[k]
         else:
             if routes is None:
-                routes = self._eligible[prefix] = {}
+                routes = self._eligible[k] = {}
             routes[n.name] = route
 
     def tick(self, now: float) -> RibChange:
         """Dampening: reuse the suppressed routes whose penalty has decayed below ``reuse``."""
         change = RibChange()
-        affected: set[IPNetwork] = set()
+        affected: set[int] = set()
         for n in self._neighbors.values():
             if n.dampener is None:
                 continue
-            for prefix in n.dampener.tick(now):
-                if prefix in n.counted:
-                    self._set_eligible(n, prefix, n.adj_in[prefix][1].route)
-                    affected.add(prefix)
+            for k in n.dampener.tick(now):
+                if k in n.counted:
+                    self._set_eligible(n, k, n.adj_in[k][1].route)
+                    affected.add(k)
         self._recompute(affected, change)
         return change
 
@@ -401,71 +410,72 @@ class Rib:
         n = self._neighbors.get(r.neighbor)
         return rid, n.peer_address if n is not None else 0, r.neighbor
 
-    def _recompute(self, affected: Iterable[IPNetwork], change: RibChange) -> None:
-        for prefix in sorted(affected, key=prefix_key):
-            routes = self._eligible.get(prefix)
+    def _recompute(self, affected: Iterable[int], change: RibChange) -> None:
+        for k in sorted(affected):
+            routes = self._eligible.get(k)
             new = self._select(routes) if routes else ()
-            old = self._loc.get(prefix, ())
+            old = self._loc.get(k, ())
             if new == old:
                 continue
             if new:
-                self._loc[prefix] = new
+                self._loc[k] = new
             else:
-                self._loc.pop(prefix, None)
+                self._loc.pop(k, None)
             # FIB
+            fib = self._fib.get(k)
             if new:
-                entry = FibEntry(prefix, tuple(sorted(((r.neighbor, r.next_hop) for r in new), key=_nh_key)))
-                if self._fib.get(prefix) != entry:
-                    self._fib[prefix] = entry
+                hops = tuple(sorted(((r.neighbor, r.next_hop) for r in new), key=_nh_key))
+                if fib is None or fib.next_hops != hops:
+                    entry = self._fib[k] = FibEntry(new[0].prefix, hops)
                     change.fib_set.append(entry)
-            elif prefix in self._fib:
-                del self._fib[prefix]
-                change.fib_remove.append(prefix)
+            elif fib is not None:
+                del self._fib[k]
+                change.fib_remove.append(fib.prefix)
             # Adj-RIB-Out: only learned prefixes (ours are announced whatever was learned)
-            if prefix in self._own:
+            if k in self._own:
                 continue
             best = new[0] if new else None
-            targets = set(self._transit_to.get(best.neighbor, ())) if best is not None else set()
+            targets = self._transit_to.get(best.neighbor, _EMPTY) if best is not None else _EMPTY
             if old:
-                targets |= self._transit_to.get(old[0].neighbor, set())
+                targets = targets | self._transit_to.get(old[0].neighbor, _EMPTY)
             for name in sorted(targets):
                 n = self._neighbors.get(name)
                 if n is not None and n.up:
-                    self._export_one(n, prefix, best, change)
+                    self._export_one(n, k, best, change)
 
-    def _export_one(self, n: _Neighbor, prefix: IPNetwork, route: Route | None, change: RibChange) -> None:
+    def _export_one(self, n: _Neighbor, k: int, route: Route | None, change: RibChange) -> None:
         out = self.policy.export_route(n.tunnel, route) if route is not None else None
-        old = n.adj_out.get(prefix)
+        old = n.adj_out.get(k)
         if out == old:
             return
         if out is None:
-            del n.adj_out[prefix]
-            change.withdraw.setdefault(n.name, []).append(prefix)
+            del n.adj_out[k]
+            change.withdraw.setdefault(n.name, []).append(old.prefix)
         else:
-            n.adj_out[prefix] = out
+            n.adj_out[k] = out
             change.announce.setdefault(n.name, []).append(out)
 
-    def _desired_out(self, n: _Neighbor) -> dict[IPNetwork, Route]:
-        out: dict[IPNetwork, Route] = {}
-        for prefix, route in self._own.items():
+    def _desired_out(self, n: _Neighbor) -> dict[int, Route]:
+        out: dict[int, Route] = {}
+        for k, route in self._own.items():
             r = self.policy.export_route(n.tunnel, route)
             if r is not None:
-                out[prefix] = r
+                out[k] = r
         sources = {src for src, dests in self._transit_to.items() if n.name in dests}
         if sources:
-            for prefix, sel in self._loc.items():
-                if prefix not in self._own and sel[0].neighbor in sources:
+            for k, sel in self._loc.items():
+                if k not in self._own and sel[0].neighbor in sources:
                     r = self.policy.export_route(n.tunnel, sel[0])
                     if r is not None:
-                        out[prefix] = r
+                        out[k] = r
         return out
 
     def _sync_out(self, n: _Neighbor, change: RibChange) -> None:
         want = self._desired_out(n)
-        for prefix in sorted(want, key=prefix_key):
-            if n.adj_out.get(prefix) != want[prefix]:
-                change.announce.setdefault(n.name, []).append(want[prefix])
-        gone = sorted((p for p in n.adj_out if p not in want), key=prefix_key)
+        for k in sorted(want):
+            if n.adj_out.get(k) != want[k]:
+                change.announce.setdefault(n.name, []).append(want[k])
+        gone = [n.adj_out[k].prefix for k in sorted(n.adj_out) if k not in want]
         if gone:
             change.withdraw.setdefault(n.name, []).extend(gone)
         n.adj_out = want
@@ -475,19 +485,19 @@ class Rib:
 
     def best(self) -> list[FibEntry]:
         """The whole desired FIB (for reconciliation), by prefix."""
-        return [self._fib[p] for p in sorted(self._fib, key=prefix_key)]
+        return [self._fib[k] for k in sorted(self._fib)]
 
     def adj_rib_in(self, tunnel: str) -> list[tuple[Route, Verdict]]:
         n = self._neighbors.get(tunnel)
         if n is None:
             return []
-        return [n.adj_in[p] for p in sorted(n.adj_in, key=prefix_key)]
+        return [n.adj_in[k] for k in sorted(n.adj_in)]
 
     def adj_rib_out(self, tunnel: str) -> list[Route]:
         n = self._neighbors.get(tunnel)
         if n is None:
             return []
-        return [n.adj_out[p] for p in sorted(n.adj_out, key=prefix_key)]
+        return [n.adj_out[k] for k in sorted(n.adj_out)]
 
     def neighbor_stats(self, tunnel: str) -> dict:
         n = self._neighbors.get(tunnel)
@@ -505,37 +515,37 @@ class Rib:
     def loc_rib(self, now: float | None = None) -> list[dict]:
         """For ``show routes``: per prefix, every accepted route, which won (``best``, ``ecmp``) and
         why the others lost; dampening state when the neighbour dampens (``now`` for its penalty)."""
-        by_prefix: dict[IPNetwork, list[tuple[_Neighbor, Route, Verdict]]] = {}
+        by_prefix: dict[int, list[tuple[_Neighbor, Route, Verdict]]] = {}
         for n in self._neighbors.values():
-            for prefix, (route, verdict) in n.adj_in.items():
-                if verdict.accepted or prefix in n.held:
-                    by_prefix.setdefault(prefix, []).append((n, route, verdict))
+            for k, (route, verdict) in n.adj_in.items():
+                if verdict.accepted or k in n.held:
+                    by_prefix.setdefault(k, []).append((n, route, verdict))
         out = []
-        for prefix in sorted(by_prefix, key=prefix_key):
-            selected = self._loc.get(prefix, ())
+        for k in sorted(by_prefix):
+            selected = self._loc.get(k, ())
             best = selected[0] if selected else None
             entries = []
-            for n, received, verdict in sorted(by_prefix[prefix], key=lambda x: x[0].name):
+            for n, received, verdict in sorted(by_prefix[k], key=lambda x: x[0].name):
                 route = verdict.route if verdict.accepted else received
-                status, why = self._explain(n, prefix, route, verdict, selected)
+                status, why = self._explain(n, k, route, verdict, selected)
                 item = {"neighbor": n.name, "next_hop": str(route.next_hop),
                         "as_path": list(route.as_path), "local_pref": _lp(route), "med": route.med,
                         "origin": route.origin.name.lower(), "ebgp": route.ebgp, "status": status, "why": why}
                 if n.dampener is not None:
-                    item["dampening"] = n.dampener.state(prefix, now if now is not None else 0.0)
+                    item["dampening"] = n.dampener.state(k, now if now is not None else 0.0)
                 entries.append(item)
-            fib = self._fib.get(prefix)
-            out.append({"prefix": str(prefix),
+            fib = self._fib.get(k)
+            out.append({"prefix": str(by_prefix[k][0][1].prefix),
                         "next_hops": [{"tunnel": t, "via": str(a)} for t, a in (fib.next_hops if fib else ())],
                         "best": best.neighbor if best is not None else None,
                         "routes": entries})
         return out
 
-    def _explain(self, n: _Neighbor, prefix: IPNetwork, route: Route, verdict: Verdict,
+    def _explain(self, n: _Neighbor, k: int, route: Route, verdict: Verdict,
                  selected: tuple[Route, ...]) -> tuple[str, str]:
-        if prefix in n.held:
+        if k in n.held:
             return "held", verdict.reason
-        if n.dampener is not None and n.dampener.is_suppressed(prefix):
+        if n.dampener is not None and n.dampener.is_suppressed(k):
             return "suppressed", "dampening: penalty above the suppress threshold"
         names = [r.neighbor for r in selected]
         if n.name in names:
@@ -551,7 +561,7 @@ class Rib:
             return "lost", f"longer AS path ({len(route.as_path)} > {len(best.as_path)})"
         if route.origin != best.origin:
             return "lost", f"worse origin ({route.origin.name.lower()} > {best.origin.name.lower()})"
-        same_as = [r for r in self._eligible.get(prefix, {}).values() if _neighbor_as(r) == _neighbor_as(route)]
+        same_as = [r for r in self._eligible.get(k, {}).values() if _neighbor_as(r) == _neighbor_as(route)]
         if same_as and (route.med or 0) > min(r.med or 0 for r in same_as):
             return "lost", f"higher MED ({route.med or 0}) than a route from the same neighbour AS " \
                            f"{_neighbor_as(route)}"
