@@ -167,6 +167,8 @@ class CompiledPolicy:
         self.deny_as = frozenset(policy.as_path.deny)
         self.contains_as = frozenset(policy.as_path.contains)
         self.transit = frozenset(policy.transit)
+        self._no_conditions = not (self.deny_as or self.contains_as or policy.as_path.max_length is not None
+                                   or self.deny or self.match)
 
     def prefix_verdict(self, prefix: IPNetwork) -> str | None:
         """None = permitted; else why refused. An empty list permits every prefix."""
@@ -180,6 +182,8 @@ class CompiledPolicy:
 
     def conditions(self, route: Route) -> str | None:
         """AS_PATH and community conditions: None = passed, else why refused."""
+        if self._no_conditions:
+            return None
         path = route.as_path
         if self.deny_as:
             hit = sorted(a for a in set(path) if a in self.deny_as)
