@@ -298,7 +298,7 @@ class PolicyEngine:
 
     def import_route(self, tunnel: Tunnel, route: Route) -> Verdict:
         prefix = route.prefix
-        if int(prefix.ip) != prefix.first:
+        if prefix.value != prefix.first:
             return Verdict(False, None, f"malformed prefix {prefix} (host bits set)")
         if self.asn in route.as_path:
             return Verdict(False, None, f"as-path loop (own AS {self.asn})")
