@@ -32,7 +32,8 @@ policies:
   out3: {{transit: [t1]}}
   stop10: {{prefixes: [{{prefix: 10.0.0.0/8, le: 24}}], max_prefix: {{limit: 3, action: stop}}}}
   warn10: {{prefixes: [{{prefix: 10.0.0.0/8, le: 24}}], max_prefix: {{limit: 3, action: warn}}}}
-  restart10: {{prefixes: [{{prefix: 10.0.0.0/8, le: 24}}], max_prefix: {{limit: 3, action: restart, restart_delay: 2m}}}}
+  restart10: {{prefixes: [{{prefix: 10.0.0.0/8, le: 24}}],
+              max_prefix: {{limit: 3, action: restart, restart_delay: 2m}}}}
 """
 
 
