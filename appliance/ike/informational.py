@@ -76,7 +76,10 @@ def delete_ike_sa(sa: IkeSa, now: float, reason: str) -> None:
     """Delete the IKE SA (and with it its Child SAs) as soon as the window is free."""
     if sa.has_queued(lambda e: isinstance(e, DeleteIke)):
         return
-    if sa.cipher_out is None:
+    if sa.cipher_out is None or sa.in_initial_exchanges:
+        # §1.2: before IKE_AUTH completes there is no SA to delete in the peer's eyes, and an
+        # initiator ignores requests until then (strongSwan does the same): a half-open SA is
+        # destroyed here without an INFORMATIONAL; the peer's own timeout clears its half.
         sa.die(now, reason)
         return
     # Other queued work is moot once the IKE SA goes.

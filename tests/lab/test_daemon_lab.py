@@ -352,7 +352,8 @@ def test_reload_renegotiates_a_changed_tunnel_and_deletes_a_removed_one(regions)
     assert a.app.call("reload") == {"added": [], "removed": ["to-b2"], "changed": [], "unchanged": ["to-b"]}
     assert set(a.xfrm_links()) == {"xfrm-b"}
     assert if_id2 not in {s["if_id"] for s in a.xfrm_states()}
-    wait_for("B to take to-a2 down after A's DELETE", lambda: b.app.tunnel("to-a2")["state"] == "down", 30, 0.2)
+    wait_for("B to take to-a2 down after A's DELETE", lambda: b.app.tunnel("to-a2")["state"] == "down", 30, 0.2,
+             log_of=b.app)
     assert {s["spi"] for s in b.xfrm_states()} == {int(x, 16) for c in [_installed(b.app, "to-a")]
                                                    for x in (c["spi_in"], c["spi_out"])}
     assert regions.ping(count=3).returncode == 0

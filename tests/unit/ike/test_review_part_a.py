@@ -223,6 +223,29 @@ def test_3_initiator_ignores_requests_before_its_ike_auth_completes():
     assert installed_pair_ok(net) == [] and one_ike_sa_each(net) == []
 
 
+@pytest.mark.parametrize("who", ["responder", "initiator"])
+def test_3_a_half_open_sa_is_terminated_without_a_delete(who):
+    """Found in the lab (reload removing a tunnel during IKE_AUTH): the initiator ignores
+    requests before IKE_AUTH, so a DELETE for a half-open SA is never answered and the side
+    that sent it kept a "deleting" SA retransmitting, its tunnel never down. Before IKE_AUTH
+    completes there is nothing the peer could delete: the SA goes at once, silently (as in
+    strongSwan), and the genuine IKE_AUTH that arrives afterwards changes nothing."""
+    a, b, auth = _ike_sa_init_only()
+    side, name = (b, "to-a") if who == "responder" else (a, "to-b")
+    side.terminate(name, T0)
+    assert side.datagrams_to_send() == []
+    assert side.sas() == []
+    assert [e for e in _drain(side) if isinstance(e, (ev.IkeSaUp, ev.ChildSaInstalled))] == []
+    assert side.sas(name) == []
+    net = SimNet({A_ADDR: a, B_ADDR: b}, now=T0)
+    if who == "responder":
+        b.receive_datagram(auth.data, auth.src, auth.dst, net.now)
+    net.run(120)
+    assert net.planes[A_ADDR].inbound == {} and net.planes[B_ADDR].inbound == {}
+    assert b.sas() == [] or who == "initiator"
+    assert not _of(net, A_ADDR, ev.ChildSaInstalled) and not _of(net, B_ADDR, ev.ChildSaInstalled)
+
+
 def test_3_no_assert_guards_input_dependent_state():
     import pathlib
 
