@@ -451,6 +451,23 @@ def _continue(w: World, sc: Scenario) -> None:
     w.advance(w.now + DPD_WINDOW)
 
 
+def _init_race(sc: Scenario, d: Datagram) -> bool:
+    """A copy of the genuine initiator's IKE_SA_INIT request (changed or not) sent to the
+    responder while the genuine one is in flight: nothing authenticates IKE_SA_INIT, so the
+    responder answers it and that negotiation may fail (the AUTH payloads then disagree);
+    the initiator must recover by itself."""
+    return (sc.negotiating_spi_i is not None and len(d.data) >= 28 and d.data[:8] == sc.negotiating_spi_i
+            and d.data[18] == 34 and not d.data[19] & wire.FLAG_R)
+
+
+def _comes_up(w: World, sc: Scenario) -> list[str]:
+    relaxed = Scenario(sc.name, sc.snapshot, None, child_spis={}, mids={})
+    # the initiator gives up on IKE_AUTH after its retransmissions (~190 s), then retries
+    w.advance(w.now + 400.0, stop=lambda: not problems(w, relaxed, strict=True))
+    w.advance(w.now + DPD_WINDOW)
+    return problems(w, relaxed, strict=True)
+
+
 def _renegotiate(w: World, sc: Scenario) -> list[str]:
     """After an authenticated hostile datagram the genuine SA may be gone or confused (the
     forged message spoke for the peer, which then behaves as if it never sent it): the
@@ -510,7 +527,7 @@ class Fuzzer:
         _log_mode(logs)
         w = sc.snapshot.restore()
         steps: list[str] = []
-        verified = False
+        verified = race = False
         try:
             n = 1 if rng.random() < 0.7 else rng.choice((2, 2, 3))
             gen = _pick(rng, GENERATORS)
@@ -521,12 +538,16 @@ class Fuzzer:
                 steps += s
                 if _verifies(w, sc, d):
                     verified = True
+                if _init_race(sc, d):
+                    race = True
                 w.deliver(d)
                 w.pump()
             _continue(w, sc)
             found = problems(w, sc, strict=not verified)
             if found and verified:
                 found = _renegotiate(w, sc)
+            elif found and race:
+                found = _comes_up(w, sc)
             fail = None
             if found:
                 fail = Failure(seed, index, "broken", f"oracle 3 ({'authenticated' if verified else 'unauthenticated'}"
