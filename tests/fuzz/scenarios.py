@@ -38,6 +38,8 @@ class Scenario:
     mids: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # SPIi -> (A.my_mid, B.my_mid)
     history: list[tuple[Datagram, str]] = field(default_factory=list)   # delivered before: replays
     seen: frozenset[bytes] = frozenset()      # every genuine datagram of the conversation so far
+    #: (SPIi, SPIr) of every IKE SA with keys only A and B know (not the attacker's)
+    genuine_sas: frozenset[tuple[bytes, bytes]] = frozenset()
 
 
 def _engines(suite: str, seed: int) -> tuple[IkeEngine, IkeEngine]:
@@ -71,8 +73,11 @@ def _freeze(name: str, w: World, seen: set[bytes], **kw) -> Scenario:
         mids[sa.spi_i] = (sa.my_mid, other.my_mid if other is not None else 0)
     spis = {ip: frozenset(p.inbound) for ip, p in w.planes.items()}
     seen = set(seen) | {d.data for d, _ in history} | {d.data for d in w.held}
+    attacker = getattr(w, "attacker_spis", set())
+    pairs = frozenset((s.spi_i, s.spi_r) for e in w.engines.values() for s in e._sas.values()
+                      if s.cipher_in is not None and s.spi_i not in attacker)
     return Scenario(name, Snapshot(w), genuine, child_spis=spis, mids=mids, history=history,
-                    seen=frozenset(seen), **kw)
+                    seen=frozenset(seen), genuine_sas=pairs, **kw)
 
 
 def build(suite: str = "gcm", seed: int = 7) -> list[Scenario]:
@@ -186,6 +191,7 @@ def _attacker_half_open(w: World, suite: str, seed: int) -> None:
     ike, esp = SUITES[suite]
     m = IkeEngine([tunnel("a", dpd=DPD, ike=ike, esp=esp)], random=random.Random(seed + 4242).randbytes)
     m.start(w.now)
+    w.attacker_spis = {s.spi_i for s in m.sas()}
     for d in m.datagrams_to_send():
         w.call("receive_datagram", w.engines[B_ADDR].receive_datagram, d.data, d.src, d.dst, w.now)
     for d in w.call("datagrams_to_send", w.engines[B_ADDR].datagrams_to_send):
