@@ -11,7 +11,7 @@ delivered through the public API, then the genuine conversation continued, with 
    after one that did verify (a hostile but authenticated peer, which may legitimately delete
    things) a fresh negotiation between the two engines still succeeds.
 
-Also: log records are formatted (in one case of eight) and must not carry control characters
+Also: log records are formatted (in one case of four) and must not carry control characters
 taken from the wire (a peer must not forge log lines)."""
 
 from __future__ import annotations
@@ -303,6 +303,7 @@ def gen_forged(rng, w: World, sc: Scenario, corpus: Corpus):
         if sa is None:
             return gen_plain(rng, w, sc, corpus)
     steps = []
+    focus = False
     if corpus.plaintexts and rng.random() < 0.35:
         xchg, response, first0, inner0 = rng.choice(corpus.plaintexts)
         ps, _trail = wire.walk(first0, inner0)
@@ -316,8 +317,14 @@ def gen_forged(rng, w: World, sc: Scenario, corpus: Corpus):
         if rng.random() < 0.3:
             response = not response
     else:
-        xchg = rng.choice((35, 36, 36, 37, 37, 34, rng.choice(mutate.EXCHANGES)))
-        response = rng.random() < 0.45
+        focus = not sa.established and rng.random() < 0.5
+        if focus:
+            # before IKE_AUTH completed: the IKE_AUTH message the SA waits for (an attacker's
+            # own half-open SA on B is the path that needs no PSK)
+            xchg, response = 35, sa.initiator
+        else:
+            xchg = rng.choice((35, 36, 36, 37, 37, 34, rng.choice(mutate.EXCHANGES)))
+            response = rng.random() < 0.45
         ps, desc = payloads.chain_for(rng, _ctx(w, sa), xchg, response)
         links = None
         if rng.random() < 0.25:
@@ -341,6 +348,8 @@ def gen_forged(rng, w: World, sc: Scenario, corpus: Corpus):
     if rng.random() < 0.03:
         flags |= wire.FLAG_V
     mid = target.response_mid(rng) if response else target.request_mid(rng)
+    if focus:
+        mid = (target.pending if response and target.pending is not None else target.peer_mid)
     if pad == b"" and inner == b"":
         pad = None
     iv = rng.randbytes(sa.cipher_in.iv_size)
@@ -546,16 +555,21 @@ class Fuzzer:
                 raise AssertionError(f"scenario {sc.name} fails without any hostile datagram: {found}")
 
     @staticmethod
-    def _log_failure(seed, index, sc, steps) -> Failure | None:
+    def _log_failure(seed, index, sc, steps, w: World | None = None) -> Failure | None:
         if _ORACLE.bad:
             return Failure(seed, index, "log", "log line with control characters from the wire",
                            repr(_ORACLE.bad[0]), sc.name, steps)
+        for _ip, x in (w.events if w is not None else ()):
+            reason = getattr(x, "reason", "")
+            if isinstance(reason, str) and _CONTROL.search(reason):
+                return Failure(seed, index, "log", f"{type(x).__name__} reason with control characters "
+                               "from the wire (the daemon logs it)", repr(reason[:200]), sc.name, steps)
         return None
 
     def case(self, seed: int, index: int) -> Case:
         rng = random.Random(f"{seed}:{index}")
         sc = self.scenarios[rng.randrange(len(self.scenarios))]
-        logs = rng.random() < 0.125
+        logs = rng.random() < 0.25
         _log_mode(logs)
         w = sc.snapshot.restore()
         before = state_bytes(w)
@@ -578,7 +592,7 @@ class Fuzzer:
             if SKIP_UNCHANGED and state_bytes(w) == before:
                 # nothing changed: the genuine conversation continues exactly as from the
                 # snapshot, which Fuzzer() checked once (deterministic engines)
-                return Case(seed, index, sc.name, steps, self._log_failure(seed, index, sc, steps), verified)
+                return Case(seed, index, sc.name, steps, self._log_failure(seed, index, sc, steps, w), verified)
             _continue(w, sc)
             found = problems(w, sc, strict=not verified)
             if found and verified:
@@ -590,7 +604,7 @@ class Fuzzer:
                 fail = Failure(seed, index, "broken", f"oracle 3 ({'authenticated' if verified else 'unauthenticated'}"
                                f" hostile datagram): {_norm(found[0])}", "; ".join(found), sc.name, steps)
             else:
-                fail = self._log_failure(seed, index, sc, steps)
+                fail = self._log_failure(seed, index, sc, steps, w)
         except CallFailed as e:
             key = (f"oracle 1: {e.detail.split(':')[0]} at {e.location}" if e.kind == "exception"
                    else f"oracle 2: slow {e.api}" if e.kind == "slow" else f"{e.kind} in {e.api}")

@@ -125,7 +125,7 @@ def payload(rng: random.Random, ctx: Ctx, kind: str | None = None) -> Raw:
         return Raw(44 if kind == "TSi" else 45, 0, ts(rng))
     if kind in ("IDi", "IDr"):
         data = rng.choice(ctx.ids) if ctx.ids and rng.random() < 0.6 else rng.randbytes(rng.choice((1, 8, 64)))
-        if rng.random() < 0.2:
+        if rng.random() < 0.4:
             data = b"evil\n2026-12-02 [INFO] forged line \x1b[31m" + data
         return Raw(35 if kind == "IDi" else 36, 0, struct.pack("!B3x", rng.choice((2, 1, 3, 5, 9, 11, 0, 255))) + data)
     if kind == "AUTH":
