@@ -192,8 +192,8 @@ def _src_for(rng: random.Random, w: World, receiver: str, sa=None):
         if sa is not None:
             return sa.remote
         return (peer_of(receiver), 500)
-    if r < 0.85:
-        return (peer_of(receiver), rng.choice((4500, 501, 1024, 65535)))
+    if r < 0.85:   # the peer's address (or its NAT's), another port
+        return (sa.remote[0] if sa is not None else peer_of(receiver), rng.choice((4500, 500, 501, 1024, 65535)))
     return ATTACKER
 
 
@@ -383,14 +383,14 @@ def _verifies(w: World, sc: Scenario, d: Datagram) -> bool:
     not a copy of a genuine datagram already sent)? Only such a datagram may change state."""
     if d.data in sc.seen or len(d.data) < 28:
         return False
-    e = w.engines.get(d.dst[0])
+    e = w.engines.get(w.unnat.get(d.dst, d.dst)[0])
     if e is None:
         return False
     hdr_i = bool(d.data[19] & wire.FLAG_I)
     sa = e._sas.get(d.data[8:16] if hdr_i else d.data[0:8])
     if sa is None or sa.cipher_in is None or not _genuine(w, sa, sc):
         return False
-    return _decrypt(w, d.data, d.dst[0]) is not None
+    return _decrypt(w, d.data, w.unnat.get(d.dst, d.dst)[0]) is not None
 
 
 # ---------------------------------------------------------------------------- oracle 3

@@ -37,15 +37,22 @@ class Scenario:
     child_spis: dict[str, frozenset[int]] = field(default_factory=dict)  # ip -> inbound SPIs at snapshot time
     mids: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # SPIi -> (A.my_mid, B.my_mid)
     history: list[tuple[Datagram, str]] = field(default_factory=list)   # delivered before: replays
-    seen: frozenset[bytes] = frozenset()      # every genuine datagram of the conversation so far
+    #: every genuine datagram the engines received so far (a copy is a replay; a datagram in
+    #: flight is not in it: its first delivery, from wherever, is a genuine new message)
+    seen: frozenset[bytes] = frozenset()
     #: (SPIi, SPIr) of every IKE SA with keys only A and B know (not the attacker's)
     genuine_sas: frozenset[tuple[bytes, bytes]] = frozenset()
 
 
-def _engines(suite: str, seed: int) -> tuple[IkeEngine, IkeEngine]:
+#: A behind a NAT (nat scenarios): B sees it at this public address, with these ports
+NAT_PUBLIC = "198.51.100.1"
+NAT_MAP = {(A_ADDR, 500): (NAT_PUBLIC, 40500), (A_ADDR, 4500): (NAT_PUBLIC, 44500)}
+
+
+def _engines(suite: str, seed: int, nat: bool = False) -> tuple[IkeEngine, IkeEngine]:
     ike, esp = SUITES[suite]
     kw = dict(dpd=DPD, ike=ike, esp=esp)
-    return make_engines(seed, dict(kw), dict(kw))
+    return make_engines(seed, dict(kw), dict(kw, remote_addr=NAT_PUBLIC) if nat else dict(kw))
 
 
 def _is(d: Datagram, exchange: int, response: bool | None = None) -> bool:
@@ -72,7 +79,7 @@ def _freeze(name: str, w: World, seen: set[bytes], **kw) -> Scenario:
         other = w.engines[B_ADDR]._sas.get(sa.spi_r)
         mids[sa.spi_i] = (sa.my_mid, other.my_mid if other is not None else 0)
     spis = {ip: frozenset(p.inbound) for ip, p in w.planes.items()}
-    seen = set(seen) | {d.data for d, _ in history} | {d.data for d in w.held}
+    seen = {d.data for d, _ in history}
     attacker = getattr(w, "attacker_spis", set())
     pairs = frozenset((s.spi_i, s.spi_r) for e in w.engines.values() for s in e._sas.values()
                       if s.cipher_in is not None and s.spi_i not in attacker)
@@ -80,31 +87,39 @@ def _freeze(name: str, w: World, seen: set[bytes], **kw) -> Scenario:
                     seen=frozenset(seen), genuine_sas=pairs, **kw)
 
 
-def build(suite: str = "gcm", seed: int = 7) -> list[Scenario]:
-    """Every scenario of one suite, deterministic for (suite, seed)."""
+def build(suite: str = "gcm", seed: int = 7, nat: bool = False) -> list[Scenario]:
+    """Every scenario of one suite, deterministic for (suite, seed, nat). With `nat`, A is
+    behind a NAT (B sees it at NAT_PUBLIC; both float to port 4500, UDP encapsulation)."""
     out: list[Scenario] = []
     seen: set[bytes] = set()
+    label = suite
+    if nat:
+        label += "-nat"
 
     def fresh_world() -> World:
-        a, b = _engines(suite, seed)
-        return World({A_ADDR: a, B_ADDR: b})
+        a, b = _engines(suite, seed, nat)
+        w = World({A_ADDR: a, B_ADDR: b})
+        if nat:
+            w.nat = dict(NAT_MAP)
+            w.unnat = {v: k for k, v in NAT_MAP.items()}
+        return w
 
     # before anything: B answers whoever sends IKE_SA_INIT; the continuation starts A
     w = fresh_world()
-    out.append(_freeze(f"{suite}/fresh", w, seen, fresh=True))
+    out.append(_freeze(f"{label}/fresh", w, seen, fresh=True))
 
     # an attacker (no PSK) completed IKE_SA_INIT with B from A's address: B holds a half-open
     # IKE SA with real keys; then the genuine A starts
     w = fresh_world()
     _attacker_half_open(w, suite, seed)
-    out.append(_freeze(f"{suite}/fresh+attacker", w, seen, fresh=True))
+    out.append(_freeze(f"{label}/fresh+attacker", w, seen, fresh=True))
 
     # A's IKE_SA_INIT request in flight
     w = fresh_world()
     w.hold = lambda d: True
     w.call("start", w.engines[A_ADDR].start, w.now)
     w.pump()
-    out.append(_freeze(f"{suite}/init-request", w, seen, negotiating_spi_i=w.held[0].data[:8]))
+    out.append(_freeze(f"{label}/init-request", w, seen, negotiating_spi_i=w.held[0].data[:8]))
 
     # A's IKE_AUTH request in flight (B has a half-open SA with keys)
     w = fresh_world()
@@ -112,19 +127,19 @@ def build(suite: str = "gcm", seed: int = 7) -> list[Scenario]:
     w.call("start", w.engines[A_ADDR].start, w.now)
     w.pump()
     spi_i = w.held[0].data[:8]
-    out.append(_freeze(f"{suite}/auth-request", w, seen, negotiating_spi_i=spi_i))
+    out.append(_freeze(f"{label}/auth-request", w, seen, negotiating_spi_i=spi_i))
 
     # B's IKE_AUTH response in flight (B is up, A waits)
     w.hold = lambda d: _is(d, 35, True)
     w.release_held()
-    out.append(_freeze(f"{suite}/auth-response", w, seen, negotiating_spi_i=spi_i))
+    out.append(_freeze(f"{label}/auth-response", w, seen, negotiating_spi_i=spi_i))
 
     # established, quiet
     w.hold = None
     w.release_held()
     w.now += 1.0
     up, up_history = Snapshot(w), list(w.history)
-    out.append(_freeze(f"{suite}/up", w, seen))
+    out.append(_freeze(f"{label}/up", w, seen))
 
     def from_up() -> World:
         x = up.restore()
@@ -135,7 +150,7 @@ def build(suite: str = "gcm", seed: int = 7) -> list[Scenario]:
     # established + an attacker's half-open IKE SA on B (keys known to the attacker)
     w = from_up()
     _attacker_half_open(w, suite, seed)
-    out.append(_freeze(f"{suite}/up+attacker", w, seen))
+    out.append(_freeze(f"{label}/up+attacker", w, seen))
 
     # Child SA rekey by A (CREATE_CHILD_SA), request then response in flight, then A's DELETE
     # of the old pair (INFORMATIONAL) in flight, then its response
@@ -145,43 +160,41 @@ def build(suite: str = "gcm", seed: int = 7) -> list[Scenario]:
         w.hold = lambda d: True
         w.call("rekey_child", w.engines[who].rekey_child, name, w.now)
         w.pump()
-        out.append(_freeze(f"{suite}/child-rekey-{tag}-request", w, seen))
+        out.append(_freeze(f"{label}/child-rekey-{tag}-request", w, seen))
         w.release_held()
-        out.append(_freeze(f"{suite}/child-rekey-{tag}-response", w, seen))
+        out.append(_freeze(f"{label}/child-rekey-{tag}-response", w, seen))
         w.release_held()
         if w.held:
-            out.append(_freeze(f"{suite}/child-delete-{tag}-request", w, seen))
+            out.append(_freeze(f"{label}/child-delete-{tag}-request", w, seen))
             w.release_held()
             if w.held:
-                out.append(_freeze(f"{suite}/child-delete-{tag}-response", w, seen))
+                out.append(_freeze(f"{label}/child-delete-{tag}-response", w, seen))
 
     # IKE SA rekey by A (CREATE_CHILD_SA with protocol IKE), then the old SA's DELETE
     w = from_up()
     w.hold = lambda d: True
     w.call("rekey_ike", w.engines[A_ADDR].rekey_ike, "to-b", w.now)
     w.pump()
-    out.append(_freeze(f"{suite}/ike-rekey-request", w, seen, ike_rekey=True))
+    out.append(_freeze(f"{label}/ike-rekey-request", w, seen, ike_rekey=True))
     w.release_held()
-    out.append(_freeze(f"{suite}/ike-rekey-response", w, seen, ike_rekey=True))
+    out.append(_freeze(f"{label}/ike-rekey-response", w, seen, ike_rekey=True))
     w.release_held()
     if w.held:
-        out.append(_freeze(f"{suite}/ike-delete-request", w, seen, ike_rekey=True))
+        out.append(_freeze(f"{label}/ike-delete-request", w, seen, ike_rekey=True))
         w.release_held()
         if w.held:
-            out.append(_freeze(f"{suite}/ike-delete-response", w, seen, ike_rekey=True))
+            out.append(_freeze(f"{label}/ike-delete-response", w, seen, ike_rekey=True))
     w.hold = None
     w.release_held()
-    out.append(_freeze(f"{suite}/up-after-ike-rekey", w, seen))
+    out.append(_freeze(f"{label}/up-after-ike-rekey", w, seen))
 
     # a liveness check (empty INFORMATIONAL) in flight, request then response
     w = from_up()
     w.hold = lambda d: True
     w.advance(w.now + 10.5, stop=lambda: bool(w.held))
-    out.append(_freeze(f"{suite}/dpd-request", w, seen))
+    out.append(_freeze(f"{label}/dpd-request", w, seen))
     w.release_held()
-    out.append(_freeze(f"{suite}/dpd-response", w, seen))
-    for sc in out:
-        sc.seen = frozenset(seen | {d.data for s in out for d, _ in s.history})
+    out.append(_freeze(f"{label}/dpd-response", w, seen))
     return out
 
 
@@ -193,10 +206,11 @@ def _attacker_half_open(w: World, suite: str, seed: int) -> None:
     m.start(w.now)
     w.attacker_spis = {s.spi_i for s in m.sas()}
     for d in m.datagrams_to_send():
-        w.call("receive_datagram", w.engines[B_ADDR].receive_datagram, d.data, d.src, d.dst, w.now)
+        src = w.nat.get(d.src, d.src)    # through A's NAT too, in the nat scenarios
+        w.call("receive_datagram", w.engines[B_ADDR].receive_datagram, d.data, src, d.dst, w.now)
     for d in w.call("datagrams_to_send", w.engines[B_ADDR].datagrams_to_send):
         pass    # B's IKE_SA_INIT response goes to A's address; A would ignore it
 
 
 def build_all(seed: int = 7) -> list[Scenario]:
-    return build("gcm", seed) + build("cbc", seed + 1)
+    return build("gcm", seed) + build("cbc", seed + 1) + build("gcm", seed + 2, nat=True)

@@ -53,6 +53,9 @@ class World:
     history: list[tuple[Datagram, str]] = field(default_factory=list)   # delivered: (datagram, receiver)
     record: bool = True          # keep history (while building; off in the hot path)
     hold: object = None          # while building: a predicate on datagrams to hold back
+    #: a NAT in front of engines: private (address, port) -> public (address, port)
+    nat: dict = field(default_factory=dict)
+    unnat: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for ip in self.engines:
@@ -72,6 +75,8 @@ class World:
         return r
 
     def deliver(self, d: Datagram) -> None:
+        if d.dst in self.unnat:
+            d = Datagram(d.data, d.src, self.unnat[d.dst])
         e = self.engines.get(d.dst[0])
         if e is None:
             return                      # to an address no engine has (the attacker's)
@@ -83,6 +88,8 @@ class World:
         out = []
         for ip, e in self.engines.items():
             for d in self.call("datagrams_to_send", e.datagrams_to_send):
+                if d.src in self.nat:
+                    d = Datagram(d.data, self.nat[d.src], d.dst)
                 out.append(d)
             while (x := self.call("next_event", e.next_event)) is not None:
                 self.events.append((ip, x))
