@@ -170,27 +170,32 @@ def _share(obj: object):
     return _shared, (i,)
 
 
-_TABLE: dict | None = None
+def _by_identity(obj: object):
+    return _shared, (id(obj),)     # never unpickled: only compared
 
 
-def _dump(world: World) -> bytes:
-    global _TABLE
-    if _TABLE is None:
+_TABLES: dict[bool, dict] = {}
+
+
+def _dump(world: World, register: bool = True) -> bytes:
+    table = _TABLES.get(register)
+    if table is None:
         import copyreg
-        _TABLE = dict(copyreg.dispatch_table)
+        table = _TABLES[register] = dict(copyreg.dispatch_table)
         for t in _shared_types():
-            _TABLE[t] = _share
+            table[t] = _share if register else _by_identity
     buf = io.BytesIO()
     p = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
-    p.dispatch_table = _TABLE      # a C-level lookup: no Python call per pickled object
+    p.dispatch_table = table      # a C-level lookup: no Python call per pickled object
     p.dump(world)
     return buf.getvalue()
 
 
 def state_bytes(world: World) -> bytes:
-    """The complete state of a World as octets (equal octets: equal state; the shared immutable
-    objects count by identity)."""
-    return _dump(world)
+    """The complete state of a World as octets, for comparison only: equal octets, equal
+    state (the shared immutable objects count by identity, and are not registered: a case's
+    new keys are not kept alive)."""
+    return _dump(world, register=False)
 
 
 class Snapshot:
