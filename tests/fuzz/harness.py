@@ -78,6 +78,7 @@ class _LogOracle(logging.Handler):
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _LOG = logging.getLogger("isthmus.ike")
 _ORACLE = _LogOracle()
+_LOG_DEFAULT = (_LOG.level, _LOG.propagate)
 
 
 def _log_mode(on: bool) -> None:
@@ -89,8 +90,8 @@ def _log_mode(on: bool) -> None:
     else:
         if _ORACLE in _LOG.handlers:
             _LOG.removeHandler(_ORACLE)
-        _LOG.setLevel(logging.WARNING)
-        _LOG.propagate = True
+        _LOG.setLevel(_LOG_DEFAULT[0])     # as the process had it (pytest's caplog, the daemon)
+        _LOG.propagate = _LOG_DEFAULT[1]
     _ORACLE.bad.clear()
 
 
@@ -130,6 +131,7 @@ class Corpus:
         for v in vecs:
             if v.available():
                 self.plaintexts += _recorded_plaintexts(v)
+        self.plaintexts = list(dict.fromkeys(self.plaintexts))     # once each, in order
         self.init_requests = [d for d in self.datagrams + self.recorded
                               if len(d) >= 28 and d[18] == 34 and not d[19] & 0x20]
 
@@ -157,9 +159,46 @@ def _decrypt(w: World, data: bytes, receiver: str):
 
 
 def _recorded_plaintexts(v) -> list[tuple[int, bool, int, bytes]]:
-    """strongSwan's own plaintexts, from its level-4 'plain' dumps is too much parsing: the
-    recorded conversations are used as ciphertext donors only."""
-    return []
+    """strongSwan's own plaintexts: the SK payloads of a recorded conversation decrypted with
+    the keys charon logged (Sk_e*/Sk_a* dumps at level 4), one key set per IKE SA in order."""
+    from appliance.ike import message as M
+    from appliance.ike.crypto import IkeKeys, sk_ciphers
+    from tests.vectors import dumps
+
+    log = v.log("initiator")
+    grams = [d.message for d in v.datagrams()]
+    try:
+        proposal = M.parse_message(grams[1])[0].get(M.SA).proposals[0]
+    except (M.ParseError, AttributeError, IndexError):
+        return []
+    spis: list[bytes] = []
+    for d in grams:
+        if d[:8] not in spis:
+            spis.append(d[:8])
+    ciphers = {}
+    for gen, spi in enumerate(spis):
+        def key(label: str) -> bytes:
+            ks = dumps(log, label)
+            return ks[gen] if len(ks) > gen else b""
+        try:
+            ciphers[spi] = sk_ciphers(proposal, IkeKeys(
+                key("Sk_d secret"), key("Sk_ai secret"), key("Sk_ar secret"), key("Sk_ei secret"),
+                key("Sk_er secret"), key("Sk_pi secret"), key("Sk_pr secret")))
+        except CryptoError:
+            continue
+    out = []
+    for d in grams:
+        _hdr, ps, _ = wire.split(d)
+        if not ps or ps[-1].type != wire.SK or d[:8] not in ciphers:
+            continue
+        c_i, c_r = ciphers[d[:8]]
+        body_start = len(d) - len(ps[-1].body)
+        try:
+            pt = (c_i if d[19] & wire.FLAG_I else c_r).decrypt(d[body_start:], d[:body_start])
+        except CryptoError:
+            continue
+        out.append((d[18], bool(d[19] & wire.FLAG_R), mutate._sk_next(d), pt[:len(pt) - pt[-1] - 1]))
+    return out
 
 
 # ---------------------------------------------------------------------------- case generation
