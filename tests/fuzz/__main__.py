@@ -66,14 +66,32 @@ def run(seed: int, cases: int | None, seconds: float | None, jobs: int, out=sys.
     return _report(results, seed, out)
 
 
+PROGRESS = 60.0     # seconds between progress lines on long runs
+
+
+class _Progress:
+    def __init__(self, t_start: float) -> None:
+        self.t_start = self.last = t_start
+
+    def __call__(self, done: int, failures: dict) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS:
+            self.last = now
+            dt = now - self.t_start
+            print(f"  ... {done} cases, {done / dt:.0f} cases/s, {len(failures)} unique failures",
+                  file=sys.stderr, flush=True)
+
+
 def _serial(seed, cases, seconds, t_start):
     done, failures, rss = 0, {}, {}
+    progress = _Progress(t_start)
     while (cases is None or done < cases) and (seconds is None or time.monotonic() - t_start < seconds):
         n = CHUNK if cases is None else min(CHUNK, cases - done)
         k, found, r0, r1, pid = _chunk((seed, done, n))
         _merge(failures, found)
         rss.setdefault(pid, [r0, r1])[1] = r1
         done += k
+        progress(done, failures)
     return done, failures, rss, time.monotonic() - t_start
 
 
@@ -81,6 +99,7 @@ def _parallel(pool, seed, cases, seconds, jobs, t_start):
     done = submitted = 0
     failures, rss = {}, {}
     pending = []
+    progress = _Progress(t_start)
 
     def more() -> bool:
         return ((cases is None or submitted < cases) and
@@ -98,6 +117,7 @@ def _parallel(pool, seed, cases, seconds, jobs, t_start):
         _merge(failures, found)
         rss.setdefault(pid, [r0, r1])[1] = r1
         done += k
+        progress(done, failures)
     return done, failures, rss, time.monotonic() - t_start
 
 

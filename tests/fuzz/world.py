@@ -15,7 +15,7 @@ from appliance.ike import events as ev
 from appliance.ike.engine import Datagram, IkeEngine
 from tests.unit.ike.simnet import A_ADDR, B_ADDR, DataPlane
 
-#: oracle 2: no single call of the public API may take longer than this (seconds)
+#: oracle 2: no single call of the public API may take longer than this (CPU seconds)
 SLOW_CALL = 1.0
 
 
@@ -63,15 +63,17 @@ class World:
 
     # ---------------------------------------------------------------- guarded public API
     def call(self, api: str, fn, *args):
-        t0 = time.perf_counter()
+        # CPU time of this process, not wall time: the machine is shared, and a call that is
+        # merely descheduled is not slow
+        t0 = time.process_time()
         try:
             r = fn(*args)
         except Exception as e:  # noqa: BLE001 - oracle 1: nothing may escape
             raise CallFailed("exception", api, f"{type(e).__name__}: {e}"[:300], _location(e),
                              traceback.format_exc()) from None
-        dt = time.perf_counter() - t0
+        dt = time.process_time() - t0
         if dt > SLOW_CALL:
-            raise CallFailed("slow", api, f"{dt:.2f} s", api, "")
+            raise CallFailed("slow", api, f"{dt:.2f} s of CPU", api, "")
         return r
 
     def deliver(self, d: Datagram) -> None:
