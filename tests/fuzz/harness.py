@@ -3,7 +3,7 @@ delivered through the public API, then the genuine conversation continued, with 
 
 1. no exception escapes `receive_datagram`, `handle_timer`, `datagrams_to_send`, `next_event`
    (or `get_timer` and the commands the continuation uses);
-2. no such call takes longer than 1 s;
+2. no such call takes longer than 1 s of CPU time;
 3. the genuine conversation still completes: a datagram that did not verify (anything not
    protected with the genuine SA's keys: mutations, replays, forgeries, an attacker's own SA)
    leaves the genuine IKE SA and its Child SA pair untouched, an exchange under way completes,
