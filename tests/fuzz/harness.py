@@ -437,7 +437,8 @@ def _current(e):
     return [s for s in e.sas() if s.established and not s.closing]
 
 
-def problems(w: World, sc: Scenario, strict: bool, identity: bool | None = None) -> list[str]:
+def problems(w: World, sc: Scenario, strict: bool, identity: bool | None = None,
+             progress: bool = True) -> list[str]:
     """What is wrong with the genuine tunnel now. `strict`: a pair of Child SAs exactly as the
     kernel would hold it; `identity` (default: strict): also the very IKE SA and Child SAs of
     the snapshot (or their rekeyed successors), no IkeSaDown / PeerDead at all."""
@@ -459,7 +460,7 @@ def problems(w: World, sc: Scenario, strict: bool, identity: bool | None = None)
     if sa.my_mid != sb.peer_mid or sb.my_mid != sa.peer_mid:
         out.append("message windows out of step")
     base = sc.mids.get(sa.spi_i, (0, 0))
-    if sa.my_mid + sb.my_mid <= base[0] + base[1]:
+    if progress and sa.my_mid + sb.my_mid <= base[0] + base[1]:
         out.append("no genuine exchange completed")
     out += installed_pair_ok(w) if strict else _traffic_flows(w)
     if identity:
@@ -500,6 +501,27 @@ def _traffic_flows(w: World) -> list[str]:
     return out + w.planes[A_ADDR].errors + w.planes[B_ADDR].errors
 
 
+def _rekeys(w: World, sc: Scenario) -> list[str]:
+    """More of the genuine conversation: A rekeys the Child SA, then B rekeys the IKE SA
+    (CREATE_CHILD_SA both ways, the DELETEs that follow); the tunnel is then whole again."""
+    a, b = w.engines[A_ADDR], w.engines[B_ADDR]
+    start = len(w.events)
+    old = _current(a)[0].spi_i
+    w.call("rekey_child", a.rekey_child, "to-b", w.now)
+    w.pump()
+    w.call("rekey_ike", b.rekey_ike, "to-a", w.now)
+    w.advance(w.now + 1.0)
+    out = problems(w, sc, strict=True, identity=False, progress=False)
+    for ip, x in w.events[start:]:
+        if isinstance(x, (ev.IkeSaDown, ev.PeerDead, ev.IkeSaFailed)):
+            out.append(f"rekeys: {'A' if ip == A_ADDR else 'B'}: {type(x).__name__}")
+    if not any(isinstance(x, ev.ChildSaInstalled) and x.replaces is not None for _ip, x in w.events[start:]):
+        out.append("rekeys: the Child SA was not rekeyed")
+    if any(s.spi_i == old for s in _current(a)):
+        out.append("rekeys: the IKE SA was not rekeyed")
+    return [p if p.startswith("rekeys") else "after rekeys: " + p for p in out]
+
+
 def _continue(w: World, sc: Scenario) -> None:
     w.release_held()
     if sc.fresh:
@@ -513,10 +535,11 @@ def _init_race(sc: Scenario, d: Datagram) -> bool:
     responder while the genuine one is in flight: nothing authenticates IKE_SA_INIT, so the
     responder answers it and that negotiation may fail (the AUTH payloads then disagree);
     the initiator must recover by itself."""
-    if sc.negotiating_spi_i is None or len(d.data) < 28 or d.data[18] != 34:
+    spi_i = sc.negotiating_spi_i or sc.first_spi_i
+    if spi_i is None or len(d.data) < 28 or d.data[18] != 34:
         return False
     if not d.data[19] & wire.FLAG_R:
-        return d.data[:8] == sc.negotiating_spi_i
+        return d.data[:8] == spi_i
     # §2.21.1 / issue 12 #10: an initiator acts at once on an unauthenticated COOKIE,
     # INVALID_KE_PAYLOAD or INVALID_MAJOR_VERSION (a spoofed one costs a round trip or a retry)
     _h, ps, _ = wire.split(d.data)
@@ -589,7 +612,7 @@ class Fuzzer:
         for sc in self.scenarios:
             w = sc.snapshot.restore()
             _continue(w, sc)
-            found = problems(w, sc, strict=True)
+            found = problems(w, sc, strict=True) or _rekeys(w, sc)
             if found:
                 raise AssertionError(f"scenario {sc.name} fails without any hostile datagram: {found}")
 
@@ -609,6 +632,7 @@ class Fuzzer:
         rng = random.Random(f"{seed}:{index}")
         sc = self.scenarios[rng.randrange(len(self.scenarios))]
         logs = rng.random() < 0.25
+        more = rng.random() < 0.5      # continue with both rekeys too (when something changed)
         _log_mode(logs)
         w = sc.snapshot.restore()
         before = state_bytes(w)
@@ -634,6 +658,8 @@ class Fuzzer:
                 return Case(seed, index, sc.name, steps, self._log_failure(seed, index, sc, steps, w), verified)
             _continue(w, sc)
             found = problems(w, sc, strict=not verified)
+            if not found and not verified and more:
+                found = _rekeys(w, sc)
             if found and verified:
                 found = _renegotiate(w, sc)
             elif found and race:

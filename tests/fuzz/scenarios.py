@@ -33,6 +33,9 @@ class Scenario:
     #: the genuine initiator's SPIi when a negotiation is under way (it must complete)
     negotiating_spi_i: bytes | None = None
     fresh: bool = False              # the continuation starts the tunnel (A.start)
+    #: fresh scenarios: the SPIi of A's first IKE_SA_INIT, unless a hostile datagram made A
+    #: draw random octets first (answering an IKE_SA_INIT itself)
+    first_spi_i: bytes | None = None
     ike_rekey: bool = False          # the continuation may legitimately change the IKE SPIs
     child_spis: dict[str, frozenset[int]] = field(default_factory=dict)  # ip -> inbound SPIs at snapshot time
     mids: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # SPIi -> (A.my_mid, B.my_mid)
@@ -123,7 +126,7 @@ def build(suite: str = "gcm", seed: int = 7, nat: bool = False) -> list[Scenario
     # the engines are deterministic: A's first IKE_SA_INIT in the fresh scenarios has this SPIi
     # too (the corpus holds its request, so a hostile copy can precede it)
     for sc in out[:2]:
-        sc.negotiating_spi_i = w.held[0].data[:8]
+        sc.first_spi_i = w.held[0].data[:8]
 
     # A's IKE_AUTH request in flight (B has a half-open SA with keys)
     w = fresh_world()
