@@ -469,8 +469,10 @@ def problems(w: World, sc: Scenario, strict: bool, identity: bool | None = None,
         if sc.negotiating_spi_i is not None and sa.spi_i != sc.negotiating_spi_i:
             out.append("the negotiation under way did not complete (a new one did)")
         for ip, x in w.events:
-            if isinstance(x, (ev.IkeSaDown, ev.PeerDead)):
-                out.append(f"{'A' if ip == A_ADDR else 'B'}: {type(x).__name__}: {getattr(x, 'reason', '')}")
+            if isinstance(x, ev.IkeSaDown):
+                out.append(f"{'A' if ip == A_ADDR else 'B'}: IkeSaDown: {x.reason}")
+            elif isinstance(x, ev.PeerDead):
+                out.append(f"{'A' if ip == A_ADDR else 'B'}: PeerDead (DPD action {x.action})")
         for ip, p in w.planes.items():
             # the pair up at snapshot time, or its rekeyed successors; a side that had none yet
             # (IKE_AUTH under way) may install exactly one new pair
