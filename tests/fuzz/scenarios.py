@@ -10,7 +10,8 @@ import random
 from dataclasses import dataclass, field
 
 from appliance.ike.engine import Datagram, IkeEngine
-from appliance.ike.policy import DpdConfig
+from appliance.ike.policy import DpdConfig, Identity, TunnelConfig
+from appliance.ike.proposals import parse_proposals
 from tests.fuzz.world import Snapshot, World
 from tests.unit.ike.simnet import A_ADDR, B_ADDR, make_engines, tunnel
 
@@ -52,10 +53,22 @@ NAT_PUBLIC = "198.51.100.1"
 NAT_MAP = {(A_ADDR, 500): (NAT_PUBLIC, 40500), (A_ADDR, 4500): (NAT_PUBLIC, 44500)}
 
 
+def _road_warriors(ike: str, esp: str) -> TunnelConfig:
+    """A second tunnel on B that accepts its peer from any address (another identity and PSK):
+    with it, anyone on the internet gets an IKE_SA_INIT answered, from anywhere."""
+    return TunnelConfig(name="road-warriors", local_addr=B_ADDR, remote_addr=None,
+                        local_id=Identity.parse("b.example.net"), remote_id=Identity.parse("rw.example.org"),
+                        psk=b"another-psk-for-road-warriors", if_id=43, start=False, dpd=DPD,
+                        ike_proposals=tuple(parse_proposals(ike, "ike")),
+                        esp_proposals=tuple(parse_proposals(esp, "esp")))
+
+
 def _engines(suite: str, seed: int, nat: bool = False) -> tuple[IkeEngine, IkeEngine]:
     ike, esp = SUITES[suite]
     kw = dict(dpd=DPD, ike=ike, esp=esp)
-    return make_engines(seed, dict(kw), dict(kw, remote_addr=NAT_PUBLIC) if nat else dict(kw))
+    a, b = make_engines(seed, dict(kw), dict(kw, remote_addr=NAT_PUBLIC) if nat else dict(kw))
+    b.add_tunnel(_road_warriors(ike, esp))
+    return a, b
 
 
 def _is(d: Datagram, exchange: int, response: bool | None = None) -> bool:
