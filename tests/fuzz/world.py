@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import io
 import pickle
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 
-from appliance.ike import events as ev
 from appliance.ike.engine import Datagram, IkeEngine
 from tests.unit.ike.simnet import A_ADDR, B_ADDR, DataPlane
 
@@ -225,4 +223,4 @@ def peer_of(ip: str) -> str:
     return B_ADDR if ip == A_ADDR else A_ADDR
 
 
-__all__ = ["CallFailed", "Snapshot", "World", "peer_of", "SLOW_CALL", "ev", "sys"]
+__all__ = ["CallFailed", "SLOW_CALL", "Snapshot", "World", "peer_of", "state_bytes"]
