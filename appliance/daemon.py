@@ -335,8 +335,12 @@ class Daemon:
     # ================================================================== engine I/O
     def _datagram(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
         assert self.engine is not None
-        self.engine.receive_datagram(data, src, dst, self.clock())
-        self._flush()
+        try:
+            self.engine.receive_datagram(data, src, dst, self.clock())
+        finally:
+            # what the engine produced before a failure still goes out, and the timer is
+            # re-armed; IkeSockets logs the failure with the datagram's summary
+            self._flush()
 
     def _engine_call(self, fn: Callable[[float], Any]) -> Any:
         """Run an engine command (``fn(now)``) and act on what it produced."""
@@ -348,10 +352,16 @@ class Daemon:
     def _on_timer(self) -> None:
         self._timer = None
         if self.engine is not None:
-            self.engine.handle_timer(self.clock())
+            now = self.clock()
+            try:
+                self.engine.handle_timer(now)
+            except Exception:  # noqa: BLE001 - the timer must be re-armed whatever happened
+                log.exception("IKE engine failed handling its timer")
+                self._flush(not_before=now + 1.0)
+                return
             self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, not_before: float | None = None) -> None:
         engine = self.engine
         if engine is None:
             return
@@ -366,6 +376,8 @@ class Daemon:
             self._timer.cancel()
             self._timer = None
         when = engine.get_timer()
+        if when is not None and not_before is not None:
+            when = max(when, not_before)    # after a failure: no busy loop on a due timer
         if when is not None and self._loop is not None:
             self._timer = self._loop.call_later(max(0.0, when - self.clock()), self._on_timer)
 

@@ -30,6 +30,7 @@ from typing import Callable
 
 from appliance.ike import events as ev
 from appliance.ike.engine import IkeEngine
+from appliance.ike.message import datagram_summary
 from appliance.ike.policy import DpdConfig, Identity, RetransmitConfig, TunnelConfig
 from appliance.ike.proposals import parse_proposals
 
@@ -60,6 +61,8 @@ class IkeRunner:
 
     #: Datagrams read from one socket per event-loop wake-up (then others get their turn).
     batch = 64
+    #: After the engine failed in handle_timer, look again no sooner than this (no busy loop).
+    timer_retry = 1.0
 
     def __init__(self, engine: IkeEngine, listen: list[Listen], on_event: Callable[[ev.Event], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -113,9 +116,12 @@ class IkeRunner:
 
     # commands ------------------------------------------------------------------------
     def command(self, fn: Callable[[float], None]) -> None:
-        """Run an engine command (e.g. `lambda now: engine.rekey_child(name, now)`)."""
-        fn(self.clock())
-        self._flush()
+        """Run an engine command (e.g. `lambda now: engine.rekey_child(name, now)`); its
+        exceptions (LookupError for an unknown tunnel...) reach the caller, after the flush."""
+        try:
+            fn(self.clock())
+        finally:
+            self._flush()
 
     # internals -----------------------------------------------------------------------
     def _readable(self, sock: socket.socket, li: Listen) -> None:
@@ -134,13 +140,24 @@ class IkeRunner:
                 if data[:4] != NON_ESP_MARKER:
                     continue   # ESP the kernel did not take, or a NAT keepalive (0xff)
                 data = data[4:]
-            engine.receive_datagram(data, (addr[0], addr[1]), local, clock())
+            try:
+                engine.receive_datagram(data, (addr[0], addr[1]), local, clock())
+            except Exception:  # noqa: BLE001 - never raises for input; a bug must cost one datagram only
+                log.exception("IKE engine failed on %s from %s:%d", datagram_summary(data), addr[0], addr[1])
             self._deliver()   # answer at once: the peer works on it while we read on
         self._arm_timer(engine.get_timer())
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
-        self.engine.handle_timer(self.clock())
+        now = self.clock()
+        try:
+            self.engine.handle_timer(now)
+        except Exception:  # noqa: BLE001 - the timer must be re-armed whatever happened
+            log.exception("IKE engine failed handling its timer")
+            self._deliver()
+            when = self.engine.get_timer()
+            self._arm_timer(None if when is None else max(when, now + self.timer_retry))
+            return
         self._flush()
 
     def _flush(self) -> None:

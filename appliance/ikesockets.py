@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from collections import deque
 from dataclasses import dataclass, field
 
+from appliance.ike.message import datagram_summary
 from appliance.xfrm.natt import enable_espinudp
 
 log = logging.getLogger("isthmus.daemon")
@@ -159,7 +160,7 @@ class IkeSockets:
             try:
                 self.on_datagram(data, (addr[0], addr[1]), (dst, s.port))
             except Exception:  # noqa: BLE001 - the engine never raises for input; a bug must not stop reading
-                log.exception("processing a datagram from %s:%d failed", addr[0], addr[1])
+                log.exception("processing %s from %s:%d failed", datagram_summary(data), addr[0], addr[1])
 
     # ------------------------------------------------------------------ send
     def send(self, data: bytes, src: Endpoint, dst: Endpoint) -> bool:

@@ -74,7 +74,8 @@ class ChildSa:
 
     def encr(self) -> Transform:
         t = self.proposal.only(TransformType.ENCR)
-        assert t is not None
+        if t is None:   # child_keymat_for refuses such a proposal before any ChildSa exists
+            raise ValueError(f"Child SA proposal {self.proposal} has no encryption transform")
         return t
 
     def integ_id(self) -> int | None:

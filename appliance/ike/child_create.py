@@ -22,7 +22,13 @@ from appliance.ike.child import (
     strip_dh,
 )
 from appliance.ike.constants import ExchangeType, NotifyType, ProtocolId, TransformType
-from appliance.ike.crypto import CryptoError, InvalidKeyExchange, KeyExchange, child_keymat_for
+from appliance.ike.crypto import (
+    CryptoError,
+    InvalidKeyExchange,
+    KeyExchange,
+    child_keymat_for,
+    min_nonce_len,
+)
 from appliance.ike.message import KE, SA, TSi, TSr, Message, Nonce, Notify, Payload, TrafficSelector
 from appliance.ike.proposals import Proposal, accepts_selection, select_proposal
 from appliance.ike.sa import Exchange, IkeSa
@@ -69,7 +75,8 @@ def new_request(sa: IkeSa, *, in_auth: bool, group: int | None = None,
                 ts_r: list[TrafficSelector] | None = None) -> ChildRequest:
     """Build our offer; `group` asks for PFS with that key exchange method (not in IKE_AUTH)."""
     cfg = sa.config
-    assert cfg is not None
+    if cfg is None:
+        raise ChildError(NotifyType.NO_PROPOSAL_CHOSEN, "no tunnel selected for this IKE SA")
     spi = sa.engine.new_child_spi()
     props = esp_proposals_with_spi(cfg.esp_proposals, spi, with_dh=not in_auth)
     if not in_auth and group is not None:
@@ -98,13 +105,15 @@ def _prefer_group(p: Proposal, group: int) -> Proposal:
 
 def wanted_pfs_group(sa: IkeSa) -> int | None:
     cfg = sa.config
-    assert cfg is not None
-    return pfs_group(cfg.esp_proposals[0]) if cfg.esp_proposals else None
+    if cfg is None or not cfg.esp_proposals:
+        return None
+    return pfs_group(cfg.esp_proposals[0])
 
 
 def child_times(sa: IkeSa, now: float) -> tuple[float, float]:
     cfg = sa.config
-    assert cfg is not None
+    if cfg is None:
+        raise ChildError(NotifyType.NO_PROPOSAL_CHOSEN, "no tunnel selected for this IKE SA")
     return (sa.rekey_time(now, cfg.child_lifetime, cfg.child_rekey_margin),
             now + cfg.child_lifetime)
 
@@ -132,6 +141,7 @@ def complete_initiator(sa: IkeSa, msg: Message, req: ChildRequest, ni: bytes, nr
         if nonce is None:
             raise ChildError(NotifyType.INVALID_SYNTAX, "CREATE_CHILD_SA response without Nonce")
         nr = nonce.data
+        _check_nonce(sa, nr)
         group = pfs_group(chosen)
         ke = msg.get(KE)
         if group is not None:
@@ -143,7 +153,8 @@ def complete_initiator(sa: IkeSa, msg: Message, req: ChildRequest, ni: bytes, nr
                 raise ChildError(NotifyType.INVALID_SYNTAX, f"invalid KE payload: {e}") from None
         elif ke is not None:
             raise ChildError(NotifyType.INVALID_SYNTAX, "KE payload without a key exchange in the proposal")
-    assert sa.keys is not None
+    if sa.keys is None:
+        raise ChildError(NotifyType.INVALID_SYNTAX, "the IKE SA has no keys")
     try:
         keys = child_keymat_for(sa.prf_id, sa.keys.SK_d, ni, nr, g_ir, chosen)
     except CryptoError as e:
@@ -159,7 +170,8 @@ def negotiate_responder(sa: IkeSa, msg: Message, now: float, *, in_auth: bool,
                         replaces: ChildSa | None = None) -> tuple[list[Payload], ChildSa]:
     """Answer a Child SA request (IKE_AUTH or CREATE_CHILD_SA). Raises ChildError."""
     cfg = sa.config
-    assert cfg is not None and sa.keys is not None
+    if cfg is None or sa.keys is None:
+        raise ChildError(NotifyType.NO_PROPOSAL_CHOSEN, "the IKE SA is not authenticated yet")
     sa_p, tsi, tsr = msg.get(SA), msg.get(TSi), msg.get(TSr)
     if sa_p is None or tsi is None or tsr is None:
         raise ChildError(NotifyType.INVALID_SYNTAX, "Child SA request lacks SA, TSi or TSr")
@@ -195,6 +207,7 @@ def negotiate_responder(sa: IkeSa, msg: Message, now: float, *, in_auth: bool,
         nonce = msg.get(Nonce)
         if nonce is None:
             raise ChildError(NotifyType.INVALID_SYNTAX, "CREATE_CHILD_SA request without Nonce")
+        _check_nonce(sa, nonce.data)
         ni, nr = nonce.data, sa.random(NONCE_LEN)
         group = pfs_group(chosen)
         ke = msg.get(KE)
@@ -226,6 +239,14 @@ def negotiate_responder(sa: IkeSa, msg: Message, now: float, *, in_auth: bool,
                     we_initiated=False, nonce_i=ni, nonce_r=nr, ts_i=n_i, ts_r=n_r,
                     created_at=now, rekey_at=rekey_at, expire_at=expire_at, replaces=replaces)
     return reply, child
+
+
+def _check_nonce(sa: IkeSa, nonce: bytes) -> None:
+    """§2.10: at least half the key size of the IKE SA's PRF."""
+    need = min_nonce_len(sa.prf_id)
+    if len(nonce) < need:
+        raise ChildError(NotifyType.INVALID_SYNTAX, f"nonce of {len(nonce)} octets, the PRF needs "
+                         f"at least {need} (RFC 7296 §2.10)")
 
 
 def _nets_of(sels: list[TrafficSelector]):
@@ -261,15 +282,16 @@ class CreateChild(Exchange):
         self.req: ChildRequest | None = None
 
     def build(self, sa: IkeSa, now: float):
-        if sa.closing or sa.children_in_use():
+        if sa.closing or sa.children_in_use() or sa.config is None:
             return None
         group = self.group if self.group is not None else wanted_pfs_group(sa)
         self.req = new_request(sa, in_auth=False, group=group)
         return self.req.payloads(in_auth=False)
 
     def on_response(self, sa: IkeSa, msg: Message, now: float) -> None:
-        assert self.req is not None
         req = self.req
+        if req is None:    # never built: nothing of ours to complete
+            return
         try:
             child = complete_initiator(sa, msg, req, req.nonce, None, now)
         except ChildError as e:

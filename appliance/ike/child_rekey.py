@@ -55,7 +55,7 @@ class ChildRekey(Exchange):
 
     def build(self, sa: IkeSa, now: float):
         old = self.child
-        if (sa.closing or old.state != ChildState.INSTALLED or old.redundant
+        if (sa.closing or sa.config is None or old.state != ChildState.INSTALLED or old.redundant
                 or old not in sa.children or (old.rekeyed_by is not None and old.rekeyed_by.alive)):
             return None
         group = self.group if self.group is not None else wanted_pfs_group(sa)
@@ -68,7 +68,8 @@ class ChildRekey(Exchange):
     def on_response(self, sa: IkeSa, msg: Message, now: float) -> None:
         old = self.child
         req = self.req
-        assert req is not None
+        if req is None:    # never built: nothing of ours to complete
+            return
         if old.state == ChildState.REKEYING:
             old.state = ChildState.INSTALLED
         try:

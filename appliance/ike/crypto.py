@@ -96,6 +96,15 @@ def prf_key_len(prf_id: int) -> int:
     return prf_output_len(prf_id)
 
 
+def min_nonce_len(prf_id: int) -> int:
+    """RFC 7296 §2.10: a nonce is at least 128 bits and at least half the key size of the
+    negotiated PRF (prfsha512: 32 octets)."""
+    try:
+        return max(16, prf_key_len(prf_id) // 2)
+    except UnsupportedAlgorithm:
+        return 16
+
+
 def prf_plus(prf_id: int, key: bytes, seed: bytes, length: int) -> bytes:
     """prf+ (RFC 7296 §2.13): T1 | T2 | ... with T1 = prf(K, S | 0x01),
     Tn = prf(K, Tn-1 | S | n), truncated to ``length``. At most 255 blocks."""

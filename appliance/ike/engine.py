@@ -152,7 +152,10 @@ class IkeEngine:
         t.failures = 0
         self._dirty_tunnels.add(name)
         if not self._alive_sas(name):
-            self._initiate(t, now)
+            if _can_initiate(t.config):
+                self._initiate(t, now)
+            else:
+                log.info("tunnel %s has no local and remote address: it waits for the peer", name)
 
     def terminate(self, name: str, now: float) -> None:
         """Delete the tunnel's IKE SAs (with a DELETE to the peer) and do not re-initiate."""
@@ -196,6 +199,10 @@ class IkeEngine:
             if e.notify == NotifyType.INVALID_MAJOR_VERSION and len(data) >= 28:
                 self._invalid_major_version(data, src, dst)
             log.debug("dropping datagram from %s:%d: %s", src[0], src[1], e.reason)
+            return
+        if hdr.spi_i == ZERO_SPI:
+            # §3.1: the initiator's SPI MUST NOT be zero; nothing valid carries one
+            log.debug("dropping datagram from %s:%d with a zero initiator SPI", src[0], src[1])
             return
         try:
             if hdr.is_initiator:
@@ -500,8 +507,9 @@ class IkeEngine:
 
     def _initiate(self, t: _Tunnel, now: float) -> None:
         cfg = t.config
-        assert cfg.remote_addr is not None and cfg.local_addr is not None
         t.reconnect_at = None
+        if cfg.remote_addr is None or cfg.local_addr is None:   # callers check _can_initiate
+            return
         sa = IkeSa(self, initiator=True, config=cfg, candidates=[cfg],
                    local=(cfg.local_addr, cfg.local_port), remote=(cfg.remote_addr, cfg.remote_port),
                    spi_i=self.new_ike_spi(), spi_r=ZERO_SPI, now=now)
@@ -540,7 +548,7 @@ class IkeEngine:
         live = [sa for sa in self._alive_sas(name) if sa.initiator or sa.established_at is not None]
         if not live:
             t.child_retry_at = None
-            if (self._started or t.restart) and not t.hold and t.config.remote_addr is not None:
+            if (self._started or t.restart) and not t.hold and _can_initiate(t.config):
                 if t.reconnect_at is None:
                     t.reconnect_at = now + self._backoff(t.config, max(1, t.failures))
                 if now >= t.reconnect_at:
@@ -609,6 +617,10 @@ class IkeEngine:
         msg = Message(data[0:8], data[8:16], data[18], int.from_bytes(data[20:24], "big"), True,
                       not bool(hdr_flags & 0x08), [Notify(NotifyType.INVALID_MAJOR_VERSION)])
         self.send(encode_message(msg), dst, src)
+
+
+def _can_initiate(cfg: TunnelConfig) -> bool:
+    return cfg.remote_addr is not None and cfg.local_addr is not None
 
 
 def _same_ip(a: str, b: str) -> bool:

@@ -23,7 +23,8 @@ log = logging.getLogger("isthmus.ike")
 
 def _auth_value(sa: IkeSa, psk: bytes, *, as_initiator: bool, id_body: bytes) -> bytes:
     keys = sa.keys
-    assert keys is not None
+    if keys is None:   # callers check first
+        raise ValueError("IKE SA without keys cannot compute AUTH")
     if as_initiator:
         octets = signed_octets(sa.prf_id, sa.init_request, sa.nonce_r, keys.SK_pi, id_body)
     else:
@@ -33,7 +34,8 @@ def _auth_value(sa: IkeSa, psk: bytes, *, as_initiator: bool, id_body: bytes) ->
 
 def _auth_ok(sa: IkeSa, psk: bytes, *, of_initiator: bool, id_body: bytes, received: bytes) -> bool:
     keys = sa.keys
-    assert keys is not None
+    if keys is None:
+        return False
     if of_initiator:
         octets = signed_octets(sa.prf_id, sa.init_request, sa.nonce_r, keys.SK_pi, id_body)
     else:
@@ -50,7 +52,8 @@ class IkeAuth(Exchange):
 
     def build(self, sa: IkeSa, now: float):
         cfg = sa.config
-        assert cfg is not None
+        if cfg is None or sa.keys is None:
+            return None
         idi = IDi(cfg.local_id.id_type, cfg.local_id.data)
         payloads: list[Payload] = [idi]
         if sa.engine.should_send_initial_contact(sa):
@@ -66,7 +69,9 @@ class IkeAuth(Exchange):
 
     def on_response(self, sa: IkeSa, msg: Message, now: float) -> None:
         cfg = sa.config
-        assert cfg is not None and self.req is not None
+        if cfg is None or self.req is None:   # never built: nothing of ours to complete
+            sa.fail(now, "IKE_AUTH response to a request we did not build")
+            return
         if msg.notify(NotifyType.AUTHENTICATION_FAILED) is not None:
             sa.engine.release_child_spi(self.req.spi_in)
             sa.fail(now, f"peer refused our authentication as {cfg.local_id} "
@@ -115,7 +120,7 @@ def start(sa: IkeSa, now: float) -> None:
 
 
 def respond(sa: IkeSa, msg: Message, src: Endpoint, dst: Endpoint, now: float) -> list[Payload] | None:
-    if sa.initiator or sa.state != IkeState.CONNECTING or msg.message_id != 1:
+    if sa.initiator or sa.state != IkeState.CONNECTING or msg.message_id != 1 or sa.keys is None:
         return [Notify(NotifyType.INVALID_SYNTAX)]
     idi, auth = msg.get(IDi), msg.get(AUTH)
     if idi is None or auth is None:

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING
 
 from appliance.ike import natd
 from appliance.ike.constants import DhId, ExchangeType, NotifyType, ProtocolId, TransformType
-from appliance.ike.crypto import CryptoError, InvalidKeyExchange, KeyExchange, derive_ike_keys
+from appliance.ike.crypto import (
+    CryptoError,
+    InvalidKeyExchange,
+    KeyExchange,
+    derive_ike_keys,
+    min_nonce_len,
+)
 from appliance.ike.message import (
     KE,
     SA,
@@ -57,6 +63,19 @@ def selected_group(p: Proposal) -> int:
     return int(t.id) if t is not None else 0
 
 
+def selected_prf(p: Proposal) -> int:
+    t = p.only(TransformType.PRF)
+    return int(t.id) if t is not None else 0
+
+
+def nonce_too_short(p: Proposal, nonce: bytes) -> str | None:
+    """Why `nonce` is too short for the PRF of `p` (§2.10), or None."""
+    need = min_nonce_len(selected_prf(p))
+    if len(nonce) < need:
+        return f"nonce of {len(nonce)} octets, the PRF needs at least {need} (RFC 7296 §2.10)"
+    return None
+
+
 class IkeSaInit(Exchange):
     exchange_type = ExchangeType.IKE_SA_INIT
     name = "IKE_SA_INIT"
@@ -70,7 +89,8 @@ class IkeSaInit(Exchange):
 
     def build(self, sa: IkeSa, now: float):
         cfg = sa.config
-        assert cfg is not None
+        if cfg is None:
+            return None
         self.ke = KeyExchange.generate(self.group, sa.random)
         sa.nonce_i = sa.random(NONCE_LEN)
         payloads: list = []
@@ -90,8 +110,10 @@ class IkeSaInit(Exchange):
 
 def start(sa: IkeSa, now: float) -> None:
     cfg = sa.config
-    assert cfg is not None
-    groups = offered_groups(cfg.ike_proposals)
+    groups = offered_groups(cfg.ike_proposals) if cfg is not None else []
+    if not groups:
+        sa.fail(now, "IKE_SA_INIT: no key exchange method to offer")
+        return
     sa.queue_exchange(IkeSaInit(groups[0]), now)
 
 
@@ -137,7 +159,9 @@ def _retry(sa: IkeSa, ex: IkeSaInit, now: float, *, group: int | None = None,
 def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: Endpoint,
                       dst: Endpoint, now: float) -> None:
     cfg = sa.config
-    assert cfg is not None and ex.ke is not None
+    if cfg is None or ex.ke is None:
+        sa.fail(now, "IKE_SA_INIT response to a request we did not build")
+        return
     cookie = msg.notify(NotifyType.COOKIE)
     if cookie is not None and msg.get(SA) is None:
         log.info("%s: responder asks for a cookie", sa)
@@ -171,6 +195,10 @@ def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: E
         return
     if ke_p.dh_group != selected_group(chosen) or ke_p.dh_group != ex.group:
         sa.fail(now, "peer's KE payload does not match the selected key exchange method")
+        return
+    short = nonce_too_short(chosen, nonce.data)
+    if short is not None:
+        sa.fail(now, f"malformed IKE_SA_INIT response: {short}")
         return
     try:
         g_ir = ex.ke.shared_secret(ke_p.data)
@@ -235,6 +263,11 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
                  ", ".join(format_proposal(p) for p in sa_p.proposals))
         _stateless(engine, hdr, [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], src, dst)
         return None
+    short = nonce_too_short(chosen, nonce.data)
+    if short is not None:
+        log.info("IKE_SA_INIT from %s: %s", src[0], short)
+        _stateless(engine, hdr, [Notify(NotifyType.INVALID_SYNTAX)], src, dst)
+        return None
     group = selected_group(chosen)
     if ke_p.dh_group != group:
         _stateless(engine, hdr, [Notify(NotifyType.INVALID_KE_PAYLOAD, data=group.to_bytes(2, "big"))],
@@ -268,9 +301,7 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
     sa.half_open_deadline = now + candidates[0].half_open_timeout
     engine.register(sa)
     engine.register_half_open(sa)
-    sa.send_response(msg, reply, src, dst, encrypted=False)
-    assert sa.last_response is not None
-    sa.init_response = sa.last_response.datagram
+    sa.init_response = sa.send_response(msg, reply, src, dst, encrypted=False)
     return sa
 
 

@@ -18,7 +18,7 @@ import logging
 from appliance.ike import events as ev
 from appliance.ike.constants import ExchangeType, NotifyType, ProtocolId, TransformType
 from appliance.ike.crypto import CryptoError, InvalidKeyExchange, KeyExchange, derive_rekeyed_ike_keys
-from appliance.ike.ike_init import NONCE_LEN, numbered, offered_groups, selected_group
+from appliance.ike.ike_init import NONCE_LEN, nonce_too_short, numbered, offered_groups, selected_group
 from appliance.ike.message import KE, SA, Message, Nonce, Notify, Payload
 from appliance.ike.proposals import Proposal, accepts_selection, select_proposal
 from appliance.ike.sa import Exchange, IkeSa, IkeState
@@ -54,8 +54,7 @@ class IkeRekey(Exchange):
 
     def build(self, sa: IkeSa, now: float):
         cfg = sa.config
-        assert cfg is not None and sa.proposal is not None
-        if sa.closing or peer_successor(sa) is not None:
+        if cfg is None or sa.proposal is None or sa.closing or peer_successor(sa) is not None:
             return None
         groups = offered_groups(cfg.ike_proposals)
         current = selected_group(sa.proposal)
@@ -106,9 +105,14 @@ class IkeRekey(Exchange):
             raise _RekeyFailed(NotifyType.NO_PROPOSAL_CHOSEN)
         if ke.dh_group != selected_group(chosen) or ke.dh_group != self.group or self.ke is None:
             raise _RekeyFailed(NotifyType.INVALID_SYNTAX)
+        short = nonce_too_short(chosen, nonce.data)
+        if short is not None:
+            log.info("%s: IKE rekey response unusable: %s", sa, short)
+            raise _RekeyFailed(NotifyType.INVALID_SYNTAX)
         try:
+            if sa.keys is None:
+                raise _RekeyFailed(NotifyType.INVALID_SYNTAX)
             g_ir = self.ke.shared_secret(ke.data)
-            assert sa.keys is not None
             _s, keys = derive_rekeyed_ike_keys(chosen, sa.keys.SK_d, g_ir, self.ni, nonce.data,
                                                self.spi, chosen.spi, old_prf=sa.prf_id)
         except (InvalidKeyExchange, CryptoError) as e:
@@ -219,7 +223,8 @@ def respond(sa: IkeSa, msg: Message, now: float) -> list[Payload]:
     from appliance.ike.informational import DeleteChild
 
     cfg = sa.config
-    assert cfg is not None
+    if cfg is None or sa.keys is None:
+        return [Notify(NotifyType.INVALID_SYNTAX)]      # not authenticated (IkeSa refuses it earlier)
     if sa.closing or peer_successor(sa) is not None:
         return [Notify(NotifyType.TEMPORARY_FAILURE)]
     if sa.pending is not None and isinstance(sa.pending.exchange, (CreateChild, ChildRekey, DeleteChild)):
@@ -233,10 +238,13 @@ def respond(sa: IkeSa, msg: Message, now: float) -> list[Payload]:
         return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)]
     if len(chosen.spi) != 8:
         return [Notify(NotifyType.INVALID_SYNTAX)]
+    short = nonce_too_short(chosen, nonce.data)
+    if short is not None:
+        log.info("%s: refusing the peer's IKE SA rekey: %s", sa, short)
+        return [Notify(NotifyType.INVALID_SYNTAX)]
     group = selected_group(chosen)
     if ke.dh_group != group:
         return [Notify(NotifyType.INVALID_KE_PAYLOAD, data=group.to_bytes(2, "big"))]
-    assert sa.keys is not None
     try:
         ke_out = KeyExchange.generate(group, sa.random)
         g_ir = ke_out.shared_secret(ke.data)

@@ -35,6 +35,5 @@ class Liveness(Exchange):
 
 def start(sa: IkeSa, now: float) -> None:
     cfg = sa.config
-    assert cfg is not None
-    if sa.pending is None and not sa.queue:
+    if cfg is not None and sa.pending is None and not sa.queue:
         sa.queue_exchange(Liveness(cfg.dpd.timeout), now)

@@ -3,7 +3,9 @@
 Parsing is strict: every length field is checked against what actually follows, reserved
 structure is validated, and a malformed message raises :class:`ParseError` with a reason (and,
 where the RFC names one, the error notify to answer with). The codec never raises anything else
-for bad input; the engine catches ParseError and never lets it escape.
+for bad input, except that decrypt_message raises crypto's IntegrityError for an SK payload that
+does not verify and AuthenticParseError (a ParseError) for one that verified but is malformed:
+the engine acts only on the latter (RFC 7296 §2.21) and never lets either escape.
 
 The SK payload (§3.14) is composed here and protected by a cipher object supplied by the caller
 (crypto.SkCipher): the codec lays out header | SK generic header | IV | ciphertext | ICV, passes
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, Sequence
 
 from appliance.ike.constants import ExchangeType, NotifyType, PayloadType, ProtocolId
+from appliance.ike.crypto import IntegrityError
 from appliance.ike.proposals import Proposal, Transform
 
 IKE_HEADER_LEN = 28
@@ -47,6 +50,14 @@ class ParseError(Exception):
         self.reason = reason
         self.notify = notify
         self.notify_data = notify_data
+
+
+class AuthenticParseError(ParseError):
+    """Raised by :func:`decrypt_message` only once the SK payload's integrity check has
+    verified: the message is authentic but its plaintext is malformed. Only this may be
+    answered with an error notify (a request, §2.21.2) or end an exchange (a response); any
+    failure before the ICV verified raises crypto's IntegrityError and must change nothing
+    (§2.21, §3.10.1: INVALID_SYNTAX only after the checksum verified)."""
 
 
 class SkProtector(Protocol):
@@ -704,6 +715,19 @@ def encode_message(msg: Message, cipher: SkProtector | None = None, iv: bytes | 
     return aad + protected
 
 
+def datagram_summary(data: bytes) -> str:
+    """A one-line description of a received datagram for an error log line, from its header
+    only (nothing is decrypted, no key material): e.g. `IKE_AUTH request 1, SPIs
+    0123456789abcdef_i 0000000000000000_r, 312 octets`."""
+    if len(data) < IKE_HEADER_LEN:
+        return f"datagram of {len(data)} octets (no IKE header)"
+    xchg, flags = data[18], data[19]
+    mid = int.from_bytes(data[20:24], "big")
+    kind = "response" if flags & FLAG_RESPONSE else "request"
+    return (f"{_enum_name(ExchangeType, xchg)} {kind} {mid}, SPIs {data[0:8].hex()}_i "
+            f"{data[8:16].hex()}_r, {len(data)} octets")
+
+
 def parse_header(data: bytes) -> Header:
     """Parse and check the IKE header (§3.1) against the datagram length."""
     if len(data) < IKE_HEADER_LEN:
@@ -772,19 +796,27 @@ def parse_message(data: bytes, hdr: Header | None = None) -> tuple[Message, Encr
 
 def decrypt_message(data: bytes, msg: Message, enc: Encrypted, cipher: SkProtector) -> Message:
     """Verify and decrypt the SK payload of a parsed message; return the message with the inner
-    payloads appended. Raises crypto's integrity error on a bad ICV, ParseError when the
-    decrypted content is malformed."""
+    payloads appended.
+
+    Two kinds of failure, kept apart (RFC 7296 §2.21): IntegrityError when the SK payload does
+    not verify - too short to hold its IV and ICV, or a wrong ICV: anyone can send that, it is
+    not from the peer; AuthenticParseError when it verified but the plaintext is malformed."""
     body = data[enc.body_start:]
-    if len(body) < cipher.iv_size + cipher.icv_size + 1:
-        raise ParseError("SK payload too short for its IV and ICV")
-    plaintext = cipher.decrypt(body, data[:enc.body_start])
-    if not plaintext:
-        raise ParseError("empty SK plaintext")
-    pad_len = plaintext[-1]
-    if pad_len + 1 > len(plaintext):
-        raise ParseError("SK pad length exceeds the plaintext")
-    inner = plaintext[:len(plaintext) - pad_len - 1]
-    payloads, _ = _parse_chain(inner, 0, len(inner), enc.first_inner, allow_sk=False)
+    if len(body) < cipher.iv_size + cipher.icv_size:
+        raise IntegrityError(f"SK payload of {len(body)} octets cannot hold its "
+                             f"{cipher.iv_size}-octet IV and {cipher.icv_size}-octet ICV")
+    plaintext = cipher.decrypt(body, data[:enc.body_start])   # IntegrityError unless verified
+    # authentic from here on
+    try:
+        if not plaintext:
+            raise ParseError("empty SK plaintext (no Pad Length octet)")
+        pad_len = plaintext[-1]
+        if pad_len + 1 > len(plaintext):
+            raise ParseError("SK pad length exceeds the plaintext")
+        inner = plaintext[:len(plaintext) - pad_len - 1]
+        payloads, _ = _parse_chain(inner, 0, len(inner), enc.first_inner, allow_sk=False)
+    except ParseError as e:
+        raise AuthenticParseError(e.reason, e.notify, e.notify_data) from None
     return Message(msg.spi_i, msg.spi_r, msg.exchange_type, msg.message_id, msg.is_response,
                    msg.is_initiator, list(msg.payloads) + payloads, encrypted=True,
                    minor_version=msg.minor_version)

@@ -110,6 +110,10 @@ class Identity:
         return cls.parse(f"{prefix}:{value}")
 
     def __str__(self) -> str:
+        # a peer's identity reaches log lines before it is authenticated: escape it there
+        return printable(self._text())
+
+    def _text(self) -> str:
         if self.id_type in (IdType.ID_IPV4_ADDR, IdType.ID_IPV6_ADDR) and len(self.data) in (4, 16):
             return str(ipaddress.ip_address(self.data))
         if self.id_type in (IdType.ID_FQDN, IdType.ID_RFC822_ADDR):
@@ -119,6 +123,15 @@ class Identity:
         if self.id_type == IdType.ID_KEY_ID:
             return "keyid:#" + self.data.hex()
         return f"{self.id_type}:{self.data.hex()}"
+
+
+def printable(text: str) -> str:
+    """Peer-controlled text made safe for a log line: every character that is not printable
+    (control characters such as newline or ESC, NUL, line separators, bidi overrides) becomes
+    "?", as strongSwan prints them; so a peer cannot forge or garble log lines."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _dn_der(dn: str, original: str) -> bytes:

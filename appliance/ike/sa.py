@@ -21,6 +21,7 @@ from appliance.ike.child import ChildSa, ChildState
 from appliance.ike.constants import ExchangeType, ProtocolId
 from appliance.ike.crypto import CryptoError, IkeKeys, IntegrityError, SkCipher
 from appliance.ike.message import (
+    AuthenticParseError,
     Header,
     Message,
     Notify,
@@ -233,7 +234,8 @@ class IkeSa:
     def _encode(self, msg: Message) -> bytes:
         if not msg.encrypted:
             return encode_message(msg)
-        assert self.cipher_out is not None
+        if self.cipher_out is None:   # kick() and the responders only encrypt once keyed
+            raise ValueError(f"{self}: no keys to protect {msg.summary()}")
         return encode_message(msg, self.cipher_out, self.random(self.cipher_out.iv_size))
 
     def _send(self, data: bytes, src: Endpoint | None = None, dst: Endpoint | None = None) -> None:
@@ -279,14 +281,16 @@ class IkeSa:
         return cfg.retransmit if cfg is not None else RetransmitConfig()
 
     def send_response(self, request: Message, payloads: list[Payload], src: Endpoint,
-                      dst: Endpoint, *, encrypted: bool = True) -> None:
-        """Answer `request` (received from `src` on `dst`): §2.11, reply to where it came from."""
+                      dst: Endpoint, *, encrypted: bool = True) -> bytes:
+        """Answer `request` (received from `src` on `dst`): §2.11, reply to where it came from.
+        Returns the datagram sent."""
         msg = Message(self.spi_i, self.spi_r, request.exchange_type, request.message_id, True,
                       self.initiator, payloads, encrypted=encrypted)
         data = self._encode(msg)
         log.debug("%s: sending %s", self, _Summary(msg))
         self.last_response = _CachedResponse(request.message_id, data, dst, src)
         self.engine.send(data, dst, src)
+        return data
 
     # ------------------------------------------------------------------ receiving
     def receive(self, data: bytes, hdr: Header, src: Endpoint, dst: Endpoint, now: float) -> None:
@@ -319,34 +323,77 @@ class IkeSa:
                 return
         try:
             msg = decrypt_message(data, outer, enc, self.cipher_in)
-        except (IntegrityError, CryptoError):
+        except AuthenticParseError as e:
+            # The ICV verified but the plaintext is malformed: a new request gets the error
+            # notify (§2.21.2), a response fails its exchange.
+            log.info("%s: malformed protected message %d: %s", self, hdr.message_id, e.reason)
+            if hdr.is_response:
+                self._heard(src, dst, now)
+                self._finish_pending(outer, now, failed=True)
+                return
+            if self._answer_retransmit(hdr.message_id, src, dst):
+                return
+            if self._refused_before_auth(outer, now):
+                return
+            self._heard(src, dst, now)
+            self.peer_mid = (self.peer_mid + 1) & 0xFFFFFFFF
+            self.send_response(outer, [Notify(e.notify, data=e.notify_data)], src, dst)
+            if self.in_initial_exchanges and not self.initiator:
+                # the one IKE_AUTH request this SA could take was unusable (strongSwan too
+                # drops the IKE SA after answering INVALID_SYNTAX)
+                self.fail(now, f"malformed IKE_AUTH request: {e.reason}")
+            return
+        except (IntegrityError, CryptoError, ParseError):
+            # Not verified (too short for IV and ICV, wrong ICV): anyone can send that. Drop
+            # it without a trace in the SA's state (§2.21): no answer, no message ID, no
+            # liveness, no address change.
             log.info("%s: dropping message %d that fails its integrity check", self, hdr.message_id)
             return
-        except ParseError as e:
-            # Authentic but malformed: a request gets the error notify (§2.21.2), a response
-            # fails its exchange.
-            log.info("%s: malformed protected message %d: %s", self, hdr.message_id, e.reason)
-            self.last_heard = now
-            if not hdr.is_response:
-                if self._answer_retransmit(hdr.message_id, src, dst):
-                    return
-                self.peer_mid = (self.peer_mid + 1) & 0xFFFFFFFF
-                self.send_response(outer, [Notify(e.notify, data=e.notify_data)], src, dst)
-            else:
-                self._finish_pending(outer, now, failed=True)
-            return
-        self.last_heard = now
-        self._peer_moved(src, dst)
+        # Authentic from here on; a retransmitted request changes nothing either.
         if hdr.is_response:
+            self._heard(src, dst, now)
             log.debug("%s: received %s", self, _Summary(msg))
             self._finish_pending(msg, now)
         else:
             if self._answer_retransmit(hdr.message_id, src, dst):
                 return
             log.debug("%s: received %s", self, _Summary(msg))
+            if self._refused_before_auth(msg, now):
+                return
+            self._heard(src, dst, now)
             self.peer_mid = (self.peer_mid + 1) & 0xFFFFFFFF
             self._dispatch_request(msg, src, dst, now)
         self.engine.after_activity(self, now)
+
+    @property
+    def in_initial_exchanges(self) -> bool:
+        """IKE_SA_INIT done, IKE_AUTH not yet (an SA made by a rekey inherits its
+        authentication and is never in this state)."""
+        return self.established_at is None and self.rekey_replaces is None
+
+    def _refused_before_auth(self, msg: Message, now: float) -> bool:
+        """§1.2, §1.3, §2.25.2: until IKE_AUTH has completed, the only request there can be is
+        the initiator's IKE_AUTH. The initiator ignores any request (as strongSwan does); a
+        responder drops the half-open SA of a peer that sends anything else (strongSwan:
+        "received CREATE_CHILD_SA request for unestablished IKE_SA, rejected"), without an
+        answer, so no message ID is used up."""
+        if not self.in_initial_exchanges:
+            return False
+        if not self.initiator and msg.exchange_type == ExchangeType.IKE_AUTH:
+            return False
+        what = f"{_exchange_name(msg.exchange_type)} request {msg.message_id}"
+        if self.initiator:
+            log.info("%s: ignoring %s before IKE_AUTH completed", self, what)
+        else:
+            log.info("%s: %s before IKE_AUTH; dropping the half-open IKE SA", self, what)
+            self.fail(now, f"peer sent a {what} before IKE_AUTH (refused, RFC 7296 §1.2)")
+        return True
+
+    def _heard(self, src: Endpoint, dst: Endpoint, now: float) -> None:
+        """A new message (not a retransmission) whose ICV verified: the peer is alive, and it
+        may have moved (§2.23)."""
+        self.last_heard = now
+        self._peer_moved(src, dst)
 
     def _request_in_window(self, mid: int) -> bool:
         if mid == self.peer_mid:
@@ -365,8 +412,19 @@ class IkeSa:
         return False
 
     def _peer_moved(self, src: Endpoint, dst: Endpoint) -> None:
-        """§2.11/§2.23: requests and responses come from where the peer is now; behind a NAT
-        the mapping may change, and strongSwan floats to port 4500 after IKE_SA_INIT."""
+        """§2.23 dynamic address update, only for a new message whose ICV verified (a replay
+        must not move us; IkeSa.receive sees to both). A peer behind a NAT is followed to its
+        new mapping - unless we are behind a NAT too: the side behind a NAT never moves (a
+        single packet could redirect it). During IKE_AUTH the peer may change ports on its
+        address (the float to port 4500 after NAT detection, strongSwan does it)."""
+        if src == self.remote and dst == self.local:
+            return
+        if self.nat_remote and not self.nat_local:
+            pass
+        elif not (self.in_initial_exchanges and src[0] == self.remote[0]):
+            log.debug("%s: message from %s:%d to %s:%d; the SA stays with %s:%d", self, *src, *dst,
+                      *self.remote)
+            return
         if src != self.remote:
             log.debug("%s: peer now at %s:%d", self, *src)
             self.remote = src
@@ -375,7 +433,8 @@ class IkeSa:
 
     def _finish_pending(self, msg: Message, now: float, failed: bool = False) -> None:
         p = self.pending
-        assert p is not None
+        if p is None:
+            return
         self.pending = None
         if failed:
             p.exchange.on_give_up(self, now)
@@ -526,7 +585,9 @@ class IkeSa:
     def establish(self, now: float) -> None:
         """IKE_AUTH done: the SA is up (§1.2)."""
         cfg = self.config
-        assert cfg is not None
+        if cfg is None:   # ike_auth selects the tunnel first
+            self.fail(now, "IKE_AUTH completed without a tunnel")
+            return
         self.state = IkeState.ESTABLISHED
         self.established_at = now
         self.half_open_deadline = None
@@ -539,7 +600,8 @@ class IkeSa:
 
     def schedule_lifetimes_after_rekey(self, now: float) -> None:
         cfg = self.config
-        assert cfg is not None
+        if cfg is None:   # a rekey copies the config of an established SA
+            return
         self.rekey_at = self.rekey_time(now, cfg.ike_lifetime, cfg.ike_rekey_margin)
         self.expire_at = now + cfg.ike_lifetime
 
@@ -608,7 +670,10 @@ class IkeSa:
 
     def install_child(self, child: ChildSa, *, outbound: bool) -> None:
         cfg = self.config
-        assert cfg is not None
+        if cfg is None:   # Child SAs are negotiated only with a tunnel selected
+            log.warning("%s: Child SA %s not installed: no tunnel", self, child.describe())
+            self.engine.release_child_spi(child.spi_in)
+            return
         child.outbound_installed = outbound
         self.children.append(child)
         enc_in, int_in, enc_out, int_out = child.keys_in_out()
@@ -653,6 +718,13 @@ class IkeSa:
         self.engine.emit(ev.ChildSaDeleted(self.tunnel, child.spi_in_int, child.spi_out_int, reason))
         log.info("%s: Child SA %s deleted: %s", self, child.describe(), reason)
         self.engine.after_child_removed(self, child)
+
+
+def _exchange_name(x: int) -> str:
+    try:
+        return ExchangeType(x).name
+    except ValueError:
+        return f"exchange type {x}"
 
 
 __all__ = ["Endpoint", "Exchange", "IkeSa", "IkeState"]

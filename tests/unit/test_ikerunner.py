@@ -173,3 +173,113 @@ def test_engine_timers_fire_retransmissions_also_when_the_next_one_moves_earlier
         assert len(got[p_fast]) == 4 and len(set(got[p_fast])) == 1
         assert len(got[p_slow]) == 1
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- engine failures (issue 12)
+
+FAULT_XCHG = 99     # an exchange type that makes _Faulty's receive_datagram fail
+
+
+class _Faulty(IkeEngine):
+    """The real engine with injected faults: receive_datagram raises for datagrams of exchange
+    type 99 (after the real engine saw them), handle_timer raises the first `timer_faults`
+    times. Stands in for a bug in the engine, which never raises for input by contract."""
+
+    timer_faults = 0
+
+    def receive_datagram(self, data, src, dst, now):
+        super().receive_datagram(data, src, dst, now)
+        if len(data) > 18 and data[18] == FAULT_XCHG:
+            raise RuntimeError("injected engine fault")
+
+    def handle_timer(self, now):
+        if self.timer_faults > 0:
+            self.timer_faults -= 1
+            raise RuntimeError("injected timer fault")
+        super().handle_timer(now)
+
+
+def _init_request(me: int, peer: int) -> bytes:
+    client = IkeEngine([_tunnel(me, peer, start=True)], random=os.urandom)
+    client.start(0.0)
+    (d,) = client.datagrams_to_send()
+    return d.data
+
+
+def test_an_engine_failure_on_one_datagram_skips_neither_the_batch_nor_the_timer(caplog):
+    import logging
+
+    from appliance.ike import message as M
+
+    async def main() -> None:
+        pa, pb = _free_ports(2)
+        engine = _Faulty([_tunnel(pb, pa, start=False, half_open_timeout=0.3)], random=os.urandom)
+        b = IkeRunner(engine, [Listen(LO, pb)], lambda e: None)
+        await b.start()
+        (sock,) = b._socks.values()
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())   # read the batch below, in one go
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.bind((LO, pa))
+        client.settimeout(2.0)
+        bad = bytearray(_init_request(pa, pb))
+        bad[18] = FAULT_XCHG
+        first, second = _init_request(pa, pb), _init_request(pa, pb)
+        try:
+            for d in (first, bytes(bad), second):
+                client.sendto(d, (LO, pb))
+            await asyncio.sleep(0.05)
+            b._readable(sock, b.listen[0])      # one batch: the failing datagram in the middle
+            answers = [client.recv(65536), client.recv(65536)]
+            assert [M.parse_header(a).exchange_type for a in answers] == [34, 34]
+            assert len(engine.sas()) == 2
+            assert b._timer is not None         # re-armed after the batch: half-open expiry
+            await asyncio.sleep(0.6)
+            assert engine.sas() == []           # ... and it fired
+        finally:
+            b.close()
+            client.close()
+        failures = [r for r in caplog.records if r.name == "isthmus.ikerunner" and r.levelno >= logging.ERROR]
+        assert len(failures) == 1
+        text = failures[0].getMessage()
+        assert f"{FAULT_XCHG} request 0, SPIs {bytes(bad[0:8]).hex()}_i" in text and f"127.0.0.1:{pa}" in text
+        assert "injected engine fault" in caplog.text
+        assert PSK.hex() not in caplog.text and PSK.decode() not in caplog.text
+    caplog.set_level(logging.INFO, logger="isthmus")
+    asyncio.run(main())
+
+
+def test_an_engine_failure_in_handle_timer_does_not_lose_the_timer(caplog):
+    import logging
+
+    async def main() -> None:
+        pa, pb = _free_ports(2)
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent.bind((LO, pb))
+        silent.setblocking(False)
+        engine = _Faulty([_tunnel(pa, pb, start=True,
+                                  retransmit=RetransmitConfig(timeout=0.1, base=1.0, tries=5))],
+                         random=os.urandom)
+        engine.timer_faults = 1
+        a = IkeRunner(engine, [Listen(LO, pa)], lambda e: None)
+        a.timer_retry = 0.2
+        got: list[bytes] = []
+        await a.start()
+        try:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 1.0
+            while loop.time() < end and len(got) < 3:
+                try:
+                    got.append(silent.recv(65536))
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+        finally:
+            a.close()
+            silent.close()
+        # the first timer (retransmission due at 0.1 s) failed; the runner looked again after
+        # 0.2 s and the retransmissions went on
+        assert len(got) >= 3 and len(set(got)) == 1
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+            "IKE engine failed handling its timer"]
+    caplog.set_level(logging.INFO, logger="isthmus")
+    asyncio.run(main())

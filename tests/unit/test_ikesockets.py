@@ -138,3 +138,44 @@ def test_sd_notify_path_abstract_and_absent(tmp_path):
     assert not sdnotify.notify("READY=1", environ={})
     assert not sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": "vsock:2:1234"})
     assert not sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
+
+
+def test_a_failing_consumer_costs_one_datagram_and_is_logged_once_with_its_summary(caplog):
+    """Issue 12: an exception from the engine for one datagram must not skip the rest of the
+    batch; it is logged once, with the datagram's header summary (never its content)."""
+    import logging
+    import struct
+
+    (ike,) = _free_ports(1)
+    header = b"S" * 8 + bytes(8) + struct.pack("!BBBBII", 33, 0x20, 34, 0x08, 0, 40) + b"secret-k"
+
+    async def main():
+        got = []
+
+        def consumer(d, src, dst):
+            if d.startswith(b"S" * 8):
+                raise RuntimeError("engine bug")
+            got.append(d)
+
+        socks = IkeSockets(consumer, ports=(ike,), natt_port=0, families=(socket.AF_INET,))
+        socks.open()
+        peer = _peer()
+        try:
+            peer.sendto(b"first", ("127.0.0.1", ike))
+            peer.sendto(header, ("127.0.0.1", ike))
+            peer.sendto(b"last", ("127.0.0.1", ike))
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if len(got) >= 2:
+                    break
+        finally:
+            socks.close()
+            peer.close()
+        assert got == [b"first", b"last"]
+
+    caplog.set_level(logging.INFO, logger="isthmus")
+    asyncio.run(main())
+    (rec,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert ("IKE_SA_INIT request 0, SPIs 5353535353535353_i 0000000000000000_r, 36 octets"
+            in rec.getMessage())
+    assert "secret-k" not in caplog.text

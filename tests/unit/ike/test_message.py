@@ -381,3 +381,30 @@ def test_tampered_sk_payload_fails_integrity():
 
 def test_auth_data_not_in_repr():
     assert "secretauth" not in repr(M.AUTH(2, b"secretauth"))
+
+
+@pytest.mark.parametrize("cbc", [False, True], ids=["gcm", "cbc"])
+@pytest.mark.parametrize("body_len", [0, 1, 8, 23, 24, 40])
+def test_unverifiable_sk_payload_is_an_integrity_error_never_a_parse_error(cbc, body_len):
+    """Issue 12 #1/#2: whatever fails before the ICV verified (an SK body too short for its IV
+    and ICV included) is IntegrityError; only AuthenticParseError means "verified, malformed"."""
+    if cbc:
+        cipher = SkCipher(EncrId.AES_CBC, 128, 12, bytes(16), bytes(32))   # HMAC-SHA2-256-128
+    else:
+        cipher = sk_cipher_gcm(bytes(36))
+    sk = struct.pack("!BBH", 0, 0, 4 + body_len) + bytes(body_len)
+    data = b"A" * 8 + b"B" * 8 + struct.pack("!BBBBII", 46, 0x20, 37, 0x08, 1, 28 + len(sk)) + sk
+    parsed, enc = M.parse_message(data)
+    with pytest.raises(IntegrityError):
+        M.decrypt_message(data, parsed, enc, cipher)
+
+
+def test_verified_but_malformed_plaintext_is_an_authentic_parse_error():
+    cipher = sk_cipher_gcm(bytes(36))
+    msg = M.Message(b"A" * 8, b"B" * 8, ExchangeType.INFORMATIONAL, 1, False, True,
+                    [M.Nonce(b"x")], encrypted=True)     # a 1-octet nonce only fails once decrypted
+    data = M.encode_message(msg, cipher, bytes(8))
+    parsed, enc = M.parse_message(data)
+    with pytest.raises(M.AuthenticParseError) as e:
+        M.decrypt_message(data, parsed, enc, cipher)
+    assert e.value.notify == NotifyType.INVALID_SYNTAX
