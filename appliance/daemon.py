@@ -219,7 +219,8 @@ class Daemon:
                 log.error("data plane: %s", err)
                 self.bus.publish("dataplane_error", None, message=err)
 
-        self.engine = IkeEngine([p.ike for p in plans.values()], random=os.urandom)
+        self.engine = IkeEngine([p.ike for p in plans.values()], random=os.urandom,
+                                dos=config.appliance.dos_protection)
         self.sockets = IkeSockets(self._datagram)
         try:
             for w in self.sockets.open():
@@ -657,6 +658,8 @@ class Daemon:
                                  if name in d.removed else "changed in the configuration")
             self.metrics.forget_tunnel(name)
         self.config = config
+        if self.engine is not None:
+            self.engine.dos = config.appliance.dos_protection
         for name in (*d.changed, *d.added):
             err = await self._dp(self.worker.add_tunnel, plans[name])
             if err:

@@ -31,7 +31,7 @@ from typing import Callable
 from appliance.ike import events as ev
 from appliance.ike.engine import IkeEngine
 from appliance.ike.message import datagram_summary
-from appliance.ike.policy import DpdConfig, Identity, RetransmitConfig, TunnelConfig
+from appliance.ike.policy import DosProtection, DpdConfig, Identity, RetransmitConfig, TunnelConfig
 from appliance.ike.proposals import parse_proposals
 
 log = logging.getLogger("isthmus.ikerunner")
@@ -294,7 +294,8 @@ def tunnel_from_json(d: dict) -> TunnelConfig:
 
 async def _amain(cfg: dict) -> int:
     tunnels = [tunnel_from_json(t) for t in cfg["tunnels"]]
-    engine = IkeEngine(tunnels, random=os.urandom)
+    # optional "dos": DosProtection's fields ({"cookie_threshold": null, ...}: null is no limit)
+    engine = IkeEngine(tunnels, random=os.urandom, dos=DosProtection(**cfg.get("dos", {})))
     listen = [Listen(li["address"], li["port"], li.get("natt", li["port"] == 4500)) for li in cfg["listen"]]
     out = sys.stdout
     loop = asyncio.get_running_loop()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from appliance.config.secrets import Secret
+from appliance.ike.policy import DosProtection
 from appliance.ike.proposals import Proposal
 
 IPAddress = IPv4Address | IPv6Address
@@ -199,6 +200,8 @@ class ApplianceSettings:
     #: On a clean shutdown (SIGTERM) delete every SA (DELETE to the peers) and remove the kernel
     #: state; false leaves the kernel's SAs carrying traffic until the next start reconciles them.
     delete_on_shutdown: bool = True
+    #: What unauthenticated IKE_SA_INIT requests may cost (half-open limits, COOKIEs, §2.6).
+    dos_protection: DosProtection = field(default_factory=DosProtection)
 
 
 @dataclass(frozen=True)

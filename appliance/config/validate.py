@@ -24,6 +24,7 @@ from appliance.config.model import (DEFAULT_DPD_ACTION, DEFAULT_DPD_INTERVAL, DE
                                     Identity, IkeSettings, InterfaceSettings, MaxPrefix, PrefixMatch,
                                     PskAuth, Tunnel, TunnelBgp)
 from appliance.config.secrets import SecretFileError, read_secret_file
+from appliance.ike.policy import DosProtection
 from appliance.config.yamlmarks import DuplicateKey, MarkedMap, MarkedSeq
 from appliance.xfrm.model import IF_ID_MAX, IF_ID_MIN, derive_if_id
 
@@ -36,7 +37,8 @@ _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _MISSING = object()
 
 TOP_KEYS = ("appliance", "tunnels", "bgp")
-APPLIANCE_KEYS = ("name", "router_id", "delete_on_shutdown")
+APPLIANCE_KEYS = ("name", "router_id", "delete_on_shutdown", "dos_protection")
+DOS_KEYS = ("half_open_max", "half_open_per_source", "cookie_threshold", "max_init_request")
 TUNNEL_KEYS = ("remote", "local", "local_id", "remote_id", "auth", "ike", "esp", "dpd", "nat_traversal",
                "mobike", "start", "interface", "bgp", "peer_profile", "routes")
 AUTH_KEYS = ("psk_file", "certificate", "key", "ca")
@@ -426,7 +428,41 @@ def _appliance(ctx: Ctx, top: MarkedMap) -> ApplianceSettings:
     return ApplianceSettings(name=ctx.field(m, "name", "appliance", to_str, default=None),
                              router_id=ctx.field(m, "router_id", "appliance", to_ipv4, default=None),
                              delete_on_shutdown=_or(ctx.field(m, "delete_on_shutdown", "appliance", to_bool,
-                                                              default=True), True))
+                                                              default=True), True),
+                             dos_protection=_dos_protection(ctx, m))
+
+
+def _limit(lo: int, hi: int) -> Callable[[Any], int | None]:
+    """A whole number lo..hi, or `off` (no limit)."""
+    def conv(value: Any) -> int | None:
+        if value is False or value == "off":     # YAML 1.1 reads an unquoted off as false
+            return None
+        try:
+            return int_range(lo, hi)(value)
+        except Bad as exc:
+            raise Bad(f"{exc} (or off)") from None
+    return conv
+
+
+def _dos_protection(ctx: Ctx, m: MarkedMap) -> DosProtection:
+    default = DosProtection()
+    if m.get("dos_protection") is None:
+        return default
+    dm = ctx.mapping(m["dos_protection"], "appliance.dos_protection", m.value_line("dos_protection"),
+                     "{half_open_max: 1000, half_open_per_source: 10, cookie_threshold: 30}")
+    if dm is None:
+        return default
+    path = "appliance.dos_protection"
+    ctx.keys(dm, path, DOS_KEYS)
+    kw: dict[str, Any] = {}
+    for key, conv in (("half_open_max", _limit(1, 10_000_000)), ("half_open_per_source", _limit(1, 10_000_000)),
+                      ("cookie_threshold", _limit(0, 10_000_000)), ("max_init_request", int_range(1000, 65535))):
+        if key in dm:
+            bad = len(ctx.issues)
+            value = ctx.field(dm, key, path, conv)
+            if len(ctx.issues) == bad:
+                kw[key] = value
+    return DosProtection(**kw)
 
 
 # --- tunnels ---

@@ -29,6 +29,8 @@ from appliance.ike.crypto import (
     child_keymat_for,
     min_nonce_len,
 )
+from appliance.ike.ike_init import _group_name as group_name
+from appliance.ike.ike_init import offered_groups
 from appliance.ike.message import KE, SA, TSi, TSr, Message, Nonce, Notify, Payload, TrafficSelector
 from appliance.ike.proposals import Proposal, accepts_selection, select_proposal
 from appliance.ike.sa import Exchange, IkeSa
@@ -249,6 +251,28 @@ def _check_nonce(sa: IkeSa, nonce: bytes) -> None:
                          f"at least {need} (RFC 7296 §2.10)")
 
 
+def retry_group(req: ChildRequest, e: ChildError) -> int | None:
+    """The group an INVALID_KE_PAYLOAD answer asks for, if we may retry with it: one that our
+    request offered (RFC 7296 §1.3: the KEi group must be in the proposals) and not the one we
+    sent already. Anything else fails the exchange."""
+    if len(e.data) != 2:
+        return None
+    group = int.from_bytes(e.data, "big")
+    if group not in offered_groups(req.proposals):
+        return None
+    if req.ke is not None and int(req.ke.dh_id) == group:
+        return None
+    return group
+
+
+def invalid_ke_reason(req: ChildRequest, e: ChildError) -> str:
+    asked = int.from_bytes(e.data, "big") if len(e.data) == 2 else None
+    offered = ", ".join(group_name(g) for g in offered_groups(req.proposals)) or "none"
+    what = group_name(asked) if asked is not None else "an unreadable group"
+    return (f"peer answered INVALID_KE_PAYLOAD asking for key exchange method {what}, which we "
+            f"did not offer or sent already (offered: {offered})")
+
+
 def _nets_of(sels: list[TrafficSelector]):
     import ipaddress
 
@@ -296,9 +320,13 @@ class CreateChild(Exchange):
             child = complete_initiator(sa, msg, req, req.nonce, None, now)
         except ChildError as e:
             sa.engine.release_child_spi(req.spi_in)
-            if e.notify == NotifyType.INVALID_KE_PAYLOAD and len(e.data) == 2 and self.retries < 2:
-                sa.queue_exchange(CreateChild(int.from_bytes(e.data, "big"), self.retries + 1), now, front=True)
-                return
+            if e.notify == NotifyType.INVALID_KE_PAYLOAD:
+                group = retry_group(req, e)
+                if group is None:
+                    e = ChildError(e.notify, invalid_ke_reason(req, e))
+                elif self.retries < 2:
+                    sa.queue_exchange(CreateChild(group, self.retries + 1), now, front=True)
+                    return
             sa.engine.emit(ev.ChildSaFailed(sa.tunnel, f"creating the Child SA failed: {e.reason}"))
             sa.engine.child_failed(sa, now, temporary=e.notify == NotifyType.TEMPORARY_FAILURE)
             return

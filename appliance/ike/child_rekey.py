@@ -27,8 +27,10 @@ from appliance.ike.child_create import (
     ChildError,
     ChildRequest,
     complete_initiator,
+    invalid_ke_reason,
     negotiate_responder,
     new_request,
+    retry_group,
     wanted_pfs_group,
 )
 from appliance.ike.constants import ExchangeType, NotifyType, ProtocolId
@@ -116,9 +118,15 @@ class ChildRekey(Exchange):
         old = self.child
         theirs = old.rekeyed_by
         peer_won = theirs is not None and theirs.alive and not theirs.redundant
-        if e.notify == NotifyType.INVALID_KE_PAYLOAD and len(e.data) == 2 and self.retries < 2 and old.alive:
-            sa.queue_exchange(ChildRekey(old, int.from_bytes(e.data, "big"), self.retries + 1), now, front=True)
-            return
+        if e.notify == NotifyType.INVALID_KE_PAYLOAD:
+            req = self.req
+            group = retry_group(req, e) if req is not None else None
+            if group is None:
+                if req is not None:
+                    e = ChildError(e.notify, invalid_ke_reason(req, e))
+            elif self.retries < 2 and old.alive:
+                sa.queue_exchange(ChildRekey(old, group, self.retries + 1), now, front=True)
+                return
         if peer_won:
             # The peer rekeyed this pair itself (we answered it): that rekey stands and the
             # peer deletes the old pair, which installs the new pair's outbound SA here

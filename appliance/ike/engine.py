@@ -25,7 +25,9 @@ new one started.
 from __future__ import annotations
 
 import functools
+import hashlib
 import heapq
+import hmac
 import ipaddress
 import logging
 from collections import deque
@@ -37,7 +39,8 @@ from appliance.ike import events as ev
 from appliance.ike.child import ChildSa
 from appliance.ike.constants import NotifyType
 from appliance.ike.message import ParseError, parse_header
-from appliance.ike.policy import Identity, TunnelConfig
+from appliance.ike.proposals import contains
+from appliance.ike.policy import DosProtection, Identity, TunnelConfig
 from appliance.ike.sa import Endpoint, IkeSa, IkeState
 
 log = logging.getLogger("isthmus.ike")
@@ -85,11 +88,20 @@ class IkeEngine:
     #: Seconds we let the peer delete a pair/SA it should delete before we do it ourselves.
     redundant_grace = 180.0
 
-    def __init__(self, tunnels: Iterable[TunnelConfig] = (), *, random: Callable[[int], bytes]) -> None:
+    def __init__(self, tunnels: Iterable[TunnelConfig] = (), *, random: Callable[[int], bytes],
+                 dos: DosProtection | None = None) -> None:
         self.random = random
+        self.dos = dos if dos is not None else DosProtection()
         self._tunnels: dict[str, _Tunnel] = {}
         self._sas: dict[bytes, IkeSa] = {}                       # by our SPI
+        # responder SAs whose IKE_AUTH has not completed, and how many from each address
         self._half_open: dict[tuple[bytes, Endpoint], IkeSa] = {}
+        self._half_open_from: dict[str, int] = {}
+        self._cookie_cur: tuple[int, bytes] | None = None       # (version, secret)
+        self._cookie_prev: tuple[int, bytes] | None = None
+        self._cookie_rotate_at = 0.0
+        #: IKE_SA_INIT requests answered with a COOKIE / dropped by a half-open cap
+        self.dos_counters = {"cookies_sent": 0, "refused_per_source": 0, "refused_global": 0}
         self._child_spis: set[bytes] = set()
         # alive SAs by tunnel name, and the timer bookkeeping: each SA's next timer is cached
         # and recomputed only for SAs touched since (every entry point touches what it acts on)
@@ -366,15 +378,78 @@ class IkeEngine:
     def register_half_open(self, sa: IkeSa) -> None:
         key = (sa.spi_i, sa.remote)
         sa.half_open_key = key
+        old = self._half_open.get(key)
+        if old is not None:
+            self._forget_half_open(old)
         self._half_open[key] = sa
+        addr = key[1][0]
+        self._half_open_from[addr] = self._half_open_from.get(addr, 0) + 1
 
     def _forget_half_open(self, sa: IkeSa) -> None:
         key = sa.half_open_key
         if key is not None and self._half_open.get(key) is sa:
             del self._half_open[key]
+            addr = key[1][0]
+            left = self._half_open_from.get(addr, 0) - 1
+            if left > 0:
+                self._half_open_from[addr] = left
+            else:
+                self._half_open_from.pop(addr, None)
 
-    def cookie_required(self, src: Endpoint, now: float) -> bool:
-        """Hook for RFC 7296 §2.6 cookies under load (a later issue): never, for now."""
+    def admit_half_open(self, hdr, cookie: bytes | None, nonce: bytes, src: Endpoint, dst: Endpoint,
+                        now: float) -> bool:
+        """May this IKE_SA_INIT request create a half-open SA? Checked before any key exchange
+        is computed, in strongSwan's order: from `cookie_threshold` half-open SAs on, a valid
+        COOKIE (§2.6; else one is sent, statelessly); then the cap per source address; then the
+        global cap (refused requests are dropped without an answer)."""
+        dos = self.dos
+        n = len(self._half_open)
+        if dos.cookie_threshold is not None and n >= dos.cookie_threshold:
+            if cookie is None or not self._cookie_valid(cookie, nonce, hdr.spi_i, src[0], now):
+                self.dos_counters["cookies_sent"] += 1
+                ike_init.send_cookie(self, hdr, self._cookie(nonce, hdr.spi_i, src[0], now), src, dst)
+                return False
+        per = dos.half_open_per_source
+        if per is not None and self._half_open_from.get(src[0], 0) >= per:
+            self.dos_counters["refused_per_source"] += 1
+            log.debug("IKE_SA_INIT from %s dropped: %d half-open IKE SAs from there", src[0], per)
+            return False
+        if dos.half_open_max is not None and n >= dos.half_open_max:
+            self.dos_counters["refused_global"] += 1
+            log.debug("IKE_SA_INIT from %s dropped: %d half-open IKE SAs", src[0], n)
+            return False
+        return True
+
+    # §2.6 stateless cookies: Cookie = <VersionIDofSecret> | HMAC-SHA256(secret, SPIi | IPi | Ni)
+    # (IPi length-prefixed, so that no two inputs share an encoding)
+    def _cookie_secret(self, now: float) -> tuple[int, bytes]:
+        cur = self._cookie_cur
+        if cur is None or now >= self._cookie_rotate_at:
+            life = self.dos.cookie_secret_lifetime
+            # the previous secret stays good until the next rotation, no longer
+            self._cookie_prev = cur if cur is not None and now < self._cookie_rotate_at + life else None
+            version = (cur[0] + 1) & 0xFF if cur is not None else 0
+            cur = self._cookie_cur = (version, self.random(32))
+            self._cookie_rotate_at = now + life
+        return cur
+
+    @staticmethod
+    def _cookie_mac(secret: bytes, nonce: bytes, spi_i: bytes, addr: str) -> bytes:
+        ip = _ip(addr)
+        packed = ip.packed if ip is not None else addr.encode()
+        return hmac.new(secret, spi_i + bytes([len(packed) & 0xFF]) + packed + nonce, hashlib.sha256).digest()
+
+    def _cookie(self, nonce: bytes, spi_i: bytes, addr: str, now: float) -> bytes:
+        version, secret = self._cookie_secret(now)
+        return bytes([version]) + self._cookie_mac(secret, nonce, spi_i, addr)
+
+    def _cookie_valid(self, cookie: bytes, nonce: bytes, spi_i: bytes, addr: str, now: float) -> bool:
+        if len(cookie) != 33:
+            return False
+        cur = self._cookie_secret(now)
+        for known in (cur, self._cookie_prev):
+            if known is not None and known[0] == cookie[0]:
+                return hmac.compare_digest(cookie[1:], self._cookie_mac(known[1], nonce, spi_i, addr))
         return False
 
     def configs_for(self, local: Endpoint, remote: Endpoint) -> list[TunnelConfig]:
@@ -405,6 +480,8 @@ class IkeEngine:
                 continue
             if wanted is not None and wanted != c.local_id:
                 continue
+            if sa.proposal is None or not contains(c.ike_proposals, sa.proposal):
+                continue   # the IKE SA runs on a proposal this tunnel does not accept
             return c
         return None
 

@@ -3,8 +3,9 @@
 Initiator: SA, KEi, Ni, NAT detection; retries with the group the responder asks for in
 INVALID_KE_PAYLOAD (§1.2) and with a COOKIE it is given (§2.6). Responder: selects a proposal,
 answers INVALID_KE_PAYLOAD statelessly when the KE group differs from the selected one, and
-only then creates the half-open IKE SA. Sending cookies ourselves under load is a hook for a
-later issue (`IkeEngine.cookie_required`).
+only then creates the half-open IKE SA. Above a number of half-open SAs it asks for a COOKIE
+(stateless, §2.6) and it caps half-open SAs per source and in all (`IkeEngine.admit_half_open`),
+all before any key exchange is computed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from appliance.ike.message import (
     encode_message,
     parse_message,
 )
-from appliance.ike.proposals import Proposal, accepts_selection, format_proposal, select_proposal
+from appliance.ike.proposals import (
+    Proposal,
+    accepts_selection,
+    contains,
+    format_proposal,
+    offer_size,
+    select_proposal,
+)
 from appliance.ike.sa import Endpoint, Exchange, IkeSa
 
 if TYPE_CHECKING:
@@ -81,23 +89,29 @@ class IkeSaInit(Exchange):
     name = "IKE_SA_INIT"
     encrypted = False
 
-    def __init__(self, group: int, cookie: bytes = b"", retries: int = 0) -> None:
+    def __init__(self, group: int, cookie: bytes = b"", retries: int = 0, *,
+                 ke: KeyExchange | None = None, nonce: bytes = b"") -> None:
         self.group = group
         self.cookie = cookie
         self.retries = retries
-        self.ke: KeyExchange | None = None
+        self.ke = ke            # kept across a COOKIE retry (§2.6: all other payloads unchanged)
+        self.nonce = nonce
+        self.ignored = ""       # the last unauthenticated answer we ignored (§2.21.1)
 
     def build(self, sa: IkeSa, now: float):
         cfg = sa.config
         if cfg is None:
             return None
-        self.ke = KeyExchange.generate(self.group, sa.random)
-        sa.nonce_i = sa.random(NONCE_LEN)
+        if self.ke is None or int(self.ke.dh_id) != self.group:
+            self.ke = KeyExchange.generate(self.group, sa.random)
+        if not self.nonce:
+            self.nonce = sa.random(NONCE_LEN)
+        sa.nonce_i = self.nonce
         payloads: list = []
         if self.cookie:
             payloads.append(Notify(NotifyType.COOKIE, data=self.cookie))  # §2.6: first payload
         payloads += [SA(numbered(cfg.ike_proposals)), KE(self.group, self.ke.public_bytes),
-                     Nonce(sa.nonce_i)]
+                     Nonce(self.nonce)]
         payloads += natd.payloads(sa.spi_i, ZERO_SPI, sa.local, sa.remote)
         return payloads
 
@@ -106,6 +120,13 @@ class IkeSaInit(Exchange):
 
     def on_response(self, sa: IkeSa, msg: Message, now: float) -> None:  # pragma: no cover
         raise AssertionError("IKE_SA_INIT responses are handled by receive()")
+
+    def on_give_up(self, sa: IkeSa, now: float) -> None:
+        if self.ignored:
+            sa.fail(now, f"{self.ignored} (an unauthenticated answer, ignored while waiting for a "
+                         "valid one: none came before the retransmissions ran out)")
+        else:
+            super().on_give_up(sa, now)
 
 
 def start(sa: IkeSa, now: float) -> None:
@@ -137,82 +158,95 @@ def receive(sa: IkeSa, data: bytes, hdr: Header, src: Endpoint, dst: Endpoint, n
     if enc is not None:
         return
     ex = p.exchange
-    ke_err = msg.notify(NotifyType.INVALID_KE_PAYLOAD)
-    if ke_err is not None and len(ke_err.data) == 2 and int.from_bytes(ke_err.data, "big") == ex.group:
-        return  # a stale answer to an earlier attempt with another group: ignore
-    sa.pending = None
-    _process_response(sa, ex, msg, data, src, dst, now)
+    why = _process_response(sa, ex, msg, data, src, dst, now)
+    if why is not None:
+        # §2.21.1: nothing protects this message; anyone may have sent it. Keep waiting for a
+        # valid answer (the retransmission timer runs on) and report this one if none comes.
+        if why != ex.ignored:   # once per kind of answer, not per (possibly flooded) datagram
+            log.info("%s: ignoring unauthenticated IKE_SA_INIT response: %s", sa, why)
+        ex.ignored = why
+        return
     sa.kick(now)
 
 
 def _retry(sa: IkeSa, ex: IkeSaInit, now: float, *, group: int | None = None,
            cookie: bytes | None = None) -> None:
-    if ex.retries >= MAX_INIT_RETRIES:
-        sa.fail(now, "IKE_SA_INIT: too many INVALID_KE_PAYLOAD/COOKIE round trips")
-        return
+    sa.pending = None
     sa.my_mid = 0
-    nxt = IkeSaInit(ex.group if group is None else group,
-                    ex.cookie if cookie is None else cookie, ex.retries + 1)
+    if group is None or group == ex.group:
+        nxt = IkeSaInit(ex.group, ex.cookie if cookie is None else cookie, ex.retries + 1,
+                        ke=ex.ke, nonce=ex.nonce)
+    else:
+        nxt = IkeSaInit(group, ex.cookie if cookie is None else cookie, ex.retries + 1, nonce=ex.nonce)
     sa.queue_exchange(nxt, now, front=True)
 
 
 def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: Endpoint,
-                      dst: Endpoint, now: float) -> None:
+                      dst: Endpoint, now: float) -> str | None:
+    """Act on an IKE_SA_INIT response: None when acted on (retried, failed or IKE_AUTH under
+    way), else why it is ignored. Only COOKIE, INVALID_KE_PAYLOAD (for a group we offer) and
+    INVALID_MAJOR_VERSION act at once; anything else must prove itself with a usable answer."""
     cfg = sa.config
     if cfg is None or ex.ke is None:
-        sa.fail(now, "IKE_SA_INIT response to a request we did not build")
-        return
+        return "no IKE_SA_INIT of ours to answer"
     cookie = msg.notify(NotifyType.COOKIE)
     if cookie is not None and msg.get(SA) is None:
+        if not 1 <= len(cookie.data) <= 64:
+            return f"a COOKIE of {len(cookie.data)} octets (RFC 7296 §2.6: 1 to 64)"
+        if ex.retries >= MAX_INIT_RETRIES:
+            return "responder asks for a cookie again, after too many round trips"
         log.info("%s: responder asks for a cookie", sa)
         _retry(sa, ex, now, cookie=cookie.data)
-        return
+        return None
     ke_err = msg.notify(NotifyType.INVALID_KE_PAYLOAD)
     if ke_err is not None:
         group = int.from_bytes(ke_err.data, "big") if len(ke_err.data) == 2 else 0
+        if group == ex.group:
+            return f"INVALID_KE_PAYLOAD for {_group_name(group)}, the group we sent (a stale answer)"
         if group not in offered_groups(cfg.ike_proposals):
-            sa.fail(now, f"peer asks for key exchange method {_group_name(group)}, which our IKE "
-                         f"proposals ({_props(cfg.ike_proposals)}) do not offer")
-            return
+            return (f"peer asks for key exchange method {_group_name(group)}, which our IKE "
+                    f"proposals ({_props(cfg.ike_proposals)}) do not offer")
+        if ex.retries >= MAX_INIT_RETRIES:
+            return "INVALID_KE_PAYLOAD again, after too many round trips"
         log.info("%s: peer prefers %s, retrying", sa, _group_name(group))
         _retry(sa, ex, now, group=group)
-        return
+        return None
     err = msg.error_notify()
     if err is not None:
+        if err.notify_type == NotifyType.INVALID_MAJOR_VERSION:
+            sa.pending = None
+            sa.fail(now, "peer does not speak IKEv2 (INVALID_MAJOR_VERSION)")
+            return None
         if err.notify_type == NotifyType.NO_PROPOSAL_CHOSEN:
-            sa.fail(now, f"peer accepted none of our IKE proposals ({_props(cfg.ike_proposals)}): "
-                         "NO_PROPOSAL_CHOSEN")
-        else:
-            sa.fail(now, f"peer refused IKE_SA_INIT with {_notify_name(err.notify_type)}")
-        return
+            return f"peer accepted none of our IKE proposals ({_props(cfg.ike_proposals)}): NO_PROPOSAL_CHOSEN"
+        return f"peer refused IKE_SA_INIT with {_notify_name(err.notify_type)}"
     sa_p, ke_p, nonce = msg.get(SA), msg.get(KE), msg.get(Nonce)
     if sa_p is None or ke_p is None or nonce is None or len(sa_p.proposals) != 1 or msg.spi_r == ZERO_SPI:
-        sa.fail(now, "malformed IKE_SA_INIT response (missing SA, KE, Nonce or responder SPI)")
-        return
+        return "malformed IKE_SA_INIT response (missing SA, KE, Nonce or responder SPI)"
     chosen = sa_p.proposals[0]
     if accepts_selection(numbered(cfg.ike_proposals), chosen) is None or chosen.spi:
-        sa.fail(now, f"peer chose an IKE proposal we did not offer: {format_proposal(chosen)}")
-        return
+        return f"peer chose an IKE proposal we did not offer: {_short(format_proposal(chosen))}"
     if ke_p.dh_group != selected_group(chosen) or ke_p.dh_group != ex.group:
-        sa.fail(now, "peer's KE payload does not match the selected key exchange method")
-        return
+        return "peer's KE payload does not match the selected key exchange method"
     short = nonce_too_short(chosen, nonce.data)
     if short is not None:
-        sa.fail(now, f"malformed IKE_SA_INIT response: {short}")
-        return
+        return f"malformed IKE_SA_INIT response: {short}"
     try:
         g_ir = ex.ke.shared_secret(ke_p.data)
     except InvalidKeyExchange as e:
-        sa.fail(now, f"peer's KE payload is invalid: {e}")
-        return
+        return f"peer's KE payload is invalid: {e}"
+    try:
+        _skeyseed, keys = derive_ike_keys(chosen, g_ir, sa.nonce_i, nonce.data, sa.spi_i, msg.spi_r)
+    except CryptoError as e:
+        return f"cannot use the selected IKE proposal: {e}"
+    sa.pending = None
     sa.spi_r = msg.spi_r
     sa.nonce_r = nonce.data
     try:
-        _skeyseed, keys = derive_ike_keys(chosen, g_ir, sa.nonce_i, sa.nonce_r, sa.spi_i, sa.spi_r)
         sa.set_keys(chosen, keys)
     except CryptoError as e:
         sa.fail(now, f"cannot use the selected IKE proposal: {e}")
-        return
+        return None
     sa.init_response = raw
     nat = natd.check(msg, dst, src)
     if nat is not None:
@@ -225,6 +259,12 @@ def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: E
     from appliance.ike import ike_auth
 
     ike_auth.start(sa, now)
+    return None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """Text from the wire in a log line or reason: bounded."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 # --------------------------------------------------------------------------- responder
@@ -232,8 +272,16 @@ def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: E
 
 def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, dst: Endpoint,
                 now: float) -> IkeSa | None:
-    """A first IKE_SA_INIT request: answer it, creating a half-open SA when it is acceptable."""
+    """A first IKE_SA_INIT request: answer it, creating a half-open SA when it is acceptable.
+
+    What an unauthenticated request may cost is bounded before any key exchange: its size, the
+    number of proposals and transforms in its offer, and (the engine's DosProtection) a COOKIE
+    above a number of half-open SAs, a cap per source address and a global cap."""
     if hdr.is_response or hdr.message_id != 0 or hdr.spi_r != ZERO_SPI or not hdr.is_initiator:
+        return None
+    if len(data) > engine.dos.max_init_request:
+        log.debug("IKE_SA_INIT from %s:%d of %d octets dropped (over %d)", src[0], src[1], len(data),
+                  engine.dos.max_init_request)
         return None
     try:
         msg, enc = parse_message(data, hdr)
@@ -252,15 +300,17 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
     if sa_p is None or ke_p is None or nonce is None:
         _stateless(engine, hdr, [Notify(NotifyType.INVALID_SYNTAX)], src, dst)
         return None
-    if engine.cookie_required(src, now):  # pragma: no cover - hook for the COOKIE issue
-        return None
+    cookie = msg.notify(NotifyType.COOKIE)
+    if not engine.admit_half_open(hdr, cookie.data if cookie is not None else None, nonce.data,
+                                  src, dst, now):
+        return None    # a COOKIE was asked for, or a half-open limit holds (no DH done)
     ours: list[Proposal] = []
     for c in candidates:
         ours.extend(c.ike_proposals)
     chosen = select_proposal(ours, sa_p.proposals)
     if chosen is None or len(chosen.spi) not in (0,):
-        log.info("IKE_SA_INIT from %s: no acceptable proposal among %s", src[0],
-                 ", ".join(format_proposal(p) for p in sa_p.proposals))
+        n, total = offer_size(sa_p.proposals)
+        log.info("IKE_SA_INIT from %s: no acceptable proposal among %d (%d transforms)", src[0], n, total)
         _stateless(engine, hdr, [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], src, dst)
         return None
     short = nonce_too_short(chosen, nonce.data)
@@ -268,6 +318,9 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
         log.info("IKE_SA_INIT from %s: %s", src[0], short)
         _stateless(engine, hdr, [Notify(NotifyType.INVALID_SYNTAX)], src, dst)
         return None
+    # The SA can end up with only those tunnels whose own proposals contain the chosen one
+    # (it is chosen from their union: the peer's identity is not known before IKE_AUTH).
+    candidates = [c for c in candidates if contains(c.ike_proposals, chosen)]
     group = selected_group(chosen)
     if ke_p.dh_group != group:
         _stateless(engine, hdr, [Notify(NotifyType.INVALID_KE_PAYLOAD, data=group.to_bytes(2, "big"))],
@@ -303,6 +356,11 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
     engine.register_half_open(sa)
     sa.init_response = sa.send_response(msg, reply, src, dst, encrypted=False)
     return sa
+
+
+def send_cookie(engine: "IkeEngine", hdr: Header, cookie: bytes, src: Endpoint, dst: Endpoint) -> None:
+    """§2.6: answer an IKE_SA_INIT request with N(COOKIE) only, keeping no state."""
+    _stateless(engine, hdr, [Notify(NotifyType.COOKIE, data=cookie)], src, dst)
 
 
 def _stateless(engine: "IkeEngine", hdr: Header, payloads: list, src: Endpoint, dst: Endpoint) -> None:

@@ -18,7 +18,7 @@ import logging
 from appliance.ike import events as ev
 from appliance.ike.constants import ExchangeType, NotifyType, ProtocolId, TransformType
 from appliance.ike.crypto import CryptoError, InvalidKeyExchange, KeyExchange, derive_rekeyed_ike_keys
-from appliance.ike.ike_init import NONCE_LEN, nonce_too_short, numbered, offered_groups, selected_group
+from appliance.ike.ike_init import NONCE_LEN, _group_name, nonce_too_short, numbered, offered_groups, selected_group
 from appliance.ike.message import KE, SA, Message, Nonce, Notify, Payload
 from appliance.ike.proposals import Proposal, accepts_selection, select_proposal
 from appliance.ike.sa import Exchange, IkeSa, IkeState
@@ -129,8 +129,13 @@ class IkeRekey(Exchange):
             sa.delete_deadline = now + sa.engine.redundant_grace
             return
         if e.notify == NotifyType.INVALID_KE_PAYLOAD and len(e.data) == 2 and self.retries < 2:
-            sa.queue_exchange(IkeRekey(int.from_bytes(e.data, "big"), self.retries + 1), now, front=True)
-            return
+            group = int.from_bytes(e.data, "big")
+            # only a group we offered in this request, and not the one we sent (§1.3)
+            if group in offered_groups(self.offered) and group != self.group:
+                sa.queue_exchange(IkeRekey(group, self.retries + 1), now, front=True)
+                return
+            log.info("%s: peer asks for key exchange method %s, which our IKE proposals do not "
+                     "offer", sa, _group_name(group))
         if e.notify == NotifyType.TEMPORARY_FAILURE:
             # §2.25: wait, then retry (sooner when the SA would expire first)
             left = (sa.expire_at - now) if sa.expire_at is not None else 60.0

@@ -203,8 +203,9 @@ class SA(Payload):
             if plen < 8 + spi_size or pos + plen > len(body):
                 raise ParseError("proposal length inconsistent with the SA payload")
             expected = (proposals[-1].number + 1) if proposals else 1
-            if num != expected:
-                # §3.3.1: the first proposal is number 1, each next one is one more.
+            if num != expected and not (not proposals and more == 0 and num >= 1):
+                # §3.3.1: the first proposal is number 1, each next one is one more; a lone
+                # proposal may be a response's, which keeps the number of the one selected.
                 raise ParseError(f"proposal number {num} out of sequence, expected {expected}")
             _check_spi_size(proto, spi_size, "proposal")
             spi = body[pos + 8:pos + 8 + spi_size]

@@ -248,6 +248,38 @@ class RetransmitConfig:
         return [self.timeout * self.base ** n for n in range(self.tries + 1)]
 
 
+@dataclass(frozen=True)
+class DosProtection:
+    """Limits on what unauthenticated IKE_SA_INIT requests may cost a responder (engine-wide;
+    RFC 7296 §2.6, strongSwan's charon.cookie_threshold / block_threshold /
+    init_limit_half_open). A half-open IKE SA is a responder SA whose IKE_AUTH has not
+    completed. Requests over a limit are dropped before any key exchange is computed.
+
+    `half_open_max`: half-open SAs in all (None: no cap). `half_open_per_source`: half-open SAs
+    from one source address (None: no cap). `cookie_threshold`: from this many half-open SAs
+    on, an IKE_SA_INIT must carry a valid COOKIE (§2.6) or is answered with one and no state
+    (0: always, None: never). Cookies are verified without state from a secret replaced every
+    `cookie_secret_lifetime` seconds (the previous one is still accepted). `max_init_request`:
+    a larger IKE_SA_INIT request (octets) is dropped, which bounds what a half-open SA keeps
+    (the request is RealMessage1 of the AUTH computation, §2.15)."""
+
+    half_open_max: int | None = 1000
+    half_open_per_source: int | None = 10
+    cookie_threshold: int | None = 30
+    cookie_secret_lifetime: float = 120.0
+    max_init_request: int = 10000
+
+    def __post_init__(self) -> None:
+        for name in ("half_open_max", "half_open_per_source", "cookie_threshold"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise PolicyError(f"dos protection: {name} must be a whole number >= 0 or None")
+        if not self.cookie_secret_lifetime > 0:
+            raise PolicyError("dos protection: cookie_secret_lifetime must be > 0 seconds")
+        if not isinstance(self.max_init_request, int) or self.max_init_request < 1000:
+            raise PolicyError("dos protection: max_init_request must be at least 1000 octets")
+
+
 def _nets(values: tuple[str, ...], what: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     out = []
     for v in values:

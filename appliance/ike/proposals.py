@@ -606,6 +606,26 @@ def _structurally_valid(p: Proposal) -> bool:
     return True
 
 
+#: Bounds on a peer's offer, checked before selection: a larger offer is refused (NO_PROPOSAL_
+#: CHOSEN) without being looked at. Real offers are far smaller (strongSwan's default IKE offer
+#: is two proposals of ~20 transforms; Windows sends ~10 proposals of 4).
+MAX_OFFER_PROPOSALS = 32
+MAX_OFFER_TRANSFORMS = 256          # in all proposals together
+# only offers this small, of known transform types without attributes, are memoised
+_MEMO_MAX_PROPOSALS = 16
+_MEMO_MAX_TRANSFORMS = 64
+
+
+def offer_size(theirs: Sequence[Proposal]) -> tuple[int, int]:
+    """(proposals, transforms in all) of an offer, for bounds and log lines."""
+    return len(theirs), sum(len(p.transforms) for p in theirs)
+
+
+def contains(ours: Sequence[Proposal], chosen: Proposal) -> bool:
+    """Whether a selected proposal (one transform per type) is one that ``ours`` accept."""
+    return any(_match(o, chosen) is not None for o in ours)
+
+
 def select_proposal(ours: Sequence[Proposal], theirs: Sequence[Proposal]) -> Proposal | None:
     """Responder side of RFC 7296 §2.7: the first of ``theirs`` acceptable to any of ``ours``.
 
@@ -616,15 +636,25 @@ def select_proposal(ours: Sequence[Proposal], theirs: Sequence[Proposal]) -> Pro
 
     The outcome depends only on the proposals' protocols, transforms and numbers (the SPI is
     copied), so it is remembered for offers seen before (most peers send the same offer every
-    time); an equal result for an equal SPI is the very same (immutable) object.
+    time); an equal result for an equal SPI is the very same (immutable) object. Only small
+    offers of known transform types without attributes are remembered, and an offer over
+    MAX_OFFER_PROPOSALS / MAX_OFFER_TRANSFORMS is refused unseen (None).
     """
-    key = (tuple(ours), tuple((t.protocol, t.transforms, t.number) for t in theirs))
-    memo = _SELECTIONS.get(key)
-    if memo is None:
-        memo = _select(ours, theirs)
-        if len(_SELECTIONS) >= _SELECTIONS_MAX:   # offers come from the wire: stay bounded
-            _SELECTIONS.clear()
-        _SELECTIONS[key] = memo
+    n, total = offer_size(theirs)
+    if n > MAX_OFFER_PROPOSALS or total > MAX_OFFER_TRANSFORMS:
+        return None
+    if (n <= _MEMO_MAX_PROPOSALS and total <= _MEMO_MAX_TRANSFORMS
+            and all(t.type in KNOWN_TRANSFORM_TYPES and not t.extra_attributes
+                    for p in theirs for t in p.transforms)):
+        key = (tuple(ours), tuple((t.protocol, t.transforms, t.number) for t in theirs))
+        memo = _SELECTIONS.get(key)
+        if memo is None:
+            memo = _select(ours, theirs)
+            if len(_SELECTIONS) >= _SELECTIONS_MAX:   # offers come from the wire: stay bounded
+                _SELECTIONS.clear()
+            _SELECTIONS[key] = memo
+    else:
+        memo = _select(ours, theirs)    # an unusual offer (unknown types, attributes): not kept
     index, chosen = memo
     if chosen is None:
         return None
@@ -682,6 +712,7 @@ __all__ = [
     "Transform",
     "accepts_selection",
     "allowed_tokens",
+    "contains",
     "format_proposal",
     "parse_proposal",
     "parse_proposals",

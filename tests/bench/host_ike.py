@@ -228,9 +228,12 @@ class IsthmusResponder:
                         esp_proposals=[ESP_PROPOSAL], dpd={"interval": 0, "timeout": 30, "action": "clear"})
         workdir.mkdir(parents=True, exist_ok=True)
         cfg = workdir / "ikerunner.json"
+        # DoS protection off, as for strongSwan here (one initiator address, many half-open SAs)
         cfg.write_text(json.dumps({"listen": [{"address": side.addr4, "port": 500},
                                               {"address": side.addr4, "port": 4500, "natt": True}],
-                                   "tunnels": [t]}))
+                                   "tunnels": [t],
+                                   "dos": {"half_open_max": None, "half_open_per_source": None,
+                                           "cookie_threshold": None}}))
         cfg.chmod(0o600)
         self.events_path = workdir / "events.jsonl"
         with open(self.events_path, "wb") as out, open(workdir / "ikerunner.log", "wb") as err:

@@ -28,7 +28,7 @@ if str(TOP) not in sys.path:
 
 from appliance.ike import events as ev  # noqa: E402
 from appliance.ike.engine import IkeEngine  # noqa: E402
-from appliance.ike.policy import DpdConfig, Identity, TunnelConfig  # noqa: E402
+from appliance.ike.policy import DosProtection, DpdConfig, Identity, TunnelConfig  # noqa: E402
 from appliance.ike.proposals import parse_proposals  # noqa: E402
 
 INI = ("198.51.100.1", 500)
@@ -76,7 +76,8 @@ def run(n: int, profiler: cProfile.Profile | None, gcc: "GcClock | None" = None,
         others: int = 0) -> tuple[float, float, int]:
     """Seconds of responder CPU for n IKE_SA_INITs, for n IKE_AUTHs, and Child SAs installed."""
     inits, ini = requests(n)
-    resp = IkeEngine([_cfg("bench", initiator=False)] + [_other(i) for i in range(others)], random=os.urandom)
+    resp = IkeEngine([_cfg("bench", initiator=False)] + [_other(i) for i in range(others)], random=os.urandom,
+                     dos=DosProtection(half_open_max=None, half_open_per_source=None, cookie_threshold=None))
     resp.start(0.0)
     resp.datagrams_to_send()   # the other tunnels' IKE_SA_INITs go nowhere
     answers: list[bytes] = []

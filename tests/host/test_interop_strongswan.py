@@ -186,7 +186,10 @@ def test_a_proposal_strongswan_refuses_is_a_clear_failure(tmp_path, ns_pair, str
     side_us, side_sw = ns_pair
     sw = strongswan_factory(side_sw, "sw")
     sw.load(swan_conn(side_sw, side_us, "ecp256"))
-    with ours(tmp_path, side_us, side_sw, start=True, proposal="x25519") as us:
+    # the unauthenticated NO_PROPOSAL_CHOSEN fails us only when our retransmissions run out
+    # (RFC 7296 §2.21.1): 1 + 1.5 + 2.25 s here
+    with ours(tmp_path, side_us, side_sw, start=True, proposal="x25519",
+              retransmit={"timeout": 1.0, "base": 1.5, "tries": 2}) as us:
         f = us.wait_event(lambda e: e["event"] == "IkeSaFailed", 20)
         assert "NO_PROPOSAL_CHOSEN" in f["reason"] and "aes256gcm16-prfsha384-x25519" in f["reason"]
 

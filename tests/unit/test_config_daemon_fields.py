@@ -80,3 +80,19 @@ def test_the_data_plane_accepts_the_configs_if_ids(tmp_path):
     for name, body in (("d.yaml", ""), ("e.yaml", "interface: {if_id: 0x49000007}")):
         t = load_config(write_config(tmp_path, tunnel(body), name)).tunnels["to-b"]
         xfrm_model.TunnelInterface("to-b", t.interface.name, if_id=t.interface.if_id)
+
+
+def test_dos_protection(tmp_path):
+    from appliance.ike.policy import DosProtection
+
+    write_psk(tmp_path)
+    assert load_config(write_config(tmp_path, tunnel(""))).appliance.dos_protection == DosProtection()
+    cfg = load_config(write_config(tmp_path, "appliance:\n  dos_protection: {half_open_max: 50, "
+                                   "half_open_per_source: off, cookie_threshold: 0}\n" + tunnel(""), "b.yaml"))
+    assert cfg.appliance.dos_protection == DosProtection(half_open_max=50, half_open_per_source=None,
+                                                         cookie_threshold=0)
+    issue = one_issue(write_config(tmp_path, "appliance:\n  dos_protection: {cookie_threshold: many}\n"
+                                   + tunnel(""), "c.yaml"))
+    assert issue.path == "appliance.dos_protection.cookie_threshold" and "whole number" in issue.message
+    issue = one_issue(write_config(tmp_path, "appliance:\n  dos_protection: {half_open: 5}\n" + tunnel(""), "d.yaml"))
+    assert issue.path == "appliance.dos_protection.half_open" and "half_open_max" in issue.message

@@ -339,9 +339,14 @@ def test_nonce_size_limits(nonce_len):
 def test_proposal_numbers_must_start_at_one_and_increase():
     t = (Transform(TransformType.ENCR, 20, 256),)
     with pytest.raises(M.ParseError, match="proposal number"):
-        M.parse_message(_plain(M.SA([Proposal(ProtocolId.IKE, t, 2)])))
+        M.parse_message(_plain(M.SA([Proposal(ProtocolId.IKE, t, 2), Proposal(ProtocolId.IKE, t, 3)])))
     with pytest.raises(M.ParseError, match="proposal number"):
         M.parse_message(_plain(M.SA([Proposal(ProtocolId.IKE, t, 1), Proposal(ProtocolId.IKE, t, 3)])))
+    with pytest.raises(M.ParseError, match="proposal number"):
+        M.parse_message(_plain(M.SA([Proposal(ProtocolId.IKE, t, 0)])))
+    # a lone proposal is a response's selection: it keeps the selected proposal's number (§3.3.1)
+    (sa,) = M.parse_message(_plain(M.SA([Proposal(ProtocolId.IKE, t, 2)])))[0].payloads
+    assert sa.proposals[0].number == 2
 
 
 def test_delete_spi_count_must_match_length():
