@@ -251,7 +251,7 @@ def test_8_spoofed_unusual_offers_hold_no_memory_and_log_counts(caplog, proposal
         base = tracemalloc.get_traced_memory()[0]
         with caplog.at_level(logging.INFO, logger="isthmus.ike"):
             for i in range(40):
-                data = init_request(i.to_bytes(8, "big"), proposals=_unusual_offer(i, proposals, transforms))
+                data = init_request((i + 1).to_bytes(8, "big"), proposals=_unusual_offer(i, proposals, transforms))
                 b.receive_datagram(data, (f"198.51.100.{i + 2}", 500), (B_ADDR, 500), 1.0 + i)
                 (d,) = b.datagrams_to_send()
                 reply, _ = M.parse_message(d.data)
