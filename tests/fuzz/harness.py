@@ -543,8 +543,12 @@ def _init_race(sc: Scenario, d: Datagram) -> bool:
     if not d.data[19] & wire.FLAG_R:
         return d.data[:8] == spi_i
     # §2.21.1 / issue 12 #10: an initiator acts at once on an unauthenticated COOKIE,
-    # INVALID_KE_PAYLOAD or INVALID_MAJOR_VERSION (a spoofed one costs a round trip or a retry)
+    # INVALID_KE_PAYLOAD or INVALID_MAJOR_VERSION (a spoofed one costs a round trip or a retry);
+    # and an answer with SA, KE and Nonce that arrives first is the one it goes on with (a
+    # well-formed KE value cannot be told from the genuine one; IKE_AUTH then fails)
     _h, ps, _ = wire.split(d.data)
+    if {33, 34, 40} <= {p.type for p in ps}:
+        return True
     return any(p.type == 41 and len(p.body) >= 4 and int.from_bytes(p.body[2:4], "big") in (5, 17, 16390)
                for p in ps)
 
