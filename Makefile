@@ -8,13 +8,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup lab-image test test-unit test-host test-lab demo lab bench clean distclean
+.PHONY: help setup lab-image test test-unit test-host test-lab demo lab bench fuzz clean distclean
 
 help:
 	@echo "make demo   - boot the lab: two isthmusd regions negotiate a tunnel; LAN A pings and sends a file to LAN B"
 	@echo "make test   - every test tier: unit, host (network namespaces), lab (VM with a real IPsec kernel)"
 	@echo "make lab    - boot the lab with a shell, or run CMD='...' in it"
 	@echo "make bench  - benchmarks, printed as ratios against an anchor measured in the same run"
+	@echo "make fuzz   - fuzz the IKE engine: CASES=N and/or SECONDS=S (default 100000 cases), SEED=, JOBS="
 	@echo "make clean  - remove build output and .venv (the cache in $(ISTHMUS_CACHE) stays)"
 
 setup:
@@ -51,6 +52,14 @@ bench: lab-image
 	@set -e; for b in tests/bench/host_*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PY) "$$b"; done
 	@labs=$$(ls tests/bench/lab_*.py 2>/dev/null | tr '\n' ' '); \
 	 if [ -n "$$labs" ]; then $(PY) -m image.lab.runner run -- "set -e; for b in $$labs; do echo \"== \$$b\"; python3 \$$b; done"; fi
+
+# The IKE engine fuzzer (tests/fuzz): hostile datagrams against live simnet conversations.
+# Prints cases run, cases/s, unique failures with a reproducer each, RSS at start and end.
+FUZZ_SEED := $(if $(SEED),$(SEED),1)
+FUZZ_JOBS := $(if $(JOBS),$(JOBS),2)
+FUZZ_LIMIT := $(if $(CASES),--cases $(CASES)) $(if $(SECONDS),--seconds $(SECONDS))
+fuzz: setup
+	$(PY) -m tests.fuzz --seed $(FUZZ_SEED) --jobs $(FUZZ_JOBS) $(if $(strip $(FUZZ_LIMIT)),$(FUZZ_LIMIT),--cases 100000)
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .hypothesis
