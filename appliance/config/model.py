@@ -28,6 +28,10 @@ DEFAULT_DPD_INTERVAL = 10
 DEFAULT_DPD_TIMEOUT = 30
 DEFAULT_DPD_ACTION = "restart"
 DEFAULT_CONFIG_PATH = "/etc/isthmus/isthmus.yaml"
+DEFAULT_HOLD_TIME = 30
+DEFAULT_MAX_PATHS = 8
+DEFAULT_MAX_PREFIX_RESTART_DELAY = 60
+DEFAULT_GRACEFUL_RESTART_TIME = 120   # RFC 4724 restart time for graceful_restart: true (FRR's default)
 
 NatTraversal = Literal["auto", "force", "off"]
 DpdAction = Literal["restart", "clear", "none"]
@@ -121,13 +125,27 @@ class InterfaceSettings:
 
 @dataclass(frozen=True)
 class TunnelBgp:
-    """The BGP neighbour reached over this tunnel's interface (route manager, bgp/)."""
+    """The BGP neighbour reached over this tunnel's interface (route manager, bgp/).
+
+    ``peer_address`` is the session's address (IPv4 in ``interface.address``, or IPv6 in
+    ``interface.address6``); ``peer_address6`` adds IPv6 unicast over ``interface.address6``.
+    ``graceful_restart`` is the restart time announced (RFC 4724 §3), 0 = off.
+    """
 
     peer_as: int
     peer_address: IPAddress
-    hold_time: int = 30
+    hold_time: int = DEFAULT_HOLD_TIME  # 0 (no keepalives) or 3..65535 s (RFC 4271 §4.2)
     import_policy: str | None = None
     export_policy: str | None = None
+    peer_address6: IPv6Address | None = None
+    graceful_restart: int = 0
+    passive: bool = False               # only accept the peer's connection, never open one
+    dampening: bool = False             # RFC 2439 with bgp.dampening's parameters
+
+    @property
+    def keepalive(self) -> int:
+        """KEEPALIVE interval: one third of the hold time (RFC 4271 §10), 0 with hold time 0."""
+        return self.hold_time // 3
 
 
 @dataclass(frozen=True)
@@ -165,15 +183,51 @@ class PrefixMatch:
     action: Literal["permit", "deny"] = "permit"
 
 
+MaxPrefixAction = Literal["restart", "stop", "warn"]
+
+
 @dataclass(frozen=True)
 class MaxPrefix:
+    """At most ``limit`` accepted prefixes from the neighbour; beyond it ``action``:
+    warn (log, keep everything), stop (refuse the excess, keep the session), restart (session down,
+    retried after ``restart_delay`` s)."""
+
     limit: int
-    action: Literal["restart", "stop", "warn"] = "restart"
+    action: MaxPrefixAction = "restart"
+    restart_delay: int = DEFAULT_MAX_PREFIX_RESTART_DELAY
+
+
+@dataclass(frozen=True)
+class AsPathFilter:
+    """AS_PATH conditions: refuse a path holding any of ``deny``; with ``contains``, refuse a path
+    holding none of them; refuse paths longer than ``max_length`` ASes."""
+
+    contains: tuple[int, ...] = ()
+    deny: tuple[int, ...] = ()
+    max_length: int | None = None
+
+
+@dataclass(frozen=True)
+class Guards:
+    """Import safety checks, all on by default; only an explicit ``false`` (or a longer
+    ``max_length``) in a policy's ``guards:`` relaxes one (docs/bgp.md, "Guards")."""
+
+    bogons: bool = True            # refuse martians / special-purpose prefixes
+    default_route: bool = True     # refuse 0.0.0.0/0 and ::/0
+    max_length: int = 24           # refuse IPv4 prefixes longer than this
+    max_length6: int = 48          # refuse IPv6 prefixes longer than this
+    own_prefixes: bool = True      # refuse our bgp.announce prefixes (and more specifics) coming back
 
 
 @dataclass(frozen=True)
 class BgpPolicy:
-    """Import/export policy, validated structurally only (the route manager applies it)."""
+    """Import/export policy; the route manager (bgp/policy.py) applies it, docs/bgp.md.
+
+    Communities are kept as written ('65001:100', '65001:1:2', 'no-export'); bgp/policy.py
+    parses them. ``communities`` is the set action (added to the route), the ``match``/``deny``
+    lists are conditions. ``prepend`` and ``transit`` apply on export; ``max_prefix`` and
+    ``guards`` on import.
+    """
 
     name: str
     prefixes: tuple[PrefixMatch, ...] = ()
@@ -182,6 +236,22 @@ class BgpPolicy:
     med: int | None = None
     prepend: int = 0
     communities: tuple[str, ...] = ()
+    as_path: AsPathFilter = AsPathFilter()
+    match_communities: tuple[str, ...] = ()
+    deny_communities: tuple[str, ...] = ()
+    remove_communities: tuple[str, ...] = ()
+    transit: tuple[str, ...] = ()   # tunnels whose learned routes this export policy re-exports
+    guards: Guards = Guards()
+
+
+@dataclass(frozen=True)
+class Dampening:
+    """RFC 2439 route flap dampening parameters (FRR's defaults); enabled per tunnel."""
+
+    half_life: int = 15 * 60
+    reuse: int = 750
+    suppress: int = 2000
+    max_suppress: int = 60 * 60
 
 
 @dataclass(frozen=True)
@@ -190,6 +260,12 @@ class BgpSettings:
     router_id: IPv4Address | None
     announce: tuple[IPNetwork, ...] = ()
     policies: dict[str, BgpPolicy] = field(default_factory=dict)
+    multipath: bool = True           # ECMP across tunnels when paths are equal (docs/bgp.md)
+    max_paths: int = DEFAULT_MAX_PATHS
+    dampening: Dampening = Dampening()
+    #: A prefix both in a tunnel's static ``routes:`` and learned over BGP: the static route wins
+    #: (true, the default) or the BGP route does.
+    prefer_static: bool = True
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,12 @@ from typing import Any
 from appliance.config import presets as presets_mod
 from appliance.config.errors import Issue
 from appliance.config.model import (DEFAULT_DPD_ACTION, DEFAULT_DPD_INTERVAL, DEFAULT_DPD_TIMEOUT,
-                                    DEFAULT_ESP_LIFETIME, DEFAULT_ESP_PROPOSAL, DEFAULT_IKE_LIFETIME,
-                                    DEFAULT_IKE_PROPOSAL, DEFAULT_REKEY_MARGIN, ApplianceSettings,
-                                    BgpPolicy, BgpSettings, CertAuth, Config, DpdSettings, EspSettings,
-                                    Identity, IkeSettings, InterfaceSettings, MaxPrefix, PrefixMatch,
-                                    PskAuth, Tunnel, TunnelBgp)
+                                    DEFAULT_ESP_LIFETIME, DEFAULT_ESP_PROPOSAL, DEFAULT_GRACEFUL_RESTART_TIME,
+                                    DEFAULT_HOLD_TIME, DEFAULT_IKE_LIFETIME, DEFAULT_IKE_PROPOSAL,
+                                    DEFAULT_MAX_PATHS, DEFAULT_MAX_PREFIX_RESTART_DELAY, DEFAULT_REKEY_MARGIN,
+                                    ApplianceSettings, AsPathFilter, BgpPolicy, BgpSettings, CertAuth, Config,
+                                    Dampening, DpdSettings, EspSettings, Guards, Identity, IkeSettings,
+                                    InterfaceSettings, MaxPrefix, PrefixMatch, PskAuth, Tunnel, TunnelBgp)
 from appliance.config.secrets import SecretFileError, read_secret_file
 from appliance.config.yamlmarks import DuplicateKey, MarkedMap, MarkedSeq
 from appliance.xfrm.model import IF_ID_MAX, IF_ID_MIN, derive_if_id
@@ -43,11 +44,19 @@ AUTH_KEYS = ("psk_file", "certificate", "key", "ca")
 SA_KEYS = ("proposals", "lifetime", "rekey_margin")
 DPD_KEYS = ("interval", "timeout", "action")
 INTERFACE_KEYS = ("name", "if_id", "address", "address6", "mtu", "outer_mtu")
-TUNNEL_BGP_KEYS = ("peer_as", "peer_address", "hold_time", "import", "export")
-BGP_KEYS = ("asn", "router_id", "announce", "policies")
-POLICY_KEYS = ("prefixes", "max_prefix", "local_pref", "med", "prepend", "communities")
+TUNNEL_BGP_KEYS = ("peer_as", "peer_address", "peer_address6", "hold_time", "import", "export",
+                   "graceful_restart", "passive", "dampening")
+BGP_KEYS = ("asn", "router_id", "announce", "policies", "multipath", "max_paths", "dampening", "prefer_static")
+POLICY_KEYS = ("prefixes", "max_prefix", "local_pref", "med", "prepend", "communities", "as_path",
+               "match_communities", "deny_communities", "remove_communities", "transit", "guards")
 PREFIX_KEYS = ("prefix", "ge", "le", "action")
-MAX_PREFIX_KEYS = ("limit", "action")
+MAX_PREFIX_KEYS = ("limit", "action", "restart_delay")
+AS_PATH_KEYS = ("contains", "deny", "max_length")
+GUARD_KEYS = ("bogons", "default_route", "max_length", "max_length6", "own_prefixes")
+DAMPENING_KEYS = ("half_life", "reuse", "suppress", "max_suppress")
+#: Keys that only mean something in one direction (checked against how tunnels use the policy).
+EXPORT_ONLY_POLICY_KEYS = ("prepend", "transit")
+IMPORT_ONLY_POLICY_KEYS = ("max_prefix", "guards")
 WELL_KNOWN_COMMUNITIES = ("no-export", "no-advertise", "no-export-subconfed", "no-peer", "blackhole",
                           "graceful-shutdown")
 
@@ -318,6 +327,10 @@ class Ctx:
         self.tunnel: str | None = None
         self.partials: list[_Partial] = []   # per tunnel, even invalid ones, for cross-tunnel checks
         self.policy_names: set[str] = set()  # every policy defined, valid or not
+        #: per policy: the line of each key written (for checks that depend on how tunnels use it)
+        self.policy_lines: dict[str, dict[str, int]] = {}
+        #: (tunnel, "import"|"export", policy, line) for every policy reference
+        self.policy_uses: list[tuple[str, str, str, int]] = []
 
     def error(self, line: int, path: str, message: str) -> None:
         self.issues.append(Issue(self.file, line, path, message, self.tunnel))
@@ -410,6 +423,8 @@ def build(data: Any, duplicates: list[DuplicateKey], ctx: Ctx, path: Path) -> Co
                 if tunnel is not None:
                     tunnels[name] = tunnel
     _cross_tunnel(ctx)
+    if bgp is not None:
+        _policy_uses(ctx, bgp)
     if ctx.issues:
         ctx.issues.sort(key=lambda i: i.line)   # stable: same-line issues keep their order
         return None
@@ -444,6 +459,7 @@ class _Partial:
         self.remote: Any = None
         self.remote_id: Identity | None = None
         self.routes: list[tuple[Any, int]] = []     # (prefix, line)
+        self.has_bgp = False                        # a bgp: block is written (a BGP neighbour)
 
 
 class _Seen:
@@ -565,6 +581,7 @@ def _tunnel(ctx: Ctx, name: str, value: Any, key_line: int, bgp: BgpSettings | N
     addr4 = interface.address if interface else _lenient(to_inside_v4, if_m.get("address") if if_m else None)
     addr6 = interface.address6 if interface else _lenient(to_inside_v6, if_m.get("address6") if if_m else None)
     partial.networks = [(a.network, f) for a, f in ((addr4, "address"), (addr6, "address6")) if a is not None]
+    partial.has_bgp = m.get("bgp") is not None
     tunnel_bgp = _tunnel_bgp(ctx, m, path, interface, bgp)
     routes = _routes(ctx, m, path, remote)
     partial.routes = list(routes or ())
@@ -850,9 +867,13 @@ def _tunnel_bgp(ctx: Ctx, m: MarkedMap, path: str, interface: InterfaceSettings 
     n = len(ctx.issues)
     peer_as = ctx.field(bm, "peer_as", bpath, int_range(1, 0xFFFFFFFF), required=True)
     peer = ctx.field(bm, "peer_address", bpath, to_ip, required=True)
-    hold = ctx.field(bm, "hold_time", bpath, _hold_time, default=30)
+    peer6 = ctx.field(bm, "peer_address6", bpath, to_ipv6, default=None)
+    hold = ctx.field(bm, "hold_time", bpath, _hold_time, default=DEFAULT_HOLD_TIME)
     imp = ctx.field(bm, "import", bpath, to_str, default=None)
     exp = ctx.field(bm, "export", bpath, to_str, default=None)
+    graceful = ctx.field(bm, "graceful_restart", bpath, _graceful_restart, default=0)
+    passive = ctx.field(bm, "passive", bpath, to_bool, default=False)
+    dampening = ctx.field(bm, "dampening", bpath, to_bool, default=False)
     if bgp is None:
         ctx.error(bm.line, bpath, "a tunnel BGP neighbour needs the top-level bgp section (asn: ...)")
     else:
@@ -863,29 +884,48 @@ def _tunnel_bgp(ctx: Ctx, m: MarkedMap, path: str, interface: InterfaceSettings 
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 ctx.error(bm.value_line(key), f"{bpath}.{key}",
                           f"policy '{pol}' is not defined under bgp.policies{hint} (defined: {known})")
+            elif pol is not None and ctx.tunnel is not None:
+                ctx.policy_uses.append((ctx.tunnel, key, pol, bm.value_line(key)))
     if peer is not None and interface is not None:
-        own = interface.address if peer.version == 4 else interface.address6
-        if own is None:
-            field_name = "address" if peer.version == 4 else "address6"
-            ctx.error(bm.value_line("peer_address"), f"{bpath}.peer_address",
-                      f"the tunnel interface has no IPv{peer.version} inside address "
-                      f"(interface.{field_name}) for the BGP session")
-        elif peer not in own.network:
-            ctx.error(bm.value_line("peer_address"), f"{bpath}.peer_address",
-                      f"{peer} is not in the tunnel's inside network {own.network}")
-        elif peer == own.ip:
-            ctx.error(bm.value_line("peer_address"), f"{bpath}.peer_address",
-                      f"{peer} is this appliance's own inside address; use the peer's")
-        elif own.network.prefixlen in (30, 126) and peer == own.network.network_address:
-            ctx.error(bm.value_line("peer_address"), f"{bpath}.peer_address",
-                      f"{peer} is the network address of {own.network}")
-        elif isinstance(own, IPv4Interface) and own.network.prefixlen == 30 \
-                and peer == own.network.broadcast_address:
-            ctx.error(bm.value_line("peer_address"), f"{bpath}.peer_address",
-                      f"{peer} is the broadcast address of {own.network}")
+        _peer_address_problems(ctx, bm, "peer_address", bpath, peer, interface)
+    if peer6 is not None:
+        if peer is not None and peer.version == 6:
+            ctx.error(bm.value_line("peer_address6"), f"{bpath}.peer_address6",
+                      f"peer_address {peer} is already IPv6; peer_address6 adds an IPv6 session next to an "
+                      f"IPv4 peer_address")
+        elif interface is not None:
+            _peer_address_problems(ctx, bm, "peer_address6", bpath, peer6, interface)
     if len(ctx.issues) != n:
         return None
-    return TunnelBgp(peer_as=peer_as, peer_address=peer, hold_time=hold, import_policy=imp, export_policy=exp)
+    return TunnelBgp(peer_as=peer_as, peer_address=peer, hold_time=hold, import_policy=imp, export_policy=exp,
+                     peer_address6=peer6, graceful_restart=graceful, passive=passive, dampening=dampening)
+
+
+def _peer_address_problems(ctx: Ctx, bm: MarkedMap, key: str, bpath: str, peer: Any,
+                           interface: InterfaceSettings) -> None:
+    own = interface.address if peer.version == 4 else interface.address6
+    line = bm.value_line(key)
+    if own is None:
+        field_name = "address" if peer.version == 4 else "address6"
+        ctx.error(line, f"{bpath}.{key}", f"the tunnel interface has no IPv{peer.version} inside address "
+                                          f"(interface.{field_name}) for the BGP session")
+    elif peer not in own.network:
+        ctx.error(line, f"{bpath}.{key}", f"{peer} is not in the tunnel's inside network {own.network}")
+    elif peer == own.ip:
+        ctx.error(line, f"{bpath}.{key}", f"{peer} is this appliance's own inside address; use the peer's")
+    elif own.network.prefixlen in (30, 126) and peer == own.network.network_address:
+        ctx.error(line, f"{bpath}.{key}", f"{peer} is the network address of {own.network}")
+    elif isinstance(own, IPv4Interface) and own.network.prefixlen == 30 and peer == own.network.broadcast_address:
+        ctx.error(line, f"{bpath}.{key}", f"{peer} is the broadcast address of {own.network}")
+
+
+def to_ipv6(value: Any) -> IPv6Address:
+    if not isinstance(value, str):
+        raise Bad(f"expected an IPv6 address, got {_type_name(value)}")
+    try:
+        return IPv6Address(value.strip())
+    except ValueError:
+        raise Bad(f"'{value}' is not an IPv6 address") from None
 
 
 def _hold_time(value: Any) -> int:
@@ -896,7 +936,21 @@ def _hold_time(value: Any) -> int:
     return seconds
 
 
-# --- BGP (structure only; the route manager implements it) ---
+def _graceful_restart(value: Any) -> int:
+    """true -> FRR's 120 s restart time, false -> off, or a restart time 1..4095 s (RFC 4724 §3)."""
+    if isinstance(value, bool):
+        return DEFAULT_GRACEFUL_RESTART_TIME if value else 0
+    try:
+        seconds = parse_duration(value)
+    except Bad:
+        raise Bad(f"expected true, false or a restart time like 120s, got {_type_name(value) if not isinstance(value, str) else repr(value)}") from None
+    if not 1 <= seconds <= 4095:
+        raise Bad(f"restart time {seconds} s is out of range; allowed: true, false or 1..4095 s "
+                  f"(a 12-bit field, RFC 4724 §3)")
+    return seconds
+
+
+# --- BGP (top level and policies; the route manager, bgp/, applies them: docs/bgp.md) ---
 
 def _bgp(ctx: Ctx, top: MarkedMap, appliance: ApplianceSettings) -> BgpSettings | None:
     bm = _sub(ctx, top, "bgp", "", BGP_KEYS, "{asn: 65001, announce: [10.1.0.0/16]}")
@@ -915,9 +969,19 @@ def _bgp(ctx: Ctx, top: MarkedMap, appliance: ApplianceSettings) -> BgpSettings 
         else:
             for i, item in enumerate(raw):
                 try:
-                    announce.append(to_network(item))
+                    net = to_network(item)
                 except Bad as exc:
                     ctx.error(raw.item_line(i), f"bgp.announce[{i}]", str(exc))
+                    continue
+                if net in announce:
+                    ctx.error(raw.item_line(i), f"bgp.announce[{i}]", f"{net} is listed twice")
+                    continue
+                announce.append(net)
+    multipath = _or(ctx.field(bm, "multipath", "bgp", to_bool, default=True), True)
+    max_paths = _or(ctx.field(bm, "max_paths", "bgp", int_range(1, 64), default=DEFAULT_MAX_PATHS),
+                    DEFAULT_MAX_PATHS)
+    prefer_static = _or(ctx.field(bm, "prefer_static", "bgp", to_bool, default=True), True)
+    dampening = _dampening(ctx, bm)
     policies: dict[str, BgpPolicy] = {}
     pm = None
     if bm.get("policies") is not None:
@@ -932,9 +996,39 @@ def _bgp(ctx: Ctx, top: MarkedMap, appliance: ApplianceSettings) -> BgpSettings 
             pol = _policy(ctx, pname, pval, pm.key_line(pname), ppath)
             if pol is not None:
                 policies[pname] = pol
-    if asn is None:
-        return BgpSettings(asn=0, router_id=router_id, announce=tuple(announce), policies=policies)
-    return BgpSettings(asn=asn, router_id=router_id, announce=tuple(announce), policies=policies)
+    return BgpSettings(asn=asn or 0, router_id=router_id, announce=tuple(announce), policies=policies,
+                       multipath=multipath, max_paths=max_paths, dampening=dampening,
+                       prefer_static=prefer_static)
+
+
+def _dampening(ctx: Ctx, bm: MarkedMap) -> Dampening:
+    """RFC 2439 parameters with FRR's ranges (half-life 1..45 min, reuse/suppress 1..20000,
+    max-suppress 1..255 min) and FRR's defaults."""
+    default = Dampening()
+    dm = _sub(ctx, bm, "dampening", "bgp", DAMPENING_KEYS,
+              "{half_life: 15m, reuse: 750, suppress: 2000, max_suppress: 60m}")
+    if dm is None:
+        return default
+    path = "bgp.dampening"
+    n = len(ctx.issues)
+    half_life = ctx.field(dm, "half_life", path, duration_range(60, 45 * 60), default=default.half_life)
+    reuse = ctx.field(dm, "reuse", path, int_range(1, 20000), default=default.reuse)
+    suppress = ctx.field(dm, "suppress", path, int_range(1, 20000), default=default.suppress)
+    max_suppress = ctx.field(dm, "max_suppress", path, duration_range(60, 255 * 60), default=default.max_suppress)
+    if len(ctx.issues) != n:
+        return default
+    if reuse >= suppress:
+        ctx.error(dm.value_line("reuse") if "reuse" in dm else dm.value_line("suppress"), f"{path}.reuse",
+                  f"reuse {reuse} must be below suppress {suppress}: a route is suppressed above suppress "
+                  f"and reused once its penalty decays below reuse")
+        return default
+    if max_suppress < half_life:
+        ctx.error(dm.value_line("max_suppress") if "max_suppress" in dm else dm.value_line("half_life"),
+                  f"{path}.max_suppress",
+                  f"max_suppress {_human(max_suppress)} is shorter than half_life {_human(half_life)}; "
+                  f"allowed: at least the half-life")
+        return default
+    return Dampening(half_life=half_life, reuse=reuse, suppress=suppress, max_suppress=max_suppress)
 
 
 def _asn(value: Any) -> int:
@@ -944,11 +1038,49 @@ def _asn(value: Any) -> int:
     return asn
 
 
+def _community_list(ctx: Ctx, m: MarkedMap, key: str, ppath: str) -> list[str]:
+    out: list[str] = []
+    if m.get(key) is None:
+        return out
+    raw = m[key]
+    if not isinstance(raw, MarkedSeq):
+        ctx.error(m.value_line(key), f"{ppath}.{key}", "expected a list like ['65001:100']")
+        return out
+    for i, item in enumerate(raw):
+        try:
+            out.append(to_community(item))
+        except Bad as exc:
+            ctx.error(raw.item_line(i), f"{ppath}.{key}[{i}]", str(exc))
+    return out
+
+
+def _asn_list(ctx: Ctx, m: MarkedMap, key: str, path: str) -> list[int]:
+    out: list[int] = []
+    if m.get(key) is None:
+        return out
+    raw = m[key]
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw_items, lines = [raw], [m.value_line(key)]
+    elif isinstance(raw, MarkedSeq):
+        raw_items, lines = list(raw), [raw.item_line(i) for i in range(len(raw))]
+    else:
+        ctx.error(m.value_line(key), f"{path}.{key}", f"expected a list of AS numbers like [65010], "
+                                                      f"got {_type_name(raw)}")
+        return out
+    for i, item in enumerate(raw_items):
+        try:
+            out.append(int_range(1, 0xFFFFFFFF)(item))
+        except Bad as exc:
+            ctx.error(lines[i], f"{path}.{key}[{i}]", str(exc))
+    return out
+
+
 def _policy(ctx: Ctx, name: str, value: Any, line: int, ppath: str) -> BgpPolicy | None:
     m = ctx.mapping(value, ppath, line, "{prefixes: [{prefix: 10.2.0.0/16, le: 24}]}")
     if m is None:
         return None
     ctx.keys(m, ppath, POLICY_KEYS)
+    ctx.policy_lines[name] = {k: m.key_line(k) for k in m if isinstance(k, str)}
     n = len(ctx.issues)
     prefixes: list[PrefixMatch] = []
     if m.get("prefixes") is not None:
@@ -974,26 +1106,109 @@ def _policy(ctx: Ctx, name: str, value: Any, line: int, ppath: str) -> BgpPolicy
                 limit = ctx.field(mm, "limit", f"{ppath}.max_prefix", int_range(1, 0xFFFFFFFF), required=True)
                 action = ctx.field(mm, "action", f"{ppath}.max_prefix", choice("restart", "stop", "warn"),
                                    default="restart")
-                if limit is not None and action is not None:
-                    max_prefix = MaxPrefix(limit, action)
+                delay = ctx.field(mm, "restart_delay", f"{ppath}.max_prefix", duration_range(1, 86400),
+                                  default=DEFAULT_MAX_PREFIX_RESTART_DELAY)
+                if "restart_delay" in mm and action is not None and action != "restart":
+                    ctx.error(mm.value_line("restart_delay"), f"{ppath}.max_prefix.restart_delay",
+                              f"restart_delay applies only with action: restart (this one is {action})")
+                if limit is not None and action is not None and delay is not None:
+                    max_prefix = MaxPrefix(limit, action, delay)
     local_pref = ctx.field(m, "local_pref", ppath, int_range(0, 0xFFFFFFFF), default=None)
     med = ctx.field(m, "med", ppath, int_range(0, 0xFFFFFFFF), default=None)
     prepend = ctx.field(m, "prepend", ppath, int_range(0, 16), default=0)
-    communities: list[str] = []
-    if m.get("communities") is not None:
-        raw = m["communities"]
+    communities = _community_list(ctx, m, "communities", ppath)
+    match_communities = _community_list(ctx, m, "match_communities", ppath)
+    deny_communities = _community_list(ctx, m, "deny_communities", ppath)
+    remove_communities = _community_list(ctx, m, "remove_communities", ppath)
+    as_path = AsPathFilter()
+    am = _sub(ctx, m, "as_path", ppath, AS_PATH_KEYS, "{deny: [64666], max_length: 10}")
+    if am is not None:
+        apath = f"{ppath}.as_path"
+        as_path = AsPathFilter(contains=tuple(_asn_list(ctx, am, "contains", apath)),
+                               deny=tuple(_asn_list(ctx, am, "deny", apath)),
+                               max_length=ctx.field(am, "max_length", apath, int_range(1, 255), default=None))
+        both = set(as_path.contains) & set(as_path.deny)
+        if both:
+            ctx.error(am.line, apath, f"AS {min(both)} is both in contains and in deny")
+    transit: list[str] = []
+    if m.get("transit") is not None:
+        raw = m["transit"]
         if not isinstance(raw, MarkedSeq):
-            ctx.error(m.value_line("communities"), f"{ppath}.communities", "expected a list like ['65001:100']")
+            ctx.error(m.value_line("transit"), f"{ppath}.transit",
+                      "expected a list of tunnel names whose routes may be re-exported, e.g. [to-b]")
         else:
             for i, item in enumerate(raw):
                 try:
-                    communities.append(to_community(item))
+                    tname = to_str(item)
                 except Bad as exc:
-                    ctx.error(raw.item_line(i), f"{ppath}.communities[{i}]", str(exc))
+                    ctx.error(raw.item_line(i), f"{ppath}.transit[{i}]", str(exc))
+                    continue
+                if tname in transit:
+                    ctx.error(raw.item_line(i), f"{ppath}.transit[{i}]", f"'{tname}' is listed twice")
+                    continue
+                transit.append(tname)
+                ctx.policy_lines[name][f"transit[{i}]"] = raw.item_line(i)
+    guards = Guards()
+    gm = _sub(ctx, m, "guards", ppath, GUARD_KEYS, "{default_route: false}")
+    if gm is not None:
+        gpath = f"{ppath}.guards"
+        d = Guards()
+        guards = Guards(
+            bogons=_or(ctx.field(gm, "bogons", gpath, to_bool, default=d.bogons), d.bogons),
+            default_route=_or(ctx.field(gm, "default_route", gpath, to_bool, default=d.default_route),
+                              d.default_route),
+            max_length=_or(ctx.field(gm, "max_length", gpath, int_range(1, 32), default=d.max_length),
+                           d.max_length),
+            max_length6=_or(ctx.field(gm, "max_length6", gpath, int_range(1, 128), default=d.max_length6),
+                            d.max_length6),
+            own_prefixes=_or(ctx.field(gm, "own_prefixes", gpath, to_bool, default=d.own_prefixes),
+                             d.own_prefixes))
     if len(ctx.issues) != n:
         return None
     return BgpPolicy(name=name, prefixes=tuple(prefixes), max_prefix=max_prefix, local_pref=local_pref,
-                     med=med, prepend=prepend, communities=tuple(communities))
+                     med=med, prepend=prepend, communities=tuple(communities), as_path=as_path,
+                     match_communities=tuple(match_communities), deny_communities=tuple(deny_communities),
+                     remove_communities=tuple(remove_communities), transit=tuple(transit), guards=guards)
+
+
+def _policy_uses(ctx: Ctx, bgp: BgpSettings) -> None:
+    """Checks that depend on which tunnels use a policy, and how: direction-only keys, and the
+    tunnels named by ``transit``."""
+    bgp_tunnels = [t.name for t in ctx.partials if t.has_bgp]
+    all_tunnels = [t.name for t in ctx.partials]
+    for tname, direction, pname, use_line in ctx.policy_uses:
+        lines = ctx.policy_lines.get(pname, {})
+        wrong = EXPORT_ONLY_POLICY_KEYS if direction == "import" else IMPORT_ONLY_POLICY_KEYS
+        for key in wrong:
+            pol = bgp.policies.get(pname)
+            if key in lines and pol is not None and getattr(pol, key) not in (0, (), None):
+                ctx.tunnel = tname
+                other = "export" if direction == "import" else "import"
+                ctx.error(lines[key], f"bgp.policies.{pname}.{key}",
+                          f"{key} applies to {other} only, but tunnel '{tname}' uses policy '{pname}' as its "
+                          f"{direction} policy (line {use_line})")
+        if direction == "export" and pname in bgp.policies and tname in bgp.policies[pname].transit:
+            ctx.tunnel = tname
+            i = bgp.policies[pname].transit.index(tname)
+            ctx.error(lines.get(f"transit[{i}]", use_line), f"bgp.policies.{pname}.transit[{i}]",
+                      f"tunnel '{tname}' exports with this policy: a route is never sent back to the tunnel "
+                      f"it came from; remove '{tname}' from transit")
+    ctx.tunnel = None
+    for pname, pol in bgp.policies.items():
+        lines = ctx.policy_lines.get(pname, {})
+        for i, tname in enumerate(pol.transit):
+            if tname in bgp_tunnels:
+                continue
+            line = lines.get(f"transit[{i}]", lines.get("transit", 0))
+            if tname in all_tunnels:
+                ctx.error(line, f"bgp.policies.{pname}.transit[{i}]",
+                          f"tunnel '{tname}' has no bgp: block, so no routes are learned from it")
+                continue
+            close = difflib.get_close_matches(tname, bgp_tunnels, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            known = ", ".join(bgp_tunnels) or "none"
+            ctx.error(line, f"bgp.policies.{pname}.transit[{i}]",
+                      f"no tunnel named '{tname}'{hint} (tunnels with BGP: {known})")
 
 
 def _prefix_match(ctx: Ctx, item: Any, line: int, path: str) -> PrefixMatch | None:
