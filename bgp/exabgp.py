@@ -31,7 +31,6 @@ log = logging.getLogger("isthmus.bgp.exabgp")
 
 API_PROCESS = "isthmus"
 MIN_HOLD_TIME = 3                 # RFC 4271 §4.2: 0 or at least 3 seconds
-GRACEFUL_RESTART_TIME = 120       # RFC 4724 restart time we advertise (peers keep our routes that long)
 MAX_AS_PATH = 1000                # longer paths are cut (and logged); a BGP message holds at most ~1000 ASNs of 4 bytes
 MAX_LINE = 1 << 24                # a line longer than this is not parsed (logged)
 
@@ -48,8 +47,9 @@ class NeighborSpec:
     peer_as: int
     router_id: IPAddress
     hold_time: int
-    families: tuple[str, ...]                 # "ipv4 unicast", "ipv6 unicast"
-    next_hop6: IPAddress | None = None        # our IPv6 next hop for IPv6 routes over an IPv4 session
+    families: tuple[str, ...]                 # "ipv4 unicast" or "ipv6 unicast"
+    graceful_restart: int = 0                 # RFC 4724 restart time advertised, 0 = not advertised
+    passive: bool = False
 
     @property
     def ebgp(self) -> bool:
@@ -60,31 +60,34 @@ class NeighborError(ValueError):
     """A tunnel's bgp block cannot be turned into an ExaBGP neighbor (the message says why)."""
 
 
-def neighbor_for(tunnel: Any, asn: int, router_id: IPAddress) -> NeighborSpec:
-    """The neighbor of one tunnel (appliance.config.model.Tunnel with a ``bgp`` block)."""
+def neighbor_for(tunnel: Any, asn: int, router_id: IPAddress) -> list[NeighborSpec]:
+    """The neighbors of one tunnel (appliance.config.model.Tunnel with a ``bgp`` block): the
+    session on ``peer_address`` (IPv4 unicast over interface.address, or IPv6 unicast over
+    address6), plus, with ``peer_address6``, an IPv6 unicast session over address6."""
     b = tunnel.bgp
     if b is None:
         raise NeighborError(f"tunnel {tunnel.name} has no bgp block")
-    peer = IPAddress(str(b.peer_address))
     iface = tunnel.interface
     a4 = IPAddress(str(iface.address.ip)) if iface.address is not None else None
     a6 = IPAddress(str(iface.address6.ip)) if iface.address6 is not None else None
-    if peer.version == 4:
-        if a4 is None:
-            raise NeighborError(f"tunnel {tunnel.name}: bgp.peer_address {peer} is IPv4 but the interface has no "
-                                f"IPv4 address")
-        local, families = a4, ("ipv4 unicast",) + (("ipv6 unicast",) if a6 is not None else ())
-    else:
-        if a6 is None:
-            raise NeighborError(f"tunnel {tunnel.name}: bgp.peer_address {peer} is IPv6 but the interface has no "
-                                f"address6")
-        local, families = a6, ("ipv6 unicast",)
     hold = int(b.hold_time)
     if hold != 0 and hold < MIN_HOLD_TIME:
         hold = MIN_HOLD_TIME
-    return NeighborSpec(tunnel=tunnel.name, peer_address=peer, local_address=local, local_as=asn,
-                        peer_as=int(b.peer_as), router_id=router_id, hold_time=hold, families=families,
-                        next_hop6=a6 if peer.version == 4 else None)
+    common = dict(tunnel=tunnel.name, local_as=asn, peer_as=int(b.peer_as), router_id=router_id, hold_time=hold,
+                  graceful_restart=int(getattr(b, "graceful_restart", 0) or 0),
+                  passive=bool(getattr(b, "passive", False)))
+    out = []
+    peers = [IPAddress(str(b.peer_address))]
+    if getattr(b, "peer_address6", None) is not None:
+        peers.append(IPAddress(str(b.peer_address6)))
+    for peer in peers:
+        local = a4 if peer.version == 4 else a6
+        if local is None:
+            raise NeighborError(f"tunnel {tunnel.name}: BGP peer {peer} is IPv{peer.version} but the interface has "
+                                f"no {'address' if peer.version == 4 else 'address6'}")
+        out.append(NeighborSpec(peer_address=peer, local_address=local,
+                                families=(f"ipv{peer.version} unicast",), **common))
+    return out
 
 
 def router_id_of(config: Any) -> IPAddress:
@@ -101,8 +104,8 @@ def router_id_of(config: Any) -> IPAddress:
     return IPAddress(str(rid))
 
 
-def neighbors_for(config: Any, tunnels: Iterable[str] | None = None) -> dict[str, NeighborSpec]:
-    """tunnel name -> neighbor, for every tunnel with a bgp block (or only those in `tunnels`).
+def neighbors_for(config: Any, tunnels: Iterable[str] | None = None) -> dict[str, list[NeighborSpec]]:
+    """tunnel name -> its neighbors, for every tunnel with a bgp block (or only those in `tunnels`).
     Tunnels whose block cannot be rendered are logged and left out (the others still work)."""
     if config.bgp is None:
         return {}
@@ -129,7 +132,7 @@ def render_config(neighbors: Sequence[NeighborSpec], relay_argv: Sequence[str]) 
         "    encoder json;",
         "}",
     ]
-    for n in sorted(neighbors, key=lambda n: n.tunnel):
+    for n in sorted(neighbors, key=lambda n: (n.tunnel, n.peer_address.version)):
         lines += [
             f"neighbor {n.peer_address} {{",
             f"    description \"{n.tunnel}\";",
@@ -146,13 +149,14 @@ def render_config(neighbors: Sequence[NeighborSpec], relay_argv: Sequence[str]) 
             "    capability {",
             "        asn4 enable;",
             "        route-refresh enable;",
-            f"        graceful-restart {GRACEFUL_RESTART_TIME};",
+            *([f"        graceful-restart {n.graceful_restart};"] if n.graceful_restart else []),
             "    }",
+            *(["    passive true;"] if n.passive else []),
             "    api {",
             f"        processes [ {API_PROCESS} ];",
             "        neighbor-changes;",
             "        negotiated;",
-            "        receive { parsed; update; notification; refresh; }",
+            "        receive { parsed; update; notification; refresh; open; }",
             "    }",
             "}",
         ]
@@ -231,7 +235,8 @@ class ApiMessage:
     announced: tuple[Route, ...] = ()
     withdrawn: tuple[IPNetwork, ...] = ()
     family: str | None = None             # eor: "ipv4 unicast"
-    hold_time: int | None = None          # negotiated
+    hold_time: int | None = None          # negotiated / open
+    router_id: IPAddress | None = None    # open
     notification: dict = field(default_factory=dict)
     direction: str | None = None
 
@@ -320,6 +325,9 @@ def _parse_line(line: str | bytes, neighbor_name: Any) -> ApiMessage | None:
         n = nb.get("notification") or {}
         return ApiMessage("notification", notification={k: n.get(k) for k in ("code", "subcode", "message")},
                           **base)
+    if mtype == "open":
+        o = nb.get("open") or {}
+        return ApiMessage("open", router_id=_ip(o.get("router_id")), hold_time=_int(o.get("hold_time")), **base)
     if mtype == "refresh":
         return ApiMessage("refresh", **base)
     if mtype != "update":
