@@ -43,6 +43,8 @@ from bgp.speaker import Speaker
 log = logging.getLogger("isthmus.bgp")
 
 STALE_TIMEOUT = 120.0          # seconds to wait for a neighbor's End-of-RIB after an ExaBGP restart
+STALE_QUIET = 3.0              # ... or, for peers that send no End-of-RIB (no graceful restart negotiated:
+                               # GoBGP), this long without an update once the session is up again
 DEFAULT_RESTART_DELAY = 60.0
 
 
@@ -56,6 +58,7 @@ class NeighborState:
     hold_time: int | None = None           # negotiated
     router_id: IPAddress | None = None
     transitions: int = 0
+    last_update: float = 0.0
     held_until: float | None = None        # max-prefix restart: not configured until then
 
     @property
@@ -230,6 +233,7 @@ class RouteManager:
             routes = m.announced
             if st.router_id is not None and routes:
                 routes = tuple(dataclasses.replace(r, peer_router_id=st.router_id) for r in routes)
+            st.last_update = self.clock()
             learned = self.learned.setdefault(name, set())
             stale = self.stale.get(name)
             for r in routes:
@@ -259,8 +263,10 @@ class RouteManager:
         st.sessions[peer] = state
         if state == "up":
             if not was:
-                st.since = self.clock()
+                st.since = st.last_update = self.clock()
                 self._session_event(st, "up", "")
+                if self.stale.get(st.tunnel):
+                    self._schedule_quiet_check(st.tunnel)
             self._apply(self.rib.neighbor_up(st.tunnel, self.clock()))
         elif state == "down":
             if reason:
@@ -299,6 +305,21 @@ class RouteManager:
             self.stale.pop(name, None)
         if not self.stale:
             self._resynced()
+
+    def _schedule_quiet_check(self, name: str) -> None:
+        asyncio.get_running_loop().call_later(STALE_QUIET / 2, self._quiet_check, name)
+
+    def _quiet_check(self, name: str) -> None:
+        st = self.neighbors.get(name)
+        if st is None or not self.stale.get(name) or not st.established:
+            return
+        if self.clock() - st.last_update >= STALE_QUIET:
+            log.info("no End-of-RIB, but no update for %.0f s: the neighbor's table is complete", STALE_QUIET,
+                     extra={"tunnel": name})
+            for v in (4, 6):
+                self._sweep_stale(name, v)
+        else:
+            self._schedule_quiet_check(name)
 
     def _sweep_all_stale(self) -> None:
         self._stale_timer = None
