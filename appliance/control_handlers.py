@@ -78,7 +78,7 @@ class ControlHandlers:
             "sas": {"ike": sum(1 for sa in sas if sa.state != IkeState.CONNECTING),
                     "child": sum(1 for sa in sas for c in sa.children if c.alive),
                     "half_open": sum(1 for sa in sas if sa.state == IkeState.CONNECTING)},
-            "bgp": None,
+            "bgp": self.d.bgp.summary() if self.d.bgp is not None else None,
         }
 
     async def h_tunnels(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -167,12 +167,17 @@ class ControlHandlers:
                 rows.append({"prefix": str(prefix), "next_hop": None, "interface": plan.interface.ifname,
                              "tunnel": name, "source": "static", "as_path": None,
                              "installed": (str(prefix), ifindexes.get(name, -1)) in kernel})
+        if self.d.bgp is not None:
+            rows.extend(self.d.bgp.show_routes())
         return {"routes": rows}
 
     async def h_bgp(self, params: dict[str, Any]) -> dict[str, Any]:
         check_params(params, ())
-        raise ControlError("unavailable", "BGP is not available: the route manager is not part of this build yet "
-                                          "(networks behind a peer are reached with tunnels.<name>.routes)")
+        self._running()
+        if self.d.bgp is None:
+            raise ControlError("unavailable", "BGP is not configured: no bgp: section, or no tunnel with a bgp "
+                                              "block (see docs/bgp.md)")
+        return self.d.bgp.show_bgp()
 
     async def h_initiate(self, params: dict[str, Any]) -> dict[str, Any]:
         check_params(params, ("tunnel",))

@@ -64,6 +64,7 @@ from appliance.ikesockets import IkeSockets, SocketsError
 from appliance.logs import register_secret, setup_logging
 from appliance.metrics import IsthmusMetrics, MetricsServer, Registry, parse_listen
 from appliance.tunnels import TunnelPlan, diff_plans, plan_tunnels
+from bgp.manager import RouteManager, bgp_wanted
 
 log = logging.getLogger("isthmus.daemon")
 
@@ -116,6 +117,7 @@ class Daemon:
         self.metrics = IsthmusMetrics(Registry())
         self.metrics.registry.add_collector(self._collect)
         self.engine: IkeEngine | None = None
+        self.bgp: RouteManager | None = None     # the route manager (bgp/), when the config has BGP
         self.sockets: IkeSockets | None = None
         self.control: ControlServer | None = None
         self.http: MetricsServer | None = None
@@ -215,8 +217,29 @@ class Daemon:
                 log.error("metrics not served: cannot listen on %s:%d (%s); use --metrics-listen HOST:PORT or off",
                           host, port, e.strerror or e)
                 self.http = None
+        await self._start_bgp(config)
         self._engine_call(self.engine.start)
         self._tasks.append(asyncio.ensure_future(self._liveness()))
+
+    async def _start_bgp(self, config: Config) -> None:
+        """The route manager (ExaBGP child, FIB), if the config has a bgp: section and a tunnel
+        with a bgp block. A failure here is logged: the tunnels still work without BGP."""
+        if not bgp_wanted(config):
+            return
+        mgr = RouteManager(config, self.run_dir / "bgp", publish=self.bus.publish, metrics=self.metrics,
+                           clock=self.clock)
+        try:
+            await mgr.start()
+        except Exception as e:  # noqa: BLE001
+            log.error("the route manager cannot start: %s", e)
+            self.bus.publish("dataplane_error", None, message=f"the route manager cannot start: {e}")
+            with contextlib.suppress(Exception):
+                await mgr.stop()
+            return
+        self.bgp = mgr
+        for name, st in self.state.items():
+            if st.up_since is not None:
+                mgr.tunnel_up(name)
 
     async def _liveness(self) -> None:
         """Inbound ESP proves the peer alive (RFC 7296 §2.4: liveness checks are for when nothing
@@ -250,6 +273,9 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         delete = self.config.appliance.delete_on_shutdown if self.config else True
+        if self.bgp is not None:
+            await self.bgp.stop(flush=delete)
+            self.bgp = None
         if delete and self.engine is not None:
             for name in list(self.plans):
                 self._engine_call(lambda now, n=name: self.engine.terminate(n, now))
@@ -417,6 +443,8 @@ class Daemon:
             log.warning("peer dead (no answer to liveness checks); action %s", e.action, extra={"tunnel": name})
             self.metrics.dpd_failures.inc(tunnel=name)
             plan = self.plans.get(name)
+            if self.bgp is not None:
+                self.bgp.tunnel_down(name, "peer dead (DPD)")
             self.bus.publish("dpd_timeout", name, remote=str(plan.tunnel.remote) if plan else None,
                              reason=f"no answer to liveness checks; action {e.action}")
         elif isinstance(e, ev.ChildSaRekeyed):
@@ -491,6 +519,8 @@ class Daemon:
                 self.bus.publish("route_added", name, prefix=str(prefix), interface=r.interface)
             self.bus.publish("tunnel_state", name, state="up", interface=r.interface)
             self.metrics.tunnel_up.set(1, tunnel=name)
+            if self.bgp is not None:
+                self.bgp.tunnel_up(name)
         elif r.kind in ("rekeyed", "outbound"):
             if r.kind == "outbound" or (isinstance(e, ev.ChildSaInstalled) and e.outbound):
                 st.spis = (r.spi_in, r.spi_out)
@@ -500,6 +530,8 @@ class Daemon:
 
     def _went_down(self, name: str, st: _TunnelState, r: DpResult) -> None:
         st.up_since, st.spis = None, None
+        if self.bgp is not None:
+            self.bgp.tunnel_down(name, "Child SA down")
         for prefix in st.routes:
             self.bus.publish("route_withdrawn", name, prefix=str(prefix), interface=r.interface)
         st.routes = ()
@@ -615,6 +647,9 @@ class Daemon:
         for name in (*d.removed, *d.changed):
             for p in await self._dp(self.worker.remove_tunnel, name):
                 log.error("removing tunnel: %s", p, extra={"tunnel": name})
+            if self.bgp is not None:
+                self.bgp.tunnel_down(name, "removed from the configuration" if name in d.removed
+                                     else "changed in the configuration")
             st = self.state.pop(name, None)
             if st is not None and st.up_since is not None:
                 for prefix in st.routes:
@@ -623,6 +658,7 @@ class Daemon:
                                  if name in d.removed else "changed in the configuration")
             self.metrics.forget_tunnel(name)
         self.config = config
+        await self._reload_bgp(config)
         for name in (*d.changed, *d.added):
             err = await self._dp(self.worker.add_tunnel, plans[name])
             if err:
@@ -642,6 +678,15 @@ class Daemon:
         self.bus.publish("config_reloaded", None, added=result["added"], removed=result["removed"],
                          changed=result["changed"])
         return result
+
+    async def _reload_bgp(self, config: Config) -> None:
+        if self.bgp is not None and not bgp_wanted(config):
+            await self.bgp.stop()
+            self.bgp = None
+        elif self.bgp is not None:
+            await self.bgp.reload(config)
+        else:
+            await self._start_bgp(config)
 
     # ================================================================== control (appliance/control_handlers.py)
     async def _counters(self) -> dict[str, Any]:
@@ -663,6 +708,8 @@ class Daemon:
 
     # ================================================================== metrics
     async def _collect(self) -> None:
+        if self.bgp is not None:
+            self.bgp.collect_metrics()
         if self.engine is None:
             return
         sas = self.engine.sas()

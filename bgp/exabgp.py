@@ -193,8 +193,12 @@ def exabgp_env(log_file: str | None = None) -> dict[str, str]:
 
 
 # ====================================================================== commands
-def announce_command(peer: IPAddress, route: Route, next_hop: IPAddress | str = "self") -> str:
-    """``neighbor PEER announce route ...`` for one of our announcements (after export policy)."""
+def announce_command(peer: IPAddress, route: Route, next_hop: IPAddress | str | None = None) -> str:
+    """``neighbor PEER announce route ...`` for one of our announcements, after export policy:
+    its AS_PATH is sent as is (ExaBGP adds nothing to a path it is given; the policy put our AS
+    first), its next hop is the route's (our inside address) or ``self``."""
+    if next_hop is None:
+        next_hop = route.next_hop if route.next_hop is not None else "self"
     parts = [f"neighbor {peer} announce route {route.prefix.cidr}", f"next-hop {next_hop}",
              f"origin {route.origin.name.lower()}"]
     if route.as_path:

@@ -48,6 +48,11 @@ STALE_QUIET = 3.0              # ... or, for peers that send no End-of-RIB (no g
 DEFAULT_RESTART_DELAY = 60.0
 
 
+def bgp_wanted(config: Any) -> bool:
+    """Does this config need the route manager (a bgp: section and a tunnel with a bgp block)?"""
+    return config.bgp is not None and any(t.bgp is not None for t in config.tunnels.values())
+
+
 @dataclass
 class NeighborState:
     tunnel: str
@@ -462,14 +467,14 @@ class RouteManager:
             else:
                 state = "active"
             rows.append({
-                "tunnel": name, "peer": [str(s.peer_address) for s in st.specs],
-                "local": [str(s.local_address) for s in st.specs],
+                "tunnel": name, "peer_address": ", ".join(str(s.peer_address) for s in st.specs),
+                "local_address": ", ".join(str(s.local_address) for s in st.specs),
                 "peer_as": t.bgp.peer_as if t is not None and t.bgp is not None else None,
                 "state": state, "uptime": round(now - st.since, 1) if st.since is not None else None,
                 "hold_time": st.hold_time, "configured_hold_time": st.specs[0].hold_time if st.specs else None,
                 "last_error": st.last_error,
-                "received": stats.get("received", 0), "accepted": stats.get("accepted", 0),
-                "filtered": stats.get("filtered", 0), "advertised": stats.get("advertised", 0),
+                "prefixes_received": stats.get("received", 0), "prefixes_accepted": stats.get("accepted", 0),
+                "prefixes_filtered": stats.get("filtered", 0), "prefixes_advertised": stats.get("advertised", 0),
                 "import": t.bgp.import_policy if t is not None and t.bgp is not None else None,
                 "export": t.bgp.export_policy if t is not None and t.bgp is not None else None,
             })
@@ -478,15 +483,35 @@ class RouteManager:
                             "restarts": self.speaker.restarts, "pending_acks": self.speaker.pending_acks},
                 "fib_routes": len(self.fib.installed), "neighbors": rows}
 
+    def summary(self) -> dict[str, Any]:
+        return {"sessions": len(self.neighbors),
+                "established": sum(1 for st in self.neighbors.values() if st.established),
+                "routes": len(self.fib.installed)}
+
     def show_routes(self) -> list[dict[str, Any]]:
+        """One row per received path the policy accepted (rib.loc_rib), with whether it won
+        (best / ecmp) and why the others lost, its dampening state, and whether the kernel has it."""
         rows = []
-        for r in self.rib.loc_rib():
-            row = {k: (str(v) if isinstance(v, (IPNetwork, IPAddress)) else v) for k, v in r.items()}
+        now = self.clock()
+        for r in self.rib.loc_rib(now):
+            prefix = str(r.get("prefix"))
             try:
-                row["installed"] = IPNetwork(str(r.get("prefix"))) in self.fib.installed
+                in_fib = IPNetwork(prefix) in self.fib.installed
             except Exception:  # noqa: BLE001
-                row["installed"] = False
-            rows.append(row)
+                in_fib = False
+            for e in r.get("routes") or ():
+                tunnel = e.get("neighbor")
+                t = self.config.tunnels.get(tunnel)
+                status = e.get("status")
+                damp = e.get("dampening")
+                rows.append({
+                    "prefix": prefix, "next_hop": e.get("next_hop"),
+                    "interface": t.interface.name if t is not None else None, "tunnel": tunnel, "source": "bgp",
+                    "as_path": e.get("as_path"), "installed": in_fib and status in ("best", "ecmp"),
+                    "best": status in ("best", "ecmp"), "status": status, "reason": e.get("why"),
+                    "local_pref": e.get("local_pref"), "med": e.get("med"), "origin": e.get("origin"),
+                    "dampening": damp if isinstance(damp, str) or damp is None else str(damp),
+                })
         return rows
 
     def collect_metrics(self) -> None:
