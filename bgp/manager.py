@@ -23,6 +23,7 @@ the same methods directly, with a veth standing in for the XFRM interface.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -46,6 +47,7 @@ STALE_TIMEOUT = 120.0          # seconds to wait for a neighbor's End-of-RIB aft
 STALE_QUIET = 3.0              # ... or, for peers that send no End-of-RIB (no graceful restart negotiated:
                                # GoBGP), this long without an update once the session is up again
 DEFAULT_RESTART_DELAY = 60.0
+QUIET_EVENTS = {"bgp_update_ignored", "bgp_unknown_neighbor"}   # rib bookkeeping, not for the event stream
 
 
 def bgp_wanted(config: Any) -> bool:
@@ -93,6 +95,9 @@ class RouteManager:
         self._connections = 0
         self._ifindex: dict[str, int] = {}
         self.fib = Fib(netns)
+        # pyroute2's IPRoute cannot live in a thread running an asyncio loop: every FIB write
+        # runs, in order, on this one thread (a job is queued at once, never awaited)
+        self._fibq = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="isthmus-fib")
         self.speaker = Speaker(workdir, on_message=self._on_message, on_connected=self._on_connected,
                                on_disconnected=self._on_disconnected, neighbor_name=self._lookup, netns=netns,
                                exabgp_argv=exabgp_argv)
@@ -104,7 +109,7 @@ class RouteManager:
 
     def _build(self, config: Any) -> None:
         self.config = config
-        self.policy = PolicyEngine(config.bgp)
+        self.policy = PolicyEngine(config.bgp, self._bgp_tunnels(config))
         self.rib = Rib(config.bgp, self._bgp_tunnels(config), self.policy)
         self._specs(config)
 
@@ -131,8 +136,23 @@ class RouteManager:
         self.speaker.configure(self._render())
 
     # ------------------------------------------------------------------ life cycle
+    def _fib_submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        fut = self._fibq.submit(fn, *args)
+
+        def done(f: concurrent.futures.Future) -> None:
+            exc = f.exception()
+            if exc is not None:
+                log.error("FIB job failed: %s", exc, exc_info=exc)
+        fut.add_done_callback(done)
+        return fut
+
+    def fib_barrier(self) -> concurrent.futures.Future:
+        """Done when every FIB job queued so far is (tests, show)."""
+        return self._fibq.submit(lambda: None)
+
     async def start(self) -> None:
-        report = self.fib.reconcile({})      # leftovers of an earlier run: nothing is learned yet
+        loop = asyncio.get_running_loop()
+        report = await loop.run_in_executor(self._fibq, self.fib.reconcile, {})   # leftovers of an earlier run
         if report.removed:
             log.info("FIB: %d BGP route(s) left by an earlier run removed", report.removed)
         await self.speaker.start(self._render())
@@ -144,10 +164,12 @@ class RouteManager:
         if self._stale_timer is not None:
             self._stale_timer.cancel()
         await self.speaker.stop()
+        loop = asyncio.get_running_loop()
         if flush:
-            n = self.fib.flush()
+            n = await loop.run_in_executor(self._fibq, self.fib.flush)
             log.info("FIB: %d BGP route(s) removed", n)
-        self.fib.close()
+        await loop.run_in_executor(self._fibq, self.fib.close)
+        self._fibq.shutdown(wait=True)
 
     async def reload(self, config: Any) -> None:
         """New validated config: policy re-evaluated on what was received, neighbors whose tunnel
@@ -159,7 +181,6 @@ class RouteManager:
         for gone in old - set(tunnels):
             self._neighbor_gone(gone, "removed from the configuration")
         self.up &= set(config.tunnels)
-        self.policy = PolicyEngine(config.bgp) if config.bgp is not None else self.policy
         if config.bgp is not None:
             self._apply(self.rib.reconfigure(config.bgp, tunnels, self.clock()))
         self._specs(config)
@@ -171,7 +192,7 @@ class RouteManager:
         if name not in self.neighbors:
             return
         self.up.add(name)
-        self._ifindex.pop(name, None)
+        self._fib_submit(self._ifindex.pop, name, None)
         log.info("tunnel up: BGP neighbor configured", extra={"tunnel": name})
         self._reconfigure_speaker()
 
@@ -196,7 +217,7 @@ class RouteManager:
         self.learned.pop(name, None)
         self.stale.pop(name, None)
         self._apply(self.rib.neighbor_down(name, self.clock()))
-        self._ifindex.pop(name, None)
+        self._fib_submit(self._ifindex.pop, name, None)
 
     # ------------------------------------------------------------------ ExaBGP
     def _on_connected(self) -> None:
@@ -336,14 +357,17 @@ class RouteManager:
         if self._stale_timer is not None:
             self._stale_timer.cancel()
             self._stale_timer = None
-        report = self.fib.reconcile(self._wanted_fib())
+        self._fib_submit(self._reconcile_job, self.rib.best())
+
+    def _reconcile_job(self, best: list) -> None:     # FIB thread
+        report = self.fib.reconcile({e.prefix: self._hops(e) for e in best})
         log.info("FIB reconciled after the ExaBGP restart: %d kept, %d replaced, %d removed", report.kept,
                  report.replaced, report.removed)
         for e in report.errors or ():
             log.error("FIB: %s", e)
 
     # ------------------------------------------------------------------ RIB changes -> FIB, ExaBGP
-    def _ifindex_of(self, tunnel: str) -> int | None:
+    def _ifindex_of(self, tunnel: str) -> int | None:      # FIB thread
         idx = self._ifindex.get(tunnel)
         if idx is None:
             t = self.config.tunnels.get(tunnel)
@@ -380,21 +404,22 @@ class RouteManager:
             hops.append((idx, self._gateway(tunnel, nh)))
         return hops
 
-    def _wanted_fib(self) -> dict[IPNetwork, list[tuple[int, IPAddress]]]:
-        return {e.prefix: self._hops(e) for e in self.rib.best()}
-
-    def _apply(self, ch: RibChange) -> None:
-        for e in ch.fib_set:
+    def _fib_job(self, sets: list, removes: list) -> None:      # FIB thread
+        for p in removes:
+            err = self.fib.remove(p)
+            if err:
+                self.fib_errors += 1
+                log.error("FIB: %s", err)
+        for e in sets:
             hops = self._hops(e)
             err = self.fib.set(e.prefix, hops) if hops else self.fib.remove(e.prefix)
             if err:
                 self.fib_errors += 1
                 log.error("FIB: %s", err)
-        for p in ch.fib_remove:
-            err = self.fib.remove(p)
-            if err:
-                self.fib_errors += 1
-                log.error("FIB: %s", err)
+
+    def _apply(self, ch: RibChange) -> None:
+        if ch.fib_set or ch.fib_remove:
+            self._fib_submit(self._fib_job, list(ch.fib_set), list(ch.fib_remove))
         for tunnel, routes in ch.announce.items():
             st = self.neighbors.get(tunnel)
             if st is None:
@@ -416,6 +441,9 @@ class RouteManager:
             etype = e.pop("type", "bgp_event")
             tunnel = e.pop("tunnel", None)
             e.pop("time", None)
+            if etype in QUIET_EVENTS:
+                log.debug("%s %s", etype, e, extra={"tunnel": tunnel} if tunnel else {})
+                continue
             log.warning("%s %s", etype, e, extra={"tunnel": tunnel} if tunnel else {})
             self.publish(etype, tunnel, **e)
         for tunnel in ch.restart_neighbor:

@@ -75,6 +75,7 @@ class Speaker:
         self._writer: asyncio.StreamWriter | None = None
         self._sent: deque[str] = deque()
         self._config_text = ""
+        self._loaded_text = ""          # the configuration the running ExaBGP has read
         self._stopping = False
         self._supervisor: asyncio.Task | None = None
         self._conn_task: asyncio.Task | None = None
@@ -150,11 +151,19 @@ class Speaker:
         if config_text == self._config_text:
             return False
         self._write_config(config_text)
-        if self.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGUSR1)
-            log.info("ExaBGP configuration changed: reload requested")
+        # before its API process connected, ExaBGP may not have its signal handlers yet (SIGUSR1
+        # would kill it): the connection handler sends the reload then
+        if self.pid is not None and self._writer is not None:
+            self._reload()
         return True
+
+    def _reload(self) -> None:
+        if self.pid is None:
+            return
+        self._loaded_text = self._config_text
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGUSR1)
+        log.info("ExaBGP configuration changed: reload requested")
 
     async def _spawn(self) -> None:
         argv = [*self.exabgp_argv, "server", str(self.conf_path)]
@@ -162,6 +171,7 @@ class Speaker:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         env = dict(os.environ, **exabgp.exabgp_env(str(self.log_path)))
         self._exited.clear()
+        self._loaded_text = self._config_text
         self.proc = await asyncio.create_subprocess_exec(
             *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=open(self.workdir / "exabgp.out", "ab"), preexec_fn=_pdeathsig)
@@ -204,6 +214,8 @@ class Speaker:
         self._writer = writer
         self._sent.clear()
         log.info("ExaBGP API process connected")
+        if self._loaded_text != self._config_text:
+            self._reload()
         try:
             self.on_connected()
         except Exception:  # noqa: BLE001
