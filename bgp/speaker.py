@@ -41,6 +41,8 @@ RESTART_MAX = 30.0
 STABLE_AFTER = 30.0
 STOP_WAIT = 5.0
 PR_SET_PDEATHSIG = 1
+RELOAD_CHECK = 0.5             # seconds before checking that ExaBGP reloaded
+RELOAD_TRIES = 20
 
 
 def _pdeathsig() -> None:   # pragma: no cover - runs in the child
@@ -76,6 +78,10 @@ class Speaker:
         self._sent: deque[str] = deque()
         self._config_text = ""
         self._loaded_text = ""          # the configuration the running ExaBGP has read
+        self._log_offset = 0
+        self._reload_tries = 0
+        self._reload_check: asyncio.TimerHandle | None = None
+        self.reloads = 0
         self._stopping = False
         self._supervisor: asyncio.Task | None = None
         self._conn_task: asyncio.Task | None = None
@@ -110,6 +116,8 @@ class Speaker:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._reload_check is not None:
+            self._reload_check.cancel()
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -158,12 +166,47 @@ class Speaker:
         return True
 
     def _reload(self) -> None:
+        """SIGUSR1, until ExaBGP's log shows a reload that began after it. ExaBGP 5.0.15 drops a
+        reload signal that arrives while an announcement is still queued for a peer (the loop
+        re-arms the signal before it checks for pending updates), so one signal is not enough."""
         if self.pid is None:
             return
         self._loaded_text = self._config_text
+        try:
+            self._log_offset = self.log_path.stat().st_size
+        except OSError:
+            self._log_offset = 0
+        self._reload_tries = 0
+        self._signal_reload()
+        log.info("ExaBGP configuration changed: reload requested")
+
+    def _signal_reload(self) -> None:
+        if self.pid is None:
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGUSR1)
-        log.info("ExaBGP configuration changed: reload requested")
+        self._reload_tries += 1
+        if self._reload_check is not None:
+            self._reload_check.cancel()
+        self._reload_check = asyncio.get_running_loop().call_later(RELOAD_CHECK, self._check_reload)
+
+    def _check_reload(self) -> None:
+        self._reload_check = None
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                seen = b"performing reload" in f.read()
+        except OSError:
+            seen = True       # no log to read: trust the signal
+        if seen:
+            self.reloads += 1
+            return
+        if self._reload_tries >= RELOAD_TRIES:
+            log.error("ExaBGP did not reload after %d signals; restarting it", self._reload_tries)
+            self.kill_exabgp(signal.SIGTERM)
+            return
+        log.info("ExaBGP has not reloaded yet (a signal it dropped): signalling again")
+        self._signal_reload()
 
     async def _spawn(self) -> None:
         argv = [*self.exabgp_argv, "server", str(self.conf_path)]
