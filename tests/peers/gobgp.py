@@ -105,3 +105,12 @@ class GoBgp(Daemon):
     def wait_route(self, prefix: str, address: str, timeout: float = 30.0) -> None:
         fam = "ipv6" if ":" in prefix else "ipv4"
         self.wait_until(lambda: prefix in self.learned_from(address, fam), timeout, f"route {prefix} from {address}")
+
+    def uptime_stamp(self, address: str) -> int | None:
+        """When the session with `address` was last established (GoBGP's timers.state.uptime,
+        seconds since the epoch): unchanged = the session was not reset."""
+        r = self.gobgp("neighbor", address, "-j", check=False)
+        try:
+            return int(json.loads(r.stdout)["timers"]["state"]["uptime"]["seconds"])
+        except (ValueError, KeyError, TypeError):
+            return None
