@@ -11,8 +11,8 @@ Pure functions, no I/O (the process and the pipe are :mod:`bgp.speaker`'s):
   as JSON.
 * :func:`parse_line` turns one line ExaBGP wrote into an :class:`ApiMessage` (or ``None`` for
   lines that mean nothing to us). It never raises: a truncated line, an unknown message type,
-  a broken attribute is logged and skipped; a huge AS path is cut to :data:`MAX_AS_PATH` (the
-  route is kept, a warning is logged).
+  a broken attribute is logged and skipped; the routes of an update whose AS path is
+  longer than :data:`MAX_AS_PATH` are logged and treated as withdrawn (RFC 7606).
 * :func:`announce_command` / :func:`withdraw_command` format API commands.
 """
 
@@ -31,7 +31,7 @@ log = logging.getLogger("isthmus.bgp.exabgp")
 
 API_PROCESS = "isthmus"
 MIN_HOLD_TIME = 3                 # RFC 4271 §4.2: 0 or at least 3 seconds
-MAX_AS_PATH = 1000                # longer paths are cut (and logged); a BGP message holds at most ~1000 ASNs of 4 bytes
+MAX_AS_PATH = 1000                # an update with a longer path is ignored (logged): a 4096-byte UPDATE holds < 1000 4-byte ASNs
 MAX_LINE = 1 << 24                # a line longer than this is not parsed (logged)
 
 
@@ -245,13 +245,17 @@ class ApiMessage:
     direction: str | None = None
 
 
+class HugeAsPath(ValueError):
+    """An AS_PATH longer than MAX_AS_PATH: the update is not used."""
+
+
 class ParseStats:
     """Counts of what parse_line skipped (for metrics and tests)."""
 
     def __init__(self) -> None:
         self.malformed = 0
         self.unknown = 0
-        self.truncated_as_paths = 0
+        self.huge_as_paths = 0
 
 
 STATS = ParseStats()
@@ -348,8 +352,16 @@ def _parse_line(line: str | bytes, neighbor_name: Any) -> ApiMessage | None:
     name = neighbor_name(peer) if neighbor_name is not None else ""
     attrs = update.get("attribute") or {}
     ebgp = peer_as is None or local_as is None or peer_as != local_as
-    common = _attributes(attrs, name, peer_as or 0, ebgp)
+    treat_as_withdraw = False
+    try:
+        common = _attributes(attrs, name, peer_as or 0, ebgp)
+    except HugeAsPath as e:
+        STATS.huge_as_paths += 1
+        log.warning("ExaBGP API: an update from %s with an AS_PATH of %d ASNs (more than %d): its routes are "
+                    "treated as withdrawn (RFC 7606)", peer, e.args[0], MAX_AS_PATH)
+        treat_as_withdraw, common = True, {}
     announced: list[Route] = []
+    withdrawn: list[IPNetwork] = []
     for family, by_nh in (update.get("announce") or {}).items():
         if not _unicast(family) or not isinstance(by_nh, dict):
             continue
@@ -357,9 +369,10 @@ def _parse_line(line: str | bytes, neighbor_name: Any) -> ApiMessage | None:
             next_hop = _ip(nh) or peer
             for nlri in nlris or ():
                 p = _nlri(nlri)
-                if p is not None:
+                if p is not None and treat_as_withdraw:
+                    withdrawn.append(p)
+                elif p is not None:
                     announced.append(Route(prefix=p, next_hop=next_hop, **common))
-    withdrawn: list[IPNetwork] = []
     for family, nlris in (update.get("withdraw") or {}).items():
         if not _unicast(family) or not isinstance(nlris, list):
             continue
@@ -425,13 +438,8 @@ def _attributes(attrs: dict, name: str, peer_as: int, ebgp: bool) -> dict[str, A
         for a in values:
             if isinstance(a, int) and not isinstance(a, bool) and 0 <= a < 1 << 32:
                 path.append(a)
-            if len(path) > MAX_AS_PATH:
-                break
-    if len(path) > MAX_AS_PATH:
-        STATS.truncated_as_paths += 1
-        log.warning("ExaBGP API: an AS path longer than %d ASNs from %s cut to %d", MAX_AS_PATH, name or "?",
-                    MAX_AS_PATH)
-        path = path[:MAX_AS_PATH]
+        if len(path) > MAX_AS_PATH:
+            raise HugeAsPath(len(path))
     comms = tuple((c[0], c[1]) for c in attrs.get("community") or ()
                   if isinstance(c, list) and len(c) == 2 and all(isinstance(x, int) for x in c))
     large = tuple((c[0], c[1], c[2]) for c in attrs.get("large-community") or ()

@@ -183,14 +183,17 @@ def test_bad_lines_never_raise(line):
         assert all(r.prefix.prefixlen <= 32 for r in m.announced)
 
 
-def test_huge_as_path_is_cut_and_counted():
-    before = exabgp.STATS.truncated_as_paths
+def test_huge_as_path_is_ignored_and_counted():
+    before = exabgp.STATS.huge_as_paths
     path = {"0": {"element": "as-sequence", "value": list(range(1, 100_001))}}
     m = exabgp.parse_line(update_line({"ipv4 unicast": {"169.254.21.2": [{"nlri": "10.2.0.0/16"}]}},
                                       attrs={"origin": "igp", "as-path": path}))
+    assert m.announced == () and m.withdrawn == (IPNetwork("10.2.0.0/16"),)      # treat-as-withdraw
+    assert exabgp.STATS.huge_as_paths == before + 1
+    ok = {"0": {"element": "as-sequence", "value": list(range(1, exabgp.MAX_AS_PATH + 1))}}
+    m = exabgp.parse_line(update_line({"ipv4 unicast": {"169.254.21.2": [{"nlri": "10.2.0.0/16"}]}},
+                                      attrs={"origin": "igp", "as-path": ok}))
     assert len(m.announced[0].as_path) == exabgp.MAX_AS_PATH
-    assert m.announced[0].as_path[:3] == (1, 2, 3)
-    assert exabgp.STATS.truncated_as_paths == before + 1
 
 
 def test_commands():
