@@ -42,9 +42,14 @@ def write_config(directory: Path, text: str) -> Path:
 
 
 def tunnel_yaml(name: str, n: int, peer_as: int, *, imp: str | None = None, exp: str | None = None,
-                extra: str = "") -> str:
-    """A tunnel `name` on interface xfrm-<name[-1]>, inside 169.254.2n.1/30 (peer .2)."""
+                extra: str = "", v6: bool = False) -> str:
+    """A tunnel `name` on interface xfrm-<name[-1]>, inside 169.254.2n.1/30 (peer .2); with `v6`
+    also fd00:2n::1/126 and an IPv6 session to fd00:2n::2."""
     bgp = f"peer_as: {peer_as}, peer_address: 169.254.2{n}.2, hold_time: 3"
+    addr6 = ""
+    if v6:
+        bgp += f', peer_address6: "fd00:2{n}::2"'
+        addr6 = f', address6: "fd00:2{n}::1/126"'
     if imp:
         bgp += f", import: {imp}"
     if exp:
@@ -52,7 +57,7 @@ def tunnel_yaml(name: str, n: int, peer_as: int, *, imp: str | None = None, exp:
     if extra:
         bgp += ", " + extra
     return (f"  {name}:\n    remote: 198.51.100.{n}\n    auth: {{psk_file: secrets/t.psk}}\n"
-            f"    interface: {{name: xfrm-{name[-1]}, address: 169.254.2{n}.1/30}}\n"
+            f"    interface: {{name: xfrm-{name[-1]}, address: 169.254.2{n}.1/30{addr6}}}\n"
             f"    bgp: {{{bgp}}}\n")
 
 
@@ -101,6 +106,8 @@ class Appliance:
             sh(["ip", "link", "set", tmp, "netns", self.ns.name, "name", p.ifname])
             sh(["ip", "link", "set", tmp + "p", "netns", pns.name, "name", "p-" + tunnel[-1]])
             self.ns.run(["ip", "addr", "add", f"{p.app_address}/30", "dev", p.ifname])
+            self.ns.run(["ip", "addr", "add", f"fd00:2{n}::1/126", "dev", p.ifname, "nodad"])
+            pns.run(["ip", "addr", "add", f"fd00:2{n}::2/126", "dev", "p-" + tunnel[-1], "nodad"])
             self.ns.run(["ip", "link", "set", p.ifname, "up"])
             pns.run(["ip", "addr", "add", f"{p.address}/30", "dev", "p-" + tunnel[-1]])
             pns.run(["ip", "link", "set", "p-" + tunnel[-1], "up"])

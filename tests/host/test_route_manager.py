@@ -163,3 +163,29 @@ def test_max_prefix_actions(action, tmp_path):
                 app.wait(lambda: len(app.events_of("bgp_session_up", "to-b")) >= 2, 20, "the session again")
         finally:
             peer.close()
+
+
+def test_ipv6_unicast_session_with_frr(tmp_path):
+    pol = ("    from-peer: {prefixes: [{prefix: 10.2.0.0/16, le: 24}, {prefix: 'fd00:2::/32', le: 48}]}\n"
+           "    to-peer: {prefixes: [{prefix: 10.1.0.0/16}, {prefix: 'fd00:1::/48'}]}\n")
+    text = config(tunnel_yaml("to-b", 1, 65002, imp="from-peer", exp="to-peer", v6=True), pol,
+                  announce="10.1.0.0/16, 'fd00:1::/48'")
+    with Appliance(tmp_path, text, [("to-b", 1)]) as app:
+        p = app.peers["to-b"]
+        frr = Frr(tmp_path / "frr", p.name, router_id=p.address, local_as=65002,
+                  announce=["10.2.0.0/16", "fd00:2:5::/48"],
+                  neighbors=[BgpNeighbor(p.app_address, 65001, local_address=p.address, hold_time=3),
+                             BgpNeighbor("fd00:21::1", 65001, local_address="fd00:21::2", hold_time=3)])
+        try:
+            frr.start()
+            app.start()
+            app.tunnel_up("to-b")
+            app.wait_fib({"10.2.0.0/16": {("169.254.21.2", "xfrm-b")}, "fd00:2:5::/48": {("fd00:21::2", "xfrm-b")}})
+            frr.wait_route("10.1.0.0/16", p.app_address)
+            frr.wait_route("fd00:1::/48", "fd00:21::1")
+            assert frr.learned_from("fd00:21::1", "ipv6") == {"fd00:1::/48"}
+            assert frr.learned_from(p.app_address) == {"10.1.0.0/16"}
+            app.tunnel_down("to-b")
+            app.wait(lambda: app.fib() == {}, 2, "both families out of the FIB", interval=0.01)
+        finally:
+            frr.close()
