@@ -276,7 +276,7 @@ class PolicyEngine:
 
     def import_route(self, tunnel: Tunnel, route: Route) -> Verdict:
         prefix = route.prefix
-        if prefix.cidr != prefix:
+        if int(prefix.ip) != prefix.first:
             return Verdict(False, None, f"malformed prefix {prefix} (host bits set)")
         if self.asn in route.as_path:
             return Verdict(False, None, f"as-path loop (own AS {self.asn})")
