@@ -270,7 +270,7 @@ EVENT: View = (
     Field("old_spi_r", SPI8), Field("spi_in", SPI4), Field("spi_out", SPI4), Field("old_spi_in", SPI4),
     Field("old_spi_out", SPI4), Field("proposal", STR), Field("interface", STR), Field("peer_address", STR),
     Field("peer_as", INT), Field("prefix", STR), Field("count", INT), Field("added", STRLIST),
-    Field("removed", STRLIST), Field("changed", STRLIST), Field("peer", STR), Field("action", STR),
+    Field("removed", STRLIST), Field("changed", STRLIST), Field("action", STR),
     Field("limit", INT), Field("delay", INT), Field("stale_routes", INT), Field("restarts", INT),
 )
 

@@ -307,12 +307,13 @@ class RouteManager:
     def _session_event(self, st: NeighborState, state: str, reason: str, publish_only: bool = False) -> None:
         st.transitions += 1
         peer = str(st.specs[0].peer_address) if st.specs else ""
+        peer_as = st.specs[0].peer_as if st.specs else None
         if state == "up":
             log.info("BGP session up with %s", peer, extra={"tunnel": st.tunnel})
-            self.publish("bgp_session_up", st.tunnel, peer=peer)
+            self.publish("bgp_session_up", st.tunnel, peer_address=peer, peer_as=peer_as)
         else:
             log.info("BGP session down with %s: %s", peer, reason, extra={"tunnel": st.tunnel})
-            self.publish("bgp_session_down", st.tunnel, peer=peer, reason=reason)
+            self.publish("bgp_session_down", st.tunnel, peer_address=peer, peer_as=peer_as, reason=reason)
         if self.metrics is not None:
             self.metrics.bgp_session_transitions.inc(tunnel=st.tunnel, peer=peer)
 
