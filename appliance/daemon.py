@@ -684,7 +684,7 @@ class Daemon:
             await self.bgp.stop()
             self.bgp = None
         elif self.bgp is not None:
-            await self.bgp.reload(config)
+            await self.bgp.reload(config, {n for n, st in self.state.items() if st.up_since is not None})
         else:
             await self._start_bgp(config)
 

@@ -171,10 +171,10 @@ class RouteManager:
         await loop.run_in_executor(self._fibq, self.fib.close)
         self._fibq.shutdown(wait=True)
 
-    async def reload(self, config: Any) -> None:
+    async def reload(self, config: Any, up: set[str] | None = None) -> None:
         """New validated config: policy re-evaluated on what was received, neighbors whose tunnel
-        went away shut down, new ones configured if their tunnel is up; unchanged ones keep their
-        sessions."""
+        went away shut down, new ones configured if their tunnel is up (`up`: the tunnels with a
+        Child SA now, as the daemon knows them); unchanged ones keep their sessions."""
         old = set(self.neighbors)
         self.config = config
         tunnels = self._bgp_tunnels(config)
@@ -184,6 +184,9 @@ class RouteManager:
         if config.bgp is not None:
             self._apply(self.rib.reconfigure(config.bgp, tunnels, self.clock()))
         self._specs(config)
+        if up is not None:
+            self.up |= {n for n in up if n in self.neighbors}
+        self.up &= set(self.neighbors)
         self._reconfigure_speaker()
 
     # ------------------------------------------------------------------ tunnel events
