@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 from bgp import exabgp
@@ -40,3 +41,25 @@ def test_malformed_api_input_is_logged_and_ignored(tmp_path, caplog):
         assert "malformed JSON ignored" in text and "longer than" in text and "treated as withdrawn" in text
         assert "ignored a non-JSON line: '[]'" in text and "message of type 'flowspec-magic'" in text
         assert "ExaBGP refused a command: neighbor 169.254.21.2 announce route 10.1.0.0/16" in text
+
+
+def test_a_speaker_that_keeps_dying_is_restarted_with_back_off(tmp_path, monkeypatch):
+    """ExaBGP exiting at once, again and again: restarted each time, the delays doubling; the
+    manager answers all the while."""
+    from bgp import speaker
+    monkeypatch.setattr(speaker, "RESTART_FIRST", 0.1)
+    text = config(tunnel_yaml("to-b", 1, 65002, imp="from-peer", exp="to-peer"), POLICIES)
+    dying = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    with Appliance(tmp_path, text, [("to-b", 1)], exabgp_argv=dying) as app:
+        app.start()
+        starts = []
+        app.wait(lambda: starts.append(app.mgr.speaker.starts) or app.mgr.speaker.starts >= 5, 20,
+                 "five starts")
+        t = time.monotonic()
+        app.wait(lambda: app.mgr.speaker.starts >= 6, 20, "a sixth start")
+        gap = time.monotonic() - t
+        print(f"\n6 starts; the gap before the 6th: {gap:.2f} s (0.1 s doubling: 1.6 s)")
+        assert gap >= 0.5                      # backing off, not spinning
+        assert app.show_bgp()["speaker"]["connected"] is False
+        app.tunnel_up("to-b")                  # still answering
+        assert app.neighbor("to-b")["state"] in ("active", "opensent")
