@@ -306,6 +306,14 @@ class RouteManager:
                 self.learned.pop(st.tunnel, None)
                 self.stale.pop(st.tunnel, None)
                 self._apply(self.rib.neighbor_down(st.tunnel, self.clock()))
+            elif st.established:
+                # one of the tunnel's two sessions (IPv4, IPv6) went: that family's routes go
+                version = IPAddress(peer).version
+                gone = [p for p in self.learned.get(st.tunnel, ()) if p.version == version]
+                if gone:
+                    for p in gone:
+                        self.learned[st.tunnel].discard(p)
+                    self._apply(self.rib.update(st.tunnel, [], gone, self.clock()))
 
     def _session_event(self, st: NeighborState, state: str, reason: str, publish_only: bool = False) -> None:
         st.transitions += 1
