@@ -6,6 +6,7 @@ routes BIRD announces - including the change BIRD made while ExaBGP was dead (10
 from __future__ import annotations
 
 import ipaddress
+import os
 import json
 import signal
 import threading
@@ -81,3 +82,53 @@ def test_exabgp_sigkill_under_10k_routes(tmp_path):
             assert n["state"] == "established" and n["prefixes_accepted"] == len(want), json.dumps(n)
         finally:
             bird.close()
+
+
+def test_relay_killed_under_a_running_exabgp(tmp_path):
+    """The API process (bgp/relay.py) dies while ExaBGP runs: ExaBGP would respawn it, but the
+    messages in between are lost, so the speaker restarts ExaBGP instead; the FIB is kept and
+    resynchronised (GoBGP sends no End-of-RIB here: the quiet-period sweep ends it)."""
+    from tests.peers.gobgp import GoBgp
+    pol = ("    from-b: {prefixes: [{prefix: 10.64.0.0/10, le: 24}]}\n"
+           "    to-b: {prefixes: [{prefix: 10.1.0.0/16}]}\n")
+    text = config(tunnel_yaml("to-b", 1, 65002, imp="from-b", exp="to-b"), pol)
+    with Appliance(tmp_path, text, [("to-b", 1)]) as app:
+        p = app.peers["to-b"]
+        peer = GoBgp(tmp_path / "gobgp", p.name, router_id=p.address, local_as=65002,
+                     announce=["10.64.1.0/24", "10.64.2.0/24", "10.64.3.0/24"],
+                     neighbors=[BgpNeighbor(p.app_address, 65001, local_address=p.address, hold_time=3)])
+        try:
+            peer.start()
+            app.start()
+            app.tunnel_up("to-b")
+            want = {f"10.64.{i}.0/24": {("169.254.21.2", "xfrm-b")} for i in (1, 2, 3)}
+            app.wait_fib(want)
+            exa = app.mgr.speaker.pid
+            relays = [int(d) for d in os.listdir("/proc") if d.isdigit() and _ppid(d) == exa
+                      and b"relay.py" in _cmdline(d)]
+            assert len(relays) == 1
+            os.kill(relays[0], signal.SIGKILL)
+            peer.delete("10.64.3.0/24")             # while the API is being replaced
+            seen = []
+            app.wait(lambda: seen.append(len(app.fib())) or (app.mgr.speaker.pid not in (None, exa)
+                                                             and app.mgr.speaker.connected), 20, "a new ExaBGP")
+            del want["10.64.3.0/24"]
+            app.wait_fib(want, timeout=30)
+            print(f"\nrelay killed: ExaBGP replaced, FIB sizes seen meanwhile {sorted(set(seen))}")
+            assert min(seen) >= 2
+        finally:
+            peer.close()
+
+
+def _ppid(pid: str) -> int:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return b""

@@ -106,8 +106,31 @@ def sa_packets_out(ns: Netns) -> dict[str, int]:
     return res
 
 
+def diagnostics(apps: dict, nss) -> str:
+    out = []
+    for (key, app), ns in zip(apps.items(), nss):
+        out.append(f"=== region {key}: routes\n" + ns.run("ip route; ip -br link", check=False).stdout)
+        for what in (("show", "bgp"), ("show", "tunnels")):
+            r = app.cli(*what, check=False)
+            out.append(f"--- {key}: isthmus {' '.join(what)}\n{r.stdout}{r.stderr}")
+        log = app.run_dir / "bgp" / "exabgp.log"
+        if log.exists():
+            lines = [x for x in log.read_text(errors="replace").splitlines() if "statistics" not in x]
+            out.append(f"--- {key}: exabgp.log (tail)\n" + "\n".join(lines[-40:]))
+        out.append(f"--- {key}: isthmusd log (tail)\n" + app.log_tail(40))
+    return "\n".join(out)
+
+
 def test_bgp_over_two_tunnels_ecmp_and_dpd_failover(regions):
     apps, (a, b), (la, lb) = regions
+    try:
+        run(apps, a, b, la)
+    except Exception:
+        print(diagnostics(apps, (a, b)))
+        raise
+
+
+def run(apps, a, b, la):
     for app in apps.values():
         for t in ("t1", "t2"):
             app.wait_tunnel_up(t)
