@@ -47,6 +47,7 @@ STALE_TIMEOUT = 120.0          # seconds to wait for a neighbor's End-of-RIB aft
 STALE_QUIET = 3.0              # ... or, for peers that send no End-of-RIB (no graceful restart negotiated:
                                # GoBGP), this long without an update once the session is up again
 DEFAULT_RESTART_DELAY = 60.0
+TICK = 1.0                     # seconds between dampening reuse checks
 QUIET_EVENTS = {"bgp_update_ignored", "bgp_unknown_neighbor"}   # rib bookkeeping, not for the event stream
 
 
@@ -93,6 +94,7 @@ class RouteManager:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._stale_timer: asyncio.TimerHandle | None = None
         self._connections = 0
+        self._ticker: asyncio.Future | None = None
         self._ifindex: dict[str, int] = {}
         self.fib = Fib(netns)
         # pyroute2's IPRoute cannot live in a thread running an asyncio loop: every FIB write
@@ -156,8 +158,22 @@ class RouteManager:
         if report.removed:
             log.info("FIB: %d BGP route(s) left by an earlier run removed", report.removed)
         await self.speaker.start(self._render())
+        self._ticker = asyncio.ensure_future(self._tick_loop())
+
+    async def _tick_loop(self) -> None:
+        """Dampening: suppressed routes are reused when their penalty has decayed (rib.tick)."""
+        while True:
+            await asyncio.sleep(TICK)
+            try:
+                due = self.rib.next_tick()
+                if due is not None and due <= self.clock():
+                    self._apply(self.rib.tick(self.clock()))
+            except Exception:  # noqa: BLE001
+                log.exception("dampening tick failed")
 
     async def stop(self, flush: bool = True) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
         for h in self._timers.values():
             h.cancel()
         self._timers.clear()

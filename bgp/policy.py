@@ -25,7 +25,6 @@ med, prepend, our AS, next hop self.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -72,6 +71,9 @@ BOGONS_V6 = tuple(IPNetwork(p) for p in (
     "fec0::/10",          # site-local, deprecated (RFC 3879)
     "ff00::/8",           # multicast (RFC 4291)
 ))
+
+_BOGON_RANGES_V4 = tuple((b, b.first, b.last) for b in BOGONS_V4)
+_BOGON_RANGES_V6 = tuple((b, b.first, b.last) for b in BOGONS_V6)
 
 
 class PolicyError(ValueError):
@@ -165,6 +167,8 @@ class CompiledPolicy:
         self.deny_as = frozenset(policy.as_path.deny)
         self.contains_as = frozenset(policy.as_path.contains)
         self.transit = frozenset(policy.transit)
+        self._no_conditions = not (self.deny_as or self.contains_as or policy.as_path.max_length is not None
+                                   or self.deny or self.match)
 
     def prefix_verdict(self, prefix: IPNetwork) -> str | None:
         """None = permitted; else why refused. An empty list permits every prefix."""
@@ -178,6 +182,8 @@ class CompiledPolicy:
 
     def conditions(self, route: Route) -> str | None:
         """AS_PATH and community conditions: None = passed, else why refused."""
+        if self._no_conditions:
+            return None
         path = route.as_path
         if self.deny_as:
             hit = sorted(a for a in set(path) if a in self.deny_as)
@@ -203,7 +209,7 @@ class CompiledPolicy:
         large = [c for c in route.large_communities if c not in self.remove.large]
         std += sorted(c for c in self.add.standard if c not in std)
         large += sorted(c for c in self.add.large if c not in large)
-        return dataclasses.replace(route, communities=tuple(std), large_communities=tuple(large))
+        return with_changes(route, communities=tuple(std), large_communities=tuple(large))
 
 
 @dataclass(frozen=True)
@@ -215,6 +221,19 @@ class Verdict:
 
 def _net(x: object) -> IPNetwork:
     return IPNetwork(str(x))
+
+
+_new = object.__new__
+
+
+def with_changes(route: Route, **changes: object) -> Route:
+    """``dataclasses.replace`` for :class:`Route`, without re-running ``__init__`` (several times
+    faster; the fields are the same frozen values, ``changes`` must name existing fields)."""
+    new = _new(Route)
+    d = new.__dict__
+    d.update(route.__dict__)
+    d.update(changes)
+    return new
 
 
 class PolicyEngine:
@@ -232,6 +251,8 @@ class PolicyEngine:
             sorted(((name, IPAddress(str(t.remote))) for name, t in (tunnels or {}).items()),
                    key=lambda x: x[0]))
         self._default_guards = Guards()
+        self._tunnels = dict(tunnels or {})
+        self._next_hops = {(name, v): _inside(t, v) for name, t in self._tunnels.items() for v in (4, 6)}
 
     # --- helpers
 
@@ -255,20 +276,21 @@ class PolicyEngine:
         plen, v = prefix.prefixlen, prefix.version
         if plen == 0:
             return "default route" if guards.default_route else None
+        first, last = prefix.first, prefix.last
         if guards.bogons:
-            for b in (BOGONS_V4 if v == 4 else BOGONS_V6):
-                if b.first <= prefix.first and prefix.last <= b.last:
+            for b, bfirst, blast in (_BOGON_RANGES_V4 if v == 4 else _BOGON_RANGES_V6):
+                if bfirst <= first and last <= blast:
                     return f"bogon (inside {b})"
         maxlen = guards.max_length if v == 4 else guards.max_length6
         if plen > maxlen:
             return f"too specific (/{plen} > /{maxlen})"
-        if guards.own_prefixes and self.is_own(prefix):
+        if guards.own_prefixes and any(ov == v and of <= first and last <= ol for ov, of, ol in self._own_ranges):
             return "own prefix"
         if guards.bogons:
             # A prefix holding a tunnel's underlay address (checked with the bogons: both are
             # "never a destination behind a tunnel"; the default route is governed above).
             for name, addr in self.endpoints or ((tunnel.name, IPAddress(str(tunnel.remote))),):
-                if addr.version == v and prefix.first <= int(addr) <= prefix.last:
+                if addr.version == v and first <= int(addr) <= last:
                     return f"holds tunnel {name}'s endpoint {addr}"
         return None
 
@@ -276,7 +298,7 @@ class PolicyEngine:
 
     def import_route(self, tunnel: Tunnel, route: Route) -> Verdict:
         prefix = route.prefix
-        if int(prefix.ip) != prefix.first:
+        if prefix.value != prefix.first:
             return Verdict(False, None, f"malformed prefix {prefix} (host bits set)")
         if self.asn in route.as_path:
             return Verdict(False, None, f"as-path loop (own AS {self.asn})")
@@ -303,7 +325,7 @@ class PolicyEngine:
         if pol.policy.med is not None:
             changes["med"] = pol.policy.med
         if changes:
-            out = dataclasses.replace(out, **changes)  # type: ignore[arg-type]
+            out = with_changes(out, **changes)
         return Verdict(True, out, "accepted")
 
     def _received(self, route: Route, tunnel: Tunnel, ebgp: bool) -> Route:
@@ -322,7 +344,7 @@ class PolicyEngine:
             changes["local_pref"] = None
         if GRACEFUL_SHUTDOWN in route.communities:
             changes["local_pref"] = 0
-        return dataclasses.replace(route, **changes) if changes else route  # type: ignore[arg-type]
+        return with_changes(route, **changes) if changes else route
 
     # --- export
 
@@ -367,10 +389,15 @@ class PolicyEngine:
         else:
             local_pref = pol.policy.local_pref if pol is not None and pol.policy.local_pref is not None \
                 else (route.local_pref if route.local_pref is not None else DEFAULT_LOCAL_PREF)
-        return dataclasses.replace(route, next_hop=next_hop, as_path=path, med=med, local_pref=local_pref)
+        return with_changes(route, next_hop=next_hop, as_path=path, med=med, local_pref=local_pref)
 
-    @staticmethod
-    def next_hop_self(tunnel: Tunnel, prefix: IPNetwork) -> IPAddress | None:
-        iface = tunnel.interface
-        addr = iface.address if prefix.version == 4 else iface.address6
-        return IPAddress(str(addr.ip)) if addr is not None else None
+    def next_hop_self(self, tunnel: Tunnel, prefix: IPNetwork) -> IPAddress | None:
+        """Our inside address on ``tunnel`` of the prefix's family (None: the tunnel has none)."""
+        if self._tunnels.get(tunnel.name) is tunnel:
+            return self._next_hops[(tunnel.name, prefix.version)]
+        return _inside(tunnel, prefix.version)
+
+
+def _inside(tunnel: Tunnel, version: int) -> IPAddress | None:
+    addr = tunnel.interface.address if version == 4 else tunnel.interface.address6
+    return IPAddress(str(addr.ip)) if addr is not None else None

@@ -22,6 +22,10 @@ held back by max-prefix ``stop``, not suppressed by dampening):
    ``bgp.max_paths`` of them (ECMP), chosen in the order of the next steps;
 6. lowest peer router id (BGP identifier);
 7. lowest neighbour address, then tunnel name (determinism).
+
+Memory: every table is keyed by one int per prefix (:func:`pkey`); a received route is stored
+once (with the route after policy, often the same object); the FIB view is derived from the
+Loc-RIB, not stored twice.
 """
 
 from __future__ import annotations
@@ -31,15 +35,17 @@ from dataclasses import dataclass, field
 
 from netaddr import IPAddress, IPNetwork
 
-from appliance.config.model import BgpSettings, Tunnel
+from appliance.config.model import BgpSettings, MaxPrefix, Tunnel
 from bgp.dampening import Dampener
 from bgp.policy import DEFAULT_LOCAL_PREF, PolicyEngine, Verdict
 from bgp.route import Origin, Route
 
 _NO_ROUTER_ID = 1 << 32     # a route without a peer router id loses the router id step
+_EMPTY: frozenset[str] = frozenset()
+ACCEPTED = "accepted"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FibEntry:
     prefix: IPNetwork
     next_hops: tuple[tuple[str, IPAddress], ...]   # (tunnel name, next hop address), sorted; >1 = ECMP
@@ -59,30 +65,47 @@ class RibChange:
                     or self.restart_neighbor)
 
 
-def prefix_key(net: IPNetwork) -> tuple[int, int, int]:
-    return net.version, net.first, net.prefixlen
+def pkey(net: IPNetwork) -> int:
+    """The RIB's key for a prefix: one int ordering like (version, first address, length).
+    Hashing netaddr objects would otherwise be the RIB's main cost."""
+    return (net.version << 160) | (net.first << 8) | net.prefixlen
 
 
 def _nh_key(nh: tuple[str, IPAddress]) -> tuple[str, int, int]:
     return nh[0], nh[1].version, int(nh[1])
 
 
+def _hops(selected: tuple[Route, ...]) -> tuple[tuple[str, IPAddress], ...]:
+    if len(selected) == 1:
+        r = selected[0]
+        return ((r.neighbor, r.next_hop),)
+    return tuple(sorted(((r.neighbor, r.next_hop) for r in selected), key=_nh_key))
+
+
+# An Adj-RIB-In entry: (received route, route after import policy or None, reason). The policied
+# route is not None exactly when the route counts against max-prefix and may be used (unless
+# dampening suppresses it); the reason is ACCEPTED then, else why policy (or max-prefix) refused it.
+_Entry = tuple[Route, "Route | None", str]
+
+
 class _Neighbor:
-    """One neighbour's Adj-RIB-In and bookkeeping."""
+    """One neighbour's Adj-RIB-In and bookkeeping (dicts and sets keyed by pkey(prefix))."""
 
     def __init__(self, tunnel: Tunnel, dampener: Dampener | None) -> None:
         self.tunnel = tunnel
         self.name = tunnel.name
         self.up = False
-        #: received route and the verdict on it, in arrival order (max-prefix stop re-admits in it)
-        self.adj_in: dict[IPNetwork, tuple[Route, Verdict]] = {}
-        self.counted: set[IPNetwork] = set()        # accepted by policy and within max-prefix
-        self.held: dict[IPNetwork, None] = {}       # accepted by policy, over the max-prefix limit (stop)
-        self.warned = False                          # max-prefix warn/stop reported for this excursion
+        self.adj_in: dict[int, _Entry] = {}   # in arrival order (max-prefix stop re-admits in it)
+        self.accepted = 0                      # entries with a policied route
+        self.held: dict[int, None] = {}        # accepted by policy, over the max-prefix limit (stop)
+        self.warned = False                    # max-prefix warn/stop reported for this excursion
         self.dampener = dampener
-        self.stale: set[IPNetwork] = set()          # see Rib.mark_stale
-        self.adj_out: dict[IPNetwork, Route] = {}
+        self.stale: set[int] = set()           # see Rib.mark_stale
+        self.adj_out: dict[int, Route] = {}
         self.peer_address = int(IPAddress(str(tunnel.bgp.peer_address))) if tunnel.bgp else 0
+
+    def reset(self) -> None:
+        self.adj_in, self.accepted, self.held, self.warned, self.stale = {}, 0, {}, False, set()
 
 
 class Rib:
@@ -92,11 +115,11 @@ class Rib:
         self.settings = settings
         self.policy = policy
         self._neighbors: dict[str, _Neighbor] = {}
-        self._eligible: dict[IPNetwork, dict[str, Route]] = {}   # per prefix: tunnel -> policied route
-        self._loc: dict[IPNetwork, tuple[Route, ...]] = {}       # per prefix: the selected set, best first
-        self._fib: dict[IPNetwork, FibEntry] = {}
-        self._own: dict[IPNetwork, Route] = {}
-        self._transit_to: dict[str, set[str]] = {}   # source tunnel -> tunnels whose export names it
+        # keyed by pkey(prefix):
+        self._eligible: dict[int, Route | dict[str, Route]] = {}   # one route, or tunnel -> route
+        self._loc: dict[int, tuple[Route, ...]] = {}               # the selected set, best first
+        self._own: dict[int, Route] = {}
+        self._transit_to: dict[str, frozenset[str]] = {}   # source tunnel -> tunnels whose export names it
         self._configure(settings, tunnels)
 
     # ------------------------------------------------------------------------------------------
@@ -108,7 +131,7 @@ class Rib:
         for p in settings.announce:
             net = IPNetwork(str(p))
             nh = IPAddress("0.0.0.0") if net.version == 4 else IPAddress("::")
-            self._own[net] = Route(prefix=net, next_hop=nh, neighbor="", origin=Origin.IGP)
+            self._own[pkey(net)] = Route(prefix=net, next_hop=nh, neighbor="", origin=Origin.IGP)
         old = self._neighbors
         self._neighbors = {}
         for name, t in tunnels.items():
@@ -121,42 +144,47 @@ class Rib:
                     damp = prev.dampener
                 else:
                     damp = Dampener(settings.dampening)
-                    if prev is not None and prev.dampener is not None:
+                    if prev is not None and prev.dampener is not None:   # new parameters, same history
                         damp._records, damp._suppressed = prev.dampener._records, prev.dampener._suppressed
             n = _Neighbor(t, damp)
             if prev is not None:
-                n.up, n.adj_in, n.adj_out, n.stale = prev.up, prev.adj_in, prev.adj_out, prev.stale
+                n.up, n.adj_in, n.accepted, n.held, n.warned = prev.up, prev.adj_in, prev.accepted, prev.held, \
+                    prev.warned
+                n.stale, n.adj_out = prev.stale, prev.adj_out
             self._neighbors[name] = n
-        self._transit_to = {}
+        transit: dict[str, set[str]] = {}
         for name, n in self._neighbors.items():
             pol = self.policy.policies.get(n.tunnel.bgp.export_policy) if n.tunnel.bgp.export_policy else None
             for src in (pol.transit if pol is not None else ()):
-                self._transit_to.setdefault(src, set()).add(name)
+                transit.setdefault(src, set()).add(name)
+        self._transit_to = {src: frozenset(d) for src, d in transit.items()}
 
     def reconfigure(self, settings: BgpSettings, tunnels: Mapping[str, Tunnel], now: float) -> RibChange:
         """Reload: new policies and tunnels. Neighbours that lost their ``bgp:`` block (or their
         tunnel) are taken down; what the others sent is judged again by the new policies, and
         the FIB and every Adj-RIB-Out are brought in line."""
         change = RibChange()
-        gone = [name for name in self._neighbors
-                if name not in tunnels or tunnels[name].bgp is None]
-        for name in gone:
-            self._down(self._neighbors[name], change, now, affected := set())
+        for name in [name for name in self._neighbors if name not in tunnels or tunnels[name].bgp is None]:
+            affected: set[int] = set()
+            self._down(self._neighbors[name], affected)
             del self._neighbors[name]
             self._recompute(affected, change)
         self.policy = PolicyEngine(settings, tunnels)
-        affected: set[IPNetwork] = set(self._eligible) | set(self._loc)
+        affected = set(self._eligible) | set(self._loc)
         self._configure(settings, tunnels)
         self._eligible = {}
         for n in self._neighbors.values():
             if not n.up:
                 continue
-            received = list(n.adj_in.items())
-            n.adj_in, n.counted, n.held, n.warned = {}, set(), {}, False
-            for prefix, (route, _) in received:
-                affected.add(prefix)
+            received = [(k, e[0]) for k, e in n.adj_in.items()]
+            stale = n.stale
+            n.reset()
+            for k, route in received:
+                affected.add(k)
                 if not self._learn(n, route, now, affected, change, flap=False):
                     break
+            else:
+                n.stale = stale & set(n.adj_in)
         self._recompute(affected, change)
         for n in self._neighbors.values():
             if n.up:
@@ -188,19 +216,19 @@ class Rib:
         if n is None:
             change.events.append({"type": "bgp_unknown_neighbor", "tunnel": tunnel})
             return change
-        affected: set[IPNetwork] = set()
-        self._down(n, change, now, affected)
+        affected: set[int] = set()
+        self._down(n, affected)
         self._recompute(affected, change)
         return change
 
-    def _down(self, n: _Neighbor, change: RibChange, now: float, affected: set[IPNetwork]) -> None:
-        for prefix in n.adj_in:
-            routes = self._eligible.get(prefix)
-            if routes is not None and routes.pop(n.name, None) is not None and not routes:
-                del self._eligible[prefix]
-            affected.add(prefix)
+    def _down(self, n: _Neighbor, affected: set[int]) -> None:
+        for k, entry in n.adj_in.items():
+            if entry[1] is not None:
+                self._elig_del(k, n.name)
+            affected.add(k)
         n.up = False
-        n.adj_in, n.counted, n.held, n.warned, n.stale, n.adj_out = {}, set(), {}, False, set(), {}
+        n.reset()
+        n.adj_out = {}
         if n.dampener is not None:      # a session reset is not a flap of each route (FRR clears too)
             n.dampener = Dampener(n.dampener.params)
 
@@ -217,7 +245,7 @@ class Rib:
         n = self._neighbors.get(tunnel)
         if n is None or not n.stale:
             return RibChange()
-        stale = [p for p in n.adj_in if p in n.stale]
+        stale = [e[0].prefix for k, e in n.adj_in.items() if k in n.stale]
         n.stale = set()
         return self.update(tunnel, [], stale, now)
 
@@ -235,66 +263,67 @@ class Rib:
         if not n.up:
             change.events.append({"type": "bgp_update_ignored", "tunnel": tunnel, "reason": "neighbor not up"})
             return change
-        affected: set[IPNetwork] = set()
+        affected: set[int] = set()
         for prefix in withdrawn:
-            self._unlearn(n, prefix, now, affected)
+            self._unlearn(n, pkey(prefix), now, affected)
         for route in announced:
             if not self._learn(n, route, now, affected, change, flap=True):
                 break       # max-prefix restart: the neighbour is down, the rest is moot
         self._recompute(affected, change)
         return change
 
-    def _unlearn(self, n: _Neighbor, prefix: IPNetwork, now: float, affected: set[IPNetwork]) -> None:
-        old = n.adj_in.pop(prefix, None)
-        n.stale.discard(prefix)
+    def _unlearn(self, n: _Neighbor, k: int, now: float, affected: set[int]) -> None:
+        old = n.adj_in.pop(k, None)
+        n.stale.discard(k)
         if old is None:
             return
-        affected.add(prefix)
+        affected.add(k)
         if n.dampener is not None:
-            n.dampener.withdrawn(prefix, now)
-        n.held.pop(prefix, None)
-        if prefix in n.counted:
-            n.counted.discard(prefix)
-            self._set_eligible(n, prefix, None)
-            self._readmit(n, now, affected)
+            n.dampener.withdrawn(k, now)
+        n.held.pop(k, None)
+        if old[1] is not None:
+            n.accepted -= 1
+            self._elig_del(k, n.name)
+            self._readmit(n, affected)
 
-    def _limit(self, n: _Neighbor):
+    def _limit(self, n: _Neighbor) -> MaxPrefix | None:
         name = n.tunnel.bgp.import_policy
         pol = self.policy.policies.get(name) if name else None
         return pol.policy.max_prefix if pol is not None else None
 
-    def _learn(self, n: _Neighbor, route: Route, now: float, affected: set[IPNetwork], change: RibChange,
+    def _learn(self, n: _Neighbor, route: Route, now: float, affected: set[int], change: RibChange,
                flap: bool) -> bool:
         """Take one received route. False: max-prefix restart took the neighbour down."""
-        prefix = route.prefix
-        n.stale.discard(prefix)
-        old = n.adj_in.get(prefix)
+        k = pkey(route.prefix)
+        n.stale.discard(k)
+        old = n.adj_in.get(k)
         if flap and n.dampener is not None and old is not None and old[0] != route:
-            n.dampener.attributes_changed(prefix, now)
+            n.dampener.attributes_changed(k, now)
         verdict = self.policy.import_route(n.tunnel, route)
-        affected.add(prefix)
+        affected.add(k)
+        was_counted = old is not None and old[1] is not None
         if not verdict.accepted:
-            n.adj_in[prefix] = (route, verdict)
-            n.held.pop(prefix, None)
-            if prefix in n.counted:
-                n.counted.discard(prefix)
-                self._set_eligible(n, prefix, None)
-                self._readmit(n, now, affected)
+            n.adj_in[k] = (route, None, verdict.reason)
+            n.held.pop(k, None)
+            if was_counted:
+                n.accepted -= 1
+                self._elig_del(k, n.name)
+                self._readmit(n, affected)
             return True
-        if prefix not in n.counted:
+        if not was_counted:
             limit = self._limit(n)
-            if limit is not None and len(n.counted) >= limit.limit:
-                count = len(n.counted) + 1
+            if limit is not None and n.accepted >= limit.limit:
+                count = n.accepted + 1
                 if limit.action == "restart":
                     change.events.append({"type": "bgp_max_prefix", "tunnel": n.name, "action": "restart",
                                           "count": count, "limit": limit.limit,
                                           "restart_delay": limit.restart_delay})
                     change.restart_neighbor.append(n.name)
-                    self._down(n, change, now, affected)
+                    self._down(n, affected)
                     return False
                 if limit.action == "stop":
-                    n.adj_in[prefix] = (route, Verdict(False, None, f"max-prefix {limit.limit} reached (stop)"))
-                    n.held[prefix] = None
+                    n.adj_in[k] = (route, None, f"max-prefix {limit.limit} reached (stop)")
+                    n.held[k] = None
                     if not n.warned:
                         n.warned = True
                         change.events.append({"type": "bgp_max_prefix", "tunnel": n.name, "action": "stop",
@@ -304,57 +333,75 @@ class Rib:
                     n.warned = True
                     change.events.append({"type": "bgp_max_prefix", "tunnel": n.name, "action": "warn",
                                           "count": count, "limit": limit.limit})
-            n.counted.add(prefix)
-        n.adj_in[prefix] = (route, verdict)
-        self._set_eligible(n, prefix, verdict.route)
+            n.accepted += 1
+            n.held.pop(k, None)
+        n.adj_in[k] = (route, verdict.route, ACCEPTED)
+        self._set_eligible(n, k, verdict.route)
         return True
 
-    def _readmit(self, n: _Neighbor, now: float, affected: set[IPNetwork]) -> None:
+    def _readmit(self, n: _Neighbor, affected: set[int]) -> None:
         """Room under the max-prefix limit: let held routes (stop) back in, oldest first."""
         limit = self._limit(n)
-        if limit is None:
-            for prefix in list(n.held):
-                self._admit_held(n, prefix, affected)
+        while n.held and (limit is None or n.accepted < limit.limit):
+            k = next(iter(n.held))
+            del n.held[k]
+            route = n.adj_in[k][0]
+            verdict = self.policy.import_route(n.tunnel, route)
+            affected.add(k)
+            if verdict.accepted:
+                n.adj_in[k] = (route, verdict.route, ACCEPTED)
+                n.accepted += 1
+                self._set_eligible(n, k, verdict.route)
+            else:
+                n.adj_in[k] = (route, None, verdict.reason)
+        if limit is None or n.accepted + len(n.held) <= limit.limit:
             n.warned = False
+
+    # --- the eligible routes per prefix: one Route, or a dict when several neighbours have one
+
+    def _set_eligible(self, n: _Neighbor, k: int, route: Route) -> None:
+        if n.dampener is not None and n.dampener.is_suppressed(k):
+            self._elig_del(k, n.name)
             return
-        while n.held and len(n.counted) < limit.limit:
-            self._admit_held(n, next(iter(n.held)), affected)
-        if len(n.counted) + len(n.held) <= limit.limit:
-            n.warned = False
-
-    def _admit_held(self, n: _Neighbor, prefix: IPNetwork, affected: set[IPNetwork]) -> None:
-        del n.held[prefix]
-        route = n.adj_in[prefix][0]
-        verdict = self.policy.import_route(n.tunnel, route)
-        n.adj_in[prefix] = (route, verdict)
-        affected.add(prefix)
-        if verdict.accepted:
-            n.counted.add(prefix)
-            self._set_eligible(n, prefix, verdict.route)
-
-    def _set_eligible(self, n: _Neighbor, prefix: IPNetwork, route: Route | None) -> None:
-        if route is not None and n.dampener is not None and n.dampener.is_suppressed(prefix):
-            route = None
-        routes = self._eligible.get(prefix)
-        if route is None:
-            if routes is not None and routes.pop(n.name, None) is not None and not routes:
-                del self._eligible[prefix]
+        cur = self._eligible.get(k)
+        if cur is None:
+            self._eligible[k] = route
+        elif type(cur) is dict:
+            cur[n.name] = route
+        elif cur.neighbor == n.name:
+            self._eligible[k] = route
         else:
-            if routes is None:
-                routes = self._eligible[prefix] = {}
-            routes[n.name] = route
+            self._eligible[k] = {cur.neighbor: cur, n.name: route}
+
+    def _elig_del(self, k: int, name: str) -> None:
+        cur = self._eligible.get(k)
+        if cur is None:
+            return
+        if type(cur) is dict:
+            cur.pop(name, None)
+            if len(cur) == 1:
+                self._eligible[k] = next(iter(cur.values()))
+        elif cur.neighbor == name:
+            del self._eligible[k]
+
+    def _elig_routes(self, k: int) -> list[Route]:
+        cur = self._eligible.get(k)
+        if cur is None:
+            return []
+        return list(cur.values()) if type(cur) is dict else [cur]
 
     def tick(self, now: float) -> RibChange:
         """Dampening: reuse the suppressed routes whose penalty has decayed below ``reuse``."""
         change = RibChange()
-        affected: set[IPNetwork] = set()
+        affected: set[int] = set()
         for n in self._neighbors.values():
             if n.dampener is None:
                 continue
-            for prefix in n.dampener.tick(now):
-                if prefix in n.counted:
-                    self._set_eligible(n, prefix, n.adj_in[prefix][1].route)
-                    affected.add(prefix)
+            for k in n.dampener.tick(now):
+                entry = n.adj_in.get(k)
+                if entry is not None and entry[1] is not None:
+                    self._set_eligible(n, k, entry[1])
+                    affected.add(k)
         self._recompute(affected, change)
         return change
 
@@ -367,14 +414,13 @@ class Rib:
     # ------------------------------------------------------------------------------------------
     # best path
 
-    def _select(self, routes: Mapping[str, Route]) -> tuple[Route, ...]:
+    def _select(self, cur: Route | dict[str, Route]) -> tuple[Route, ...]:
         """The selected set, best first (a single route unless multipath finds equals)."""
-        if not routes:
-            return ()
-        cands = list(routes.values())
-        if len(cands) > 1:
-            lp = max(_lp(r) for r in cands)
-            cands = [r for r in cands if _lp(r) == lp]
+        if type(cur) is not dict:
+            return (cur,)
+        cands = list(cur.values())
+        lp = max(_lp(r) for r in cands)
+        cands = [r for r in cands if _lp(r) == lp]
         if len(cands) > 1:
             short = min(len(r.as_path) for r in cands)
             cands = [r for r in cands if len(r.as_path) == short]
@@ -401,71 +447,69 @@ class Rib:
         n = self._neighbors.get(r.neighbor)
         return rid, n.peer_address if n is not None else 0, r.neighbor
 
-    def _recompute(self, affected: Iterable[IPNetwork], change: RibChange) -> None:
-        for prefix in sorted(affected, key=prefix_key):
-            routes = self._eligible.get(prefix)
-            new = self._select(routes) if routes else ()
-            old = self._loc.get(prefix, ())
+    def _recompute(self, affected: Iterable[int], change: RibChange) -> None:
+        for k in sorted(affected):
+            cur = self._eligible.get(k)
+            new = self._select(cur) if cur is not None else ()
+            old = self._loc.get(k, ())
             if new == old:
                 continue
             if new:
-                self._loc[prefix] = new
+                self._loc[k] = new
             else:
-                self._loc.pop(prefix, None)
+                del self._loc[k]
             # FIB
             if new:
-                entry = FibEntry(prefix, tuple(sorted(((r.neighbor, r.next_hop) for r in new), key=_nh_key)))
-                if self._fib.get(prefix) != entry:
-                    self._fib[prefix] = entry
-                    change.fib_set.append(entry)
-            elif prefix in self._fib:
-                del self._fib[prefix]
-                change.fib_remove.append(prefix)
+                hops = _hops(new)
+                if not old or _hops(old) != hops:
+                    change.fib_set.append(FibEntry(new[0].prefix, hops))
+            else:
+                change.fib_remove.append(old[0].prefix)
             # Adj-RIB-Out: only learned prefixes (ours are announced whatever was learned)
-            if prefix in self._own:
+            if k in self._own:
                 continue
             best = new[0] if new else None
-            targets = set(self._transit_to.get(best.neighbor, ())) if best is not None else set()
+            targets = self._transit_to.get(best.neighbor, _EMPTY) if best is not None else _EMPTY
             if old:
-                targets |= self._transit_to.get(old[0].neighbor, set())
+                targets = targets | self._transit_to.get(old[0].neighbor, _EMPTY)
             for name in sorted(targets):
                 n = self._neighbors.get(name)
                 if n is not None and n.up:
-                    self._export_one(n, prefix, best, change)
+                    self._export_one(n, k, best, change)
 
-    def _export_one(self, n: _Neighbor, prefix: IPNetwork, route: Route | None, change: RibChange) -> None:
+    def _export_one(self, n: _Neighbor, k: int, route: Route | None, change: RibChange) -> None:
         out = self.policy.export_route(n.tunnel, route) if route is not None else None
-        old = n.adj_out.get(prefix)
+        old = n.adj_out.get(k)
         if out == old:
             return
         if out is None:
-            del n.adj_out[prefix]
-            change.withdraw.setdefault(n.name, []).append(prefix)
+            del n.adj_out[k]
+            change.withdraw.setdefault(n.name, []).append(old.prefix)
         else:
-            n.adj_out[prefix] = out
+            n.adj_out[k] = out
             change.announce.setdefault(n.name, []).append(out)
 
-    def _desired_out(self, n: _Neighbor) -> dict[IPNetwork, Route]:
-        out: dict[IPNetwork, Route] = {}
-        for prefix, route in self._own.items():
+    def _desired_out(self, n: _Neighbor) -> dict[int, Route]:
+        out: dict[int, Route] = {}
+        for k, route in self._own.items():
             r = self.policy.export_route(n.tunnel, route)
             if r is not None:
-                out[prefix] = r
+                out[k] = r
         sources = {src for src, dests in self._transit_to.items() if n.name in dests}
         if sources:
-            for prefix, sel in self._loc.items():
-                if prefix not in self._own and sel[0].neighbor in sources:
+            for k, sel in self._loc.items():
+                if k not in self._own and sel[0].neighbor in sources:
                     r = self.policy.export_route(n.tunnel, sel[0])
                     if r is not None:
-                        out[prefix] = r
+                        out[k] = r
         return out
 
     def _sync_out(self, n: _Neighbor, change: RibChange) -> None:
         want = self._desired_out(n)
-        for prefix in sorted(want, key=prefix_key):
-            if n.adj_out.get(prefix) != want[prefix]:
-                change.announce.setdefault(n.name, []).append(want[prefix])
-        gone = sorted((p for p in n.adj_out if p not in want), key=prefix_key)
+        for k in sorted(want):
+            if n.adj_out.get(k) != want[k]:
+                change.announce.setdefault(n.name, []).append(want[k])
+        gone = [n.adj_out[k].prefix for k in sorted(n.adj_out) if k not in want]
         if gone:
             change.withdraw.setdefault(n.name, []).extend(gone)
         n.adj_out = want
@@ -475,19 +519,22 @@ class Rib:
 
     def best(self) -> list[FibEntry]:
         """The whole desired FIB (for reconciliation), by prefix."""
-        return [self._fib[p] for p in sorted(self._fib, key=prefix_key)]
+        return [FibEntry(sel[0].prefix, _hops(sel)) for _, sel in sorted(self._loc.items())]
 
     def adj_rib_in(self, tunnel: str) -> list[tuple[Route, Verdict]]:
+        """What ``tunnel`` sent, by prefix, each with the verdict on it (max-prefix ``stop``
+        included: "max-prefix N reached (stop)")."""
         n = self._neighbors.get(tunnel)
         if n is None:
             return []
-        return [n.adj_in[p] for p in sorted(n.adj_in, key=prefix_key)]
+        return [(e[0], Verdict(e[1] is not None, e[1], e[2])) for _, e in sorted(n.adj_in.items())]
 
     def adj_rib_out(self, tunnel: str) -> list[Route]:
+        """What we announce to ``tunnel`` now, by prefix."""
         n = self._neighbors.get(tunnel)
         if n is None:
             return []
-        return [n.adj_out[p] for p in sorted(n.adj_out, key=prefix_key)]
+        return [r for _, r in sorted(n.adj_out.items())]
 
     def neighbor_stats(self, tunnel: str) -> dict:
         n = self._neighbors.get(tunnel)
@@ -495,47 +542,43 @@ class Rib:
             return {"tunnel": tunnel, "configured": False}
         suppressed = 0
         if n.dampener is not None:
-            suppressed = sum(1 for p in n.counted if n.dampener.is_suppressed(p))
+            suppressed = sum(1 for k, e in n.adj_in.items() if e[1] is not None and n.dampener.is_suppressed(k))
         received = len(n.adj_in)
-        accepted = len(n.counted)
-        return {"tunnel": tunnel, "configured": True, "up": n.up, "received": received, "accepted": accepted,
-                "filtered": received - accepted, "held": len(n.held), "suppressed": suppressed,
+        return {"tunnel": tunnel, "configured": True, "up": n.up, "received": received, "accepted": n.accepted,
+                "filtered": received - n.accepted, "held": len(n.held), "suppressed": suppressed,
                 "advertised": len(n.adj_out)}
 
     def loc_rib(self, now: float | None = None) -> list[dict]:
         """For ``show routes``: per prefix, every accepted route, which won (``best``, ``ecmp``) and
         why the others lost; dampening state when the neighbour dampens (``now`` for its penalty)."""
-        by_prefix: dict[IPNetwork, list[tuple[_Neighbor, Route, Verdict]]] = {}
+        by_prefix: dict[int, list[tuple[_Neighbor, Route, _Entry]]] = {}
         for n in self._neighbors.values():
-            for prefix, (route, verdict) in n.adj_in.items():
-                if verdict.accepted or prefix in n.held:
-                    by_prefix.setdefault(prefix, []).append((n, route, verdict))
+            for k, entry in n.adj_in.items():
+                if entry[1] is not None or k in n.held:
+                    by_prefix.setdefault(k, []).append((n, entry[1] or entry[0], entry))
         out = []
-        for prefix in sorted(by_prefix, key=prefix_key):
-            selected = self._loc.get(prefix, ())
-            best = selected[0] if selected else None
+        for k in sorted(by_prefix):
+            selected = self._loc.get(k, ())
             entries = []
-            for n, received, verdict in sorted(by_prefix[prefix], key=lambda x: x[0].name):
-                route = verdict.route if verdict.accepted else received
-                status, why = self._explain(n, prefix, route, verdict, selected)
+            for n, route, entry in sorted(by_prefix[k], key=lambda x: x[0].name):
+                status, why = self._explain(n, k, route, entry, selected)
                 item = {"neighbor": n.name, "next_hop": str(route.next_hop),
                         "as_path": list(route.as_path), "local_pref": _lp(route), "med": route.med,
                         "origin": route.origin.name.lower(), "ebgp": route.ebgp, "status": status, "why": why}
                 if n.dampener is not None:
-                    item["dampening"] = n.dampener.state(prefix, now if now is not None else 0.0)
+                    item["dampening"] = n.dampener.state(k, now if now is not None else 0.0)
                 entries.append(item)
-            fib = self._fib.get(prefix)
-            out.append({"prefix": str(prefix),
-                        "next_hops": [{"tunnel": t, "via": str(a)} for t, a in (fib.next_hops if fib else ())],
-                        "best": best.neighbor if best is not None else None,
+            out.append({"prefix": str(by_prefix[k][0][1].prefix),
+                        "next_hops": [{"tunnel": t, "via": str(a)} for t, a in (_hops(selected) if selected else ())],
+                        "best": selected[0].neighbor if selected else None,
                         "routes": entries})
         return out
 
-    def _explain(self, n: _Neighbor, prefix: IPNetwork, route: Route, verdict: Verdict,
+    def _explain(self, n: _Neighbor, k: int, route: Route, entry: _Entry,
                  selected: tuple[Route, ...]) -> tuple[str, str]:
-        if prefix in n.held:
-            return "held", verdict.reason
-        if n.dampener is not None and n.dampener.is_suppressed(prefix):
+        if k in n.held:
+            return "held", entry[2]
+        if n.dampener is not None and n.dampener.is_suppressed(k):
             return "suppressed", "dampening: penalty above the suppress threshold"
         names = [r.neighbor for r in selected]
         if n.name in names:
@@ -551,7 +594,7 @@ class Rib:
             return "lost", f"longer AS path ({len(route.as_path)} > {len(best.as_path)})"
         if route.origin != best.origin:
             return "lost", f"worse origin ({route.origin.name.lower()} > {best.origin.name.lower()})"
-        same_as = [r for r in self._eligible.get(prefix, {}).values() if _neighbor_as(r) == _neighbor_as(route)]
+        same_as = [r for r in self._elig_routes(k) if _neighbor_as(r) == _neighbor_as(route)]
         if same_as and (route.med or 0) > min(r.med or 0 for r in same_as):
             return "lost", f"higher MED ({route.med or 0}) than a route from the same neighbour AS " \
                            f"{_neighbor_as(route)}"

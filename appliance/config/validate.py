@@ -1005,6 +1005,11 @@ def _dampening(ctx: Ctx, bm: MarkedMap) -> Dampening:
     """RFC 2439 parameters with FRR's ranges (half-life 1..45 min, reuse/suppress 1..20000,
     max-suppress 1..255 min) and FRR's defaults."""
     default = Dampening()
+    if isinstance(bm.get("dampening"), bool):
+        ctx.error(bm.value_line("dampening"), "bgp.dampening",
+                  "bgp.dampening holds the parameters ({half_life: 15m, reuse: 750, suppress: 2000, "
+                  "max_suppress: 60m}); dampening is switched on per tunnel: tunnels.<name>.bgp.dampening: true")
+        return default
     dm = _sub(ctx, bm, "dampening", "bgp", DAMPENING_KEYS,
               "{half_life: 15m, reuse: 750, suppress: 2000, max_suppress: 60m}")
     if dm is None:

@@ -129,6 +129,8 @@ def test_hold_time_zero_means_no_keepalives(tmp_path):
     ("reuse: 500", "reuse: 5000", "bgp.dampening.reuse", "must be below suppress 3000"),
     ("half_life: 10m", "half_life: 50m", "bgp.dampening.half_life", "allowed: 1m..45m"),
     ("max_suppress: 40m", "max_suppress: 5m", "bgp.dampening.max_suppress", "shorter than half_life 10m"),
+    ("dampening: {half_life: 10m, reuse: 500, suppress: 3000, max_suppress: 40m}", "dampening: yes",
+     "bgp.dampening", "switched on per tunnel"),
     ("max_suppress: 40m", "max_supress: 40m", "bgp.dampening.max_supress", "did you mean 'max_suppress'?"),
     ("restart_delay: 5m", "restart_delay: 0", "bgp.policies.from-b.max_prefix.restart_delay", "allowed: 1s..24h"),
     ("action: restart, restart_delay", "action: warn, restart_delay", "bgp.policies.from-b.max_prefix.restart_delay",

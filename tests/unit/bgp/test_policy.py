@@ -375,3 +375,38 @@ def test_unknown_policy_name_is_an_error_not_a_crash(cfg):
 def test_origin_is_kept(engine, cfg):
     v = imp(engine, cfg, "t3", "10.7.0.0/16", as_path=(), origin=Origin.INCOMPLETE)
     assert v.route.origin is Origin.INCOMPLETE
+
+
+# --- any route: a verdict, never an exception ----------------------------------------------------
+
+_CFG = make_config(TUNNELS, BGP)
+_ENGINE = PolicyEngine(_CFG.bgp, _CFG.tunnels)
+_v4 = st.builds(lambda a, n: IPNetwork(f"{IPAddress(a)}/{n}").cidr, st.integers(0, 2**32 - 1), st.integers(0, 32))
+_v6 = st.builds(lambda a, n: IPNetwork(f"{IPAddress(a, 6)}/{n}").cidr, st.integers(0, 2**128 - 1),
+                st.integers(0, 128))
+_asn = st.integers(1, 2**32 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_v4, _v6), st.lists(st.one_of(_asn, st.sampled_from([65001, 65004, 64666])), max_size=40),
+       st.lists(st.tuples(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)), max_size=5),
+       st.lists(st.tuples(_asn, _asn, _asn), max_size=3), st.sampled_from(["t1", "t2", "t3", "t4", "t5"]),
+       st.one_of(st.none(), st.integers(0, 2**32 - 1)), st.one_of(st.none(), st.integers(0, 2**32 - 1)))
+def test_any_route_gets_a_verdict_and_an_export_decision(prefix, path, comms, large, t, med, lp):
+    cfg, engine = _CFG, _ENGINE
+    r = route(str(prefix), t, as_path=tuple(path), communities=comms, large_communities=large, med=med,
+              local_pref=lp)
+    v = engine.import_route(cfg.tunnels[t], r)
+    assert isinstance(v.reason, str) and v.reason
+    assert v.accepted == (v.route is not None)
+    if v.accepted:
+        assert v.route.prefix == prefix and v.route.neighbor == t and 65001 not in v.route.as_path
+        for other in ("t1", "t2", "t3", "t4", "t5"):
+            out = engine.export_route(cfg.tunnels[other], v.route)
+            if out is not None:
+                assert other != t and out.prefix == prefix
+                if cfg.tunnels[other].bgp.peer_as != 65001:       # eBGP: our AS first
+                    assert out.as_path[0] == 65001 and out.local_pref is None
+                else:
+                    assert out.as_path == v.route.as_path and out.local_pref is not None
+                assert NO_ADVERTISE not in out.communities

@@ -430,3 +430,104 @@ def test_loc_rib_shape():
     assert entry["next_hops"] == [{"tunnel": "t1", "via": "169.254.1.2"}]
     assert [(r["neighbor"], r["status"]) for r in entry["routes"]] == [("t1", "best"), ("t2", "lost")]
     assert entry["routes"][1]["as_path"] == [65003, 5] and entry["routes"][1]["local_pref"] == 100
+
+
+# --- issue 9's acceptance points, at RIB level ------------------------------------------------
+
+@pytest.mark.parametrize("action", ["warn", "stop", "restart"])
+def test_acceptance_filtered_routes_never_reach_the_fib(action):
+    """A peer announcing a bogon, a default route, a /32 outside its allowed range, our own
+    prefix and more prefixes than max-prefix: none of them is installed, and the max-prefix
+    action is seen to happen."""
+    cfg, rib = build(tun=_with_import(f"{action}10"))
+    bad = [route("127.0.0.0/8", "t1"), route("0.0.0.0/0", "t1"), route("192.168.1.1/32", "t1"),
+           route("10.1.0.0/16", "t1")]
+    good = many(1, 5)
+    ch = rib.update("t1", bad + good, [], 1)
+    installed = set(fib(rib))
+    assert not installed & {"127.0.0.0/8", "0.0.0.0/0", "192.168.1.1/32", "10.1.0.0/16"}
+    assert [e["action"] for e in ch.events if e["type"] == "bgp_max_prefix"] == [action]
+    if action == "warn":
+        assert len(installed) == 5
+    elif action == "stop":
+        assert len(installed) == 3 and rib.neighbor_stats("t1")["up"]
+    else:
+        assert installed == set() and ch.restart_neighbor == ["t1"]
+
+
+def test_acceptance_two_peers_local_pref_then_as_path_then_ecmp_then_failover():
+    cfg, rib = build()
+    # equal: ECMP over both tunnels
+    rib.update("t1", [route(P, "t1", as_path=(65002, 65100))], [], 1)
+    rib.update("t2", [route(P, "t2", as_path=(65003, 65100))], [], 1)
+    assert fib(rib)[P] == hops("t1", "t2")
+    # shorter AS path on t2 wins
+    rib.update("t2", [route(P, "t2", as_path=(65003,))], [], 2)
+    assert fib(rib)[P] == hops("t2")
+    # higher local-pref beats the shorter path (iBGP t4 carries its LOCAL_PREF)
+    rib.update("t4", [route(P, "t4", as_path=(65100, 65200, 65300), local_pref=300, ebgp=False)], [], 3)
+    assert fib(rib)[P] == hops("t4")
+    # routes from one peer never reached another (no transit in their export policy "out")
+    for t in ("t1", "t2", "t4"):
+        assert [str(r.prefix) for r in rib.adj_rib_out(t)] == ["10.1.0.0/16"]
+    # killing the preferred peer moves the prefix to the next best at once
+    assert rib.neighbor_down("t4", 4).fib_set == [FibEntry(N(P), (("t2", IPAddress("169.254.2.2")),))]
+
+
+def test_ipv6_ecmp_and_next_hops():
+    cfg, rib = build()
+    rib.update("t1", [route("fd00:9::/32", "t1")], [], 1)
+    rib.update("t2", [route("fd00:9::/32", "t2", as_path=(65003,))], [], 1)
+    assert fib(rib)["fd00:9::/32"] == [("t1", "fd00:1::2"), ("t2", "fd00:2::2")]
+
+
+def test_huge_as_path_is_handled():
+    cfg, rib = build()
+    path = tuple(range(100000, 100000 + 5000))
+    rib.update("t1", [route(P, "t1", as_path=(65002,) + path)], [], 1)
+    assert fib(rib)[P] == hops("t1")
+    assert [len(r.as_path) for r in rib.adj_rib_out("t3") if str(r.prefix) == P] == [5002]  # transit, + our AS
+    ch = rib.update("t2", [route(P, "t2", as_path=(65003,))], [], 2)
+    assert fib(rib)[P] == hops("t2")
+    assert ch.withdraw == {"t3": [N(P)]}        # the best is t2's now, and out3 names only t1
+
+
+def test_one_update_touches_only_its_prefix():
+    """No full recomputation: with 3,000 prefixes in the table, a one-prefix UPDATE runs best
+    path once and changes only that prefix."""
+    cfg, rib = build()
+    table = [route(f"10.{20 + i // 256}.{i % 256}.0/24", "t1") for i in range(3000)]
+    rib.update("t1", table, [], 1)
+    rib.update("t2", [route(str(r.prefix), "t2", as_path=(65003, 7)) for r in table], [], 1)
+    calls = []
+    real = rib._select
+    rib._select = lambda cur: calls.append(1) or real(cur)
+    ch = rib.update("t1", [route("10.20.5.0/24", "t1", as_path=(65002, 9, 9))], [], 2)
+    assert len(calls) == 1
+    assert ch.fib_set == [FibEntry(N("10.20.5.0/24"), (("t2", IPAddress("169.254.2.2")),))]
+    assert not ch.fib_remove and not ch.announce
+    assert ch.withdraw == {"t3": [N("10.20.5.0/24")]}   # t3's transit names t1 only
+
+
+def test_reconfigure_lower_max_prefix_stop_holds_the_excess():
+    cfg, rib = build()
+    rib.update("t1", many(1, 5), [], 1)
+    new = make_config(_with_import("stop10"), BGP.format(extra=""))
+    ch = rib.reconfigure(new.bgp, new.tunnels, 2)
+    assert len(rib.best()) == 3 and rib.neighbor_stats("t1")["held"] == 2
+    assert [e["action"] for e in ch.events] == ["stop"]
+    assert sorted(str(p) for p in ch.fib_remove) == ["10.11.3.0/24", "10.11.4.0/24"]
+
+
+def test_dampening_turned_on_by_reload_keeps_routes():
+    cfg, rib = build()
+    rib.update("t1", [route(P, "t1")], [], 1)
+    tun = tunnels().replace("import: in, export: out}", "import: in, export: out, dampening: true}", 1)
+    new = make_config(tun, BGP.format(extra=""))
+    assert new.tunnels["t1"].bgp.dampening
+    ch = rib.reconfigure(new.bgp, new.tunnels, 2)
+    assert not ch.fib_set and not ch.fib_remove and fib(rib) == {P: hops("t1")}
+    for t in (3, 4, 5):
+        rib.update("t1", [], [N(P)], t)
+        rib.update("t1", [route(P, "t1")], [], t + 0.5)
+    assert P not in fib(rib)          # suppressed after three withdrawals

@@ -193,3 +193,85 @@ def test_incremental_rib_equals_recomputation(ops):
             assert {r.prefix: r for r in rib.adj_rib_out(t)} == out.get(t, {}), (t, op)
             assert out_stream[t] == out.get(t, {}), (t, op)
             assert {r.prefix: r for r, _ in rib.adj_rib_in(t)} == received[t]
+
+
+# --- with max-prefix stop and dampening --------------------------------------------------------
+
+_TUN2 = (tunnel_yaml("t1", 1, 65002, "stop3", "out", "dampening: true") + tunnel_yaml("t2", 2, 65003, "in", "out")
+         + tunnel_yaml("t3", 3, 65004, "in", "out3") + tunnel_yaml("t4", 4, 65001, "in4", "out4"))
+_C = _A.replace("policies:\n", "dampening: {half_life: 1m, reuse: 800, suppress: 1500, max_suppress: 4m}\n"
+                                "policies:\n  stop3: {prefixes: [{prefix: 10.0.0.0/8, le: 24}], "
+                                "max_prefix: {limit: 2, action: stop}}\n")
+CFG_C = make_config(_TUN2, _C)
+
+update1_st = st.tuples(st.just("update"), st.sampled_from(["t1", "t1", "t2"]),
+                       st.lists(route_st, max_size=4), st.lists(st.sampled_from(PREFIXES), max_size=3))
+_others2 = [st.tuples(st.just("tick"), st.floats(0, 300)), st.tuples(st.just("tick"), st.floats(0, 300)),
+            st.tuples(st.just("down"), st.sampled_from(["t1", "t2"])),
+            st.tuples(st.just("up"), st.sampled_from(["t1", "t2"]))]
+op2_st = st.integers(0, 9).flatmap(lambda i: update1_st if i < 6 else _others2[i - 6])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(op2_st, min_size=1, max_size=60))
+def test_max_prefix_stop_and_dampening_bookkeeping(ops):
+    cfg = CFG_C
+    policy = PolicyEngine(cfg.bgp, cfg.tunnels)
+    rib = Rib(cfg.bgp, cfg.tunnels, policy)
+    up = set(TUNNELS)
+    for t in sorted(TUNNELS):
+        rib.neighbor_up(t, 0)
+    received = {t: {} for t in TUNNELS}
+    fib_stream: dict = {}
+    now = 0.0
+    peer_addr = {t: int(IPNetwork(str(cfg.tunnels[t].bgp.peer_address)).ip) for t in TUNNELS}
+    for op in ops:
+        now += 1
+        if op[0] == "update":
+            _, t, params, withdrawn = op
+            announced = [_route(t, *p) for p in params]
+            ch = rib.update(t, announced, [IPNetwork(p) for p in withdrawn], now)
+            if t in up:
+                for p in withdrawn:
+                    received[t].pop(IPNetwork(p), None)
+                for r in announced:
+                    received[t][r.prefix] = r
+        elif op[0] == "tick":
+            now += op[1]
+            ch = rib.tick(now)
+        elif op[0] == "down":
+            ch = rib.neighbor_down(op[1], now)
+            up.discard(op[1])
+            received[op[1]] = {}
+        else:
+            up.add(op[1])
+            ch = rib.neighbor_up(op[1], now)
+        for e in ch.fib_set:
+            fib_stream[e.prefix] = tuple(sorted((t, str(a)) for t, a in e.next_hops))
+        for p in ch.fib_remove:
+            del fib_stream[p]
+        # max-prefix stop on t1: at most 2 accepted; a route is held only when the limit is full,
+        # and only if the policy accepts it
+        entries = rib.adj_rib_in("t1")
+        assert {r.prefix: r for r, _ in entries} == received["t1"]
+        accepted = [v for _, v in entries if v.accepted]
+        held = [r for r, v in entries if v.reason == "max-prefix 2 reached (stop)"]
+        assert len(accepted) <= 2
+        assert not held or len(accepted) == 2
+        for r in held:
+            assert policy.import_route(cfg.tunnels["t1"], r).accepted
+        for r, v in entries:
+            if not v.accepted and r not in held:
+                assert v.reason == policy.import_route(cfg.tunnels["t1"], r).reason
+        # the FIB: best path over the accepted routes that dampening does not suppress
+        suppressed = {(e["neighbor"], row["prefix"]) for row in rib.loc_rib(now) for e in row["routes"]
+                      if e["status"] == "suppressed"}
+        cands: dict = {}
+        for t in sorted(up):
+            for r, v in rib.adj_rib_in(t):
+                if v.accepted and (t, str(r.prefix)) not in suppressed:
+                    cands.setdefault(r.prefix, []).append(v.route)
+        want = {p: tuple(sorted((r.neighbor, str(r.next_hop)) for r in scratch_select(rs, cfg.bgp, peer_addr)))
+                for p, rs in cands.items()}
+        got = {e.prefix: tuple(sorted((t, str(a)) for t, a in e.next_hops)) for e in rib.best()}
+        assert got == want == fib_stream, op
