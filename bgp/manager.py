@@ -111,6 +111,9 @@ class RouteManager:
 
     def _build(self, config: Any) -> None:
         self.config = config
+        if not getattr(config.bgp, "prefer_static", True):
+            log.warning("bgp.prefer_static: false is not applied yet: a static route still wins over a BGP "
+                        "route for the same prefix (docs/bgp.md, FIB)")
         self.policy = PolicyEngine(config.bgp, self._bgp_tunnels(config))
         self.rib = Rib(config.bgp, self._bgp_tunnels(config), self.policy)
         self._specs(config)
