@@ -220,7 +220,7 @@ class RouteManager:
 
     def tunnel_down(self, name: str, reason: str = "tunnel down") -> float:
         """Child SA gone / peer dead / tunnel removed: every route through it leaves the FIB now,
-        the neighbor is shut down. Returns the seconds the FIB change took."""
+        the neighbor is shut down. Returns the seconds spent here (RIB, FIB job queued, ExaBGP told)."""
         if name not in self.neighbors:
             return 0.0
         t0 = time.perf_counter()
