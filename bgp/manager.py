@@ -436,17 +436,10 @@ class RouteManager:
         return hops
 
     def _fib_job(self, sets: list, removes: list) -> None:      # FIB thread
-        for p in removes:
-            err = self.fib.remove(p)
-            if err:
-                self.fib_errors += 1
-                log.error("FIB: %s", err)
-        for e in sets:
-            hops = self._hops(e)
-            err = self.fib.set(e.prefix, hops) if hops else self.fib.remove(e.prefix)
-            if err:
-                self.fib_errors += 1
-                log.error("FIB: %s", err)
+        errors = self.fib.apply([(e.prefix, self._hops(e)) for e in sets], list(removes))
+        for err in errors:
+            self.fib_errors += 1
+            log.error("FIB: %s", err)
 
     def _apply(self, ch: RibChange) -> None:
         if ch.fib_set or ch.fib_remove:
