@@ -392,12 +392,21 @@ class PolicyEngine:
         return with_changes(route, next_hop=next_hop, as_path=path, med=med, local_pref=local_pref)
 
     def next_hop_self(self, tunnel: Tunnel, prefix: IPNetwork) -> IPAddress | None:
-        """Our inside address on ``tunnel`` of the prefix's family (None: the tunnel has none)."""
+        """Our inside address on ``tunnel`` of the prefix's family (None: the tunnel has none, or
+        no session of that family)."""
         if self._tunnels.get(tunnel.name) is tunnel:
             return self._next_hops[(tunnel.name, prefix.version)]
         return _inside(tunnel, prefix.version)
 
 
 def _inside(tunnel: Tunnel, version: int) -> IPAddress | None:
+    """Our inside address for next hop self, if the tunnel has a session carrying that family:
+    IPv4 unicast over an IPv4 ``peer_address``, IPv6 unicast over an IPv6 ``peer_address`` or
+    ``peer_address6`` (the sessions docs/bgp.md "Wiring" describes)."""
+    bgp = tunnel.bgp
+    if bgp is None:
+        return None
+    carried = bgp.peer_address.version == 4 if version == 4 else \
+        (bgp.peer_address.version == 6 or bgp.peer_address6 is not None)
     addr = tunnel.interface.address if version == 4 else tunnel.interface.address6
-    return IPAddress(str(addr.ip)) if addr is not None else None
+    return IPAddress(str(addr.ip)) if carried and addr is not None else None

@@ -943,7 +943,8 @@ def _graceful_restart(value: Any) -> int:
     try:
         seconds = parse_duration(value)
     except Bad:
-        raise Bad(f"expected true, false or a restart time like 120s, got {_type_name(value) if not isinstance(value, str) else repr(value)}") from None
+        shown = repr(value) if isinstance(value, str) else _type_name(value)
+        raise Bad(f"expected true, false or a restart time like 120s, got {shown}") from None
     if not 1 <= seconds <= 4095:
         raise Bad(f"restart time {seconds} s is out of range; allowed: true, false or 1..4095 s "
                   f"(a 12-bit field, RFC 4724 §3)")

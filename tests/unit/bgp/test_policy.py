@@ -354,6 +354,20 @@ def test_export_without_an_inside_address_of_the_family(cfg):
     assert e.export_route(c.tunnels["t1"], own("fd01::/48")) is None
 
 
+def test_export_only_in_the_families_the_tunnel_has_sessions_for():
+    # address6 on the interface, but no IPv6 session (no peer_address6): IPv6 prefixes stay home
+    c = make_config(tunnel_yaml("t1", 1, 65002, None, "out").replace(", peer_address6: 'fd00:1::2'", "")
+                    + tunnel_yaml("t2", 2, 65003, None, "out").replace("peer_address: 169.254.2.2, ", "")
+                    .replace("peer_address6: 'fd00:2::2'", "peer_address: 'fd00:2::2'"),
+                    "asn: 65001\nannounce: [10.1.0.0/16, 'fd01::/48']\npolicies: {out: {}}")
+    e = PolicyEngine(c.bgp, c.tunnels)
+    assert e.export_route(c.tunnels["t1"], own("fd01::/48")) is None
+    assert e.export_route(c.tunnels["t1"], own()).next_hop == IPAddress("169.254.1.1")
+    # an IPv6-only session carries IPv6 unicast only
+    assert e.export_route(c.tunnels["t2"], own()) is None
+    assert e.export_route(c.tunnels["t2"], own("fd01::/48")).next_hop == IPAddress("fd00:2::1")
+
+
 # --- communities ------------------------------------------------------------------------------
 
 def test_parse_community():

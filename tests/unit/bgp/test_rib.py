@@ -32,7 +32,8 @@ policies:
   out3: {{transit: [t1]}}
   stop10: {{prefixes: [{{prefix: 10.0.0.0/8, le: 24}}], max_prefix: {{limit: 3, action: stop}}}}
   warn10: {{prefixes: [{{prefix: 10.0.0.0/8, le: 24}}], max_prefix: {{limit: 3, action: warn}}}}
-  restart10: {{prefixes: [{{prefix: 10.0.0.0/8, le: 24}}], max_prefix: {{limit: 3, action: restart, restart_delay: 2m}}}}
+  restart10: {{prefixes: [{{prefix: 10.0.0.0/8, le: 24}}],
+              max_prefix: {{limit: 3, action: restart, restart_delay: 2m}}}}
 """
 
 
@@ -531,3 +532,19 @@ def test_dampening_turned_on_by_reload_keeps_routes():
         rib.update("t1", [], [N(P)], t)
         rib.update("t1", [route(P, "t1")], [], t + 0.5)
     assert P not in fib(rib)          # suppressed after three withdrawals
+
+
+def test_reconfigure_tunnel_removed_entirely_and_stale_marks_survive():
+    cfg, rib = build()
+    rib.update("t1", [route(P, "t1")], [], 1)
+    rib.update("t2", [route(P, "t2", as_path=(65003, 65100)), route("10.5.0.0/16", "t2", as_path=(65003,))], [], 1)
+    rib.mark_stale("t2")
+    tun = "".join("  t" + part for part in tunnels().split("  t")[1:] if not part.startswith("1:"))
+    new = make_config(tun, BGP.format(extra="").replace("out3: {transit: [t1]}", "out3: {}"))
+    assert "t1" not in new.tunnels
+    ch = rib.reconfigure(new.bgp, new.tunnels, 2)
+    assert ch.fib_set == [FibEntry(N(P), (("t2", IPAddress("169.254.2.2")),))]
+    assert ch.withdraw == {"t3": [N(P)]}            # t1's route had been re-exported to t3
+    rib.update("t2", [route(P, "t2", as_path=(65003, 65100))], [], 3)   # re-learned
+    ch = rib.sweep_stale("t2", 4)                   # 10.5.0.0/16 was not announced again
+    assert ch.fib_remove == [N("10.5.0.0/16")] and fib(rib) == {P: hops("t2")}
