@@ -238,16 +238,21 @@ CHILD_SA: View = (
 ROUTE: View = (
     Field("prefix", STR, "PREFIX"), Field("next_hop", STR, "NEXT HOP"), Field("interface", STR, "INTERFACE"),
     Field("tunnel", STR, "TUNNEL"), Field("source", STR, "SOURCE"), Field("as_path", INTLIST, "AS PATH"),
-    Field("installed", BOOL, "INSTALLED"),
+    Field("installed", BOOL, "INSTALLED"), Field("best", BOOL), Field("reason", STR, "WHY"),
+    Field("local_pref", INT), Field("med", INT), Field("origin", STR), Field("dampening", STR),
 )
 
-BGP: View = (Field("asn", INT), Field("router_id", STR))
+BGP: View = (Field("asn", INT), Field("router_id", STR), Field("fib_routes", INT),
+             Nested("speaker", (Field("running", BOOL), Field("connected", BOOL), Field("restarts", INT),
+                                Field("pending_acks", INT))))
 
 BGP_NEIGHBOR: View = (
     Field("tunnel", STR, "TUNNEL"), Field("peer_address", STR, "PEER"), Field("peer_as", INT, "AS"),
     Field("state", STR, "STATE"), Field("uptime", DURATION, "UP FOR"),
     Field("prefixes_received", INT, "RECEIVED"), Field("prefixes_accepted", INT, "ACCEPTED"),
-    Field("prefixes_advertised", INT, "ADVERTISED"), Field("last_error", STR, "LAST ERROR"),
+    Field("prefixes_filtered", INT, "FILTERED"), Field("prefixes_advertised", INT, "ADVERTISED"),
+    Field("hold_time", INT, "HOLD"), Field("last_error", STR, "LAST ERROR"),
+    Field("local_address", STR), Field("configured_hold_time", INT), Field("import", STR), Field("export", STR),
 )
 
 OPERATION: View = (Field("tunnel", STR), Field("state", STR), Field("message", STR))
@@ -267,7 +272,8 @@ EVENT: View = (
     Field("old_spi_r", SPI8), Field("spi_in", SPI4), Field("spi_out", SPI4), Field("old_spi_in", SPI4),
     Field("old_spi_out", SPI4), Field("proposal", STR), Field("interface", STR), Field("peer_address", STR),
     Field("peer_as", INT), Field("prefix", STR), Field("count", INT), Field("added", STRLIST),
-    Field("removed", STRLIST), Field("changed", STRLIST),
+    Field("removed", STRLIST), Field("changed", STRLIST), Field("action", STR),
+    Field("limit", INT), Field("delay", INT), Field("stale_routes", INT), Field("restarts", INT),
 )
 
 

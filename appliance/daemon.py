@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ipaddress
 import logging
 import math
 import os
@@ -55,18 +54,19 @@ import click
 
 from appliance import __version__, sdnotify
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, ConfigReadError, load_config
-from appliance.control import (ControlError, ControlServer, ControlSocketInUse, EventBus, RunDirError, check_params,
-                               format_spi, param, resolve_run_dir, socket_path, unknown_tunnel)
+from appliance.control import (ControlError, ControlServer, ControlSocketInUse, EventBus, RunDirError, format_spi,
+                               resolve_run_dir, socket_path)
+from appliance.control_handlers import ControlHandlers, _endpoint, _spi8
 from appliance.dpworker import DataplaneWorker, DpResult, describe_hook
 from appliance.ike import events as ev
 from appliance.ike.engine import IkeEngine
-from appliance.ike.message import TrafficSelector
 from appliance.ike.sa import IkeState
 from appliance.ikesockets import IkeSockets, SocketsError
 from appliance.logs import register_secret, setup_logging
 from appliance.metrics import IsthmusMetrics, MetricsServer, Registry, parse_listen
 from appliance.crl_fetch import CrlFetcher
 from appliance.tunnels import TunnelPlan, diff_plans, plan_tunnels
+from bgp.manager import RouteManager, bgp_wanted
 
 log = logging.getLogger("isthmus.daemon")
 
@@ -104,27 +104,6 @@ class _TunnelState:
             self.retry = None
 
 
-def _spi8(b: bytes) -> str:
-    return format_spi(int.from_bytes(b, "big"), 8)
-
-
-def _endpoint(ep: tuple[str, int]) -> str:
-    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
-
-
-def _ts_text(ts: TrafficSelector) -> str:
-    try:
-        start = ipaddress.ip_address(ts.start_addr)
-        end = ipaddress.ip_address(ts.end_addr)
-        nets = list(ipaddress.summarize_address_range(start, end))
-        text = str(nets[0]) if len(nets) == 1 else f"{start}-{end}"
-    except (ValueError, TypeError):
-        text = f"{ts.start_addr.hex()}-{ts.end_addr.hex()}"
-    if ts.ip_protocol or (ts.start_port, ts.end_port) != (0, 65535):
-        text += f"[{ts.ip_protocol}/{ts.start_port}-{ts.end_port}]"
-    return text
-
-
 class Daemon:
     """One appliance: see the module docstring. ``await Daemon(...).run()`` returns an exit status."""
 
@@ -144,6 +123,7 @@ class Daemon:
         self.metrics = IsthmusMetrics(Registry())
         self.metrics.registry.add_collector(self._collect)
         self.engine: IkeEngine | None = None
+        self.bgp: RouteManager | None = None     # the route manager (bgp/), when the config has BGP
         self.sockets: IkeSockets | None = None
         self.control: ControlServer | None = None
         self.http: MetricsServer | None = None
@@ -199,7 +179,7 @@ class Daemon:
         self.config, self.plans = config, plans
         self.state = {n: _TunnelState() for n in plans}
 
-        self.control = ControlServer(socket_path(self.run_dir), self._handlers(), events=self.bus)
+        self.control = ControlServer(socket_path(self.run_dir), ControlHandlers(self).table(), events=self.bus)
         try:
             await self.control.start()
         except ControlSocketInUse as e:
@@ -251,6 +231,7 @@ class Daemon:
                 log.error("metrics not served: cannot listen on %s:%d (%s); use --metrics-listen HOST:PORT or off",
                           host, port, e.strerror or e)
                 self.http = None
+        await self._start_bgp(config)
         self._engine_call(self.engine.start)
         self._tasks.append(asyncio.ensure_future(self._liveness()))
         self._tasks.append(asyncio.ensure_future(self._crl_refresh()))
@@ -284,6 +265,26 @@ class Daemon:
                 log.warning("peer certificate revoked by the CRL from %s; IKE SA deleted", url,
                             extra={"tunnel": name})
 
+    async def _start_bgp(self, config: Config) -> None:
+        """The route manager (ExaBGP child, FIB), if the config has a bgp: section and a tunnel
+        with a bgp block. A failure here is logged: the tunnels still work without BGP."""
+        if not bgp_wanted(config):
+            return
+        mgr = RouteManager(config, self.run_dir / "bgp", publish=self.bus.publish, metrics=self.metrics,
+                           clock=self.clock)
+        try:
+            await mgr.start()
+        except Exception as e:  # noqa: BLE001
+            log.error("the route manager cannot start: %s", e)
+            self.bus.publish("dataplane_error", None, message=f"the route manager cannot start: {e}")
+            with contextlib.suppress(Exception):
+                await mgr.stop()
+            return
+        self.bgp = mgr
+        for name, st in self.state.items():
+            if st.up_since is not None:
+                mgr.tunnel_up(name)
+
     async def _liveness(self) -> None:
         """Inbound ESP proves the peer alive (RFC 7296 §2.4: liveness checks are for when nothing
         is heard): every LIVENESS_POLL seconds (or half the shortest DPD interval) the inbound SA
@@ -316,6 +317,9 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         delete = self.config.appliance.delete_on_shutdown if self.config else True
+        if self.bgp is not None:
+            await self.bgp.stop(flush=delete)
+            self.bgp = None
         if delete and self.engine is not None:
             for name in list(self.plans):
                 self._engine_call(lambda now, n=name: self.engine.terminate(n, now))
@@ -506,6 +510,8 @@ class Daemon:
             log.warning("peer dead (no answer to liveness checks); action %s", e.action, extra={"tunnel": name})
             self.metrics.dpd_failures.inc(tunnel=name)
             plan = self.plans.get(name)
+            if self.bgp is not None:
+                self.bgp.tunnel_down(name, "peer dead (DPD)")
             self.bus.publish("dpd_timeout", name, remote=str(plan.tunnel.remote) if plan else None,
                              reason=f"no answer to liveness checks; action {e.action}")
         elif isinstance(e, ev.ChildSaRekeyed):
@@ -580,6 +586,8 @@ class Daemon:
                 self.bus.publish("route_added", name, prefix=str(prefix), interface=r.interface)
             self.bus.publish("tunnel_state", name, state="up", interface=r.interface)
             self.metrics.tunnel_up.set(1, tunnel=name)
+            if self.bgp is not None:
+                self.bgp.tunnel_up(name)
         elif r.kind in ("rekeyed", "outbound"):
             if r.kind == "outbound" or (isinstance(e, ev.ChildSaInstalled) and e.outbound):
                 st.spis = (r.spi_in, r.spi_out)
@@ -589,6 +597,8 @@ class Daemon:
 
     def _went_down(self, name: str, st: _TunnelState, r: DpResult) -> None:
         st.up_since, st.spis = None, None
+        if self.bgp is not None:
+            self.bgp.tunnel_down(name, "Child SA down")
         for prefix in st.routes:
             self.bus.publish("route_withdrawn", name, prefix=str(prefix), interface=r.interface)
         st.routes = ()
@@ -704,6 +714,9 @@ class Daemon:
         for name in (*d.removed, *d.changed):
             for p in await self._dp(self.worker.remove_tunnel, name):
                 log.error("removing tunnel: %s", p, extra={"tunnel": name})
+            if self.bgp is not None:
+                self.bgp.tunnel_down(name, "removed from the configuration" if name in d.removed
+                                     else "changed in the configuration")
             st = self.state.pop(name, None)
             if st is not None and st.up_since is not None:
                 for prefix in st.routes:
@@ -714,6 +727,7 @@ class Daemon:
         self.config = config
         if self.engine is not None:
             self.engine.dos = config.appliance.dos_protection
+        await self._reload_bgp(config)
         for name in (*d.changed, *d.added):
             err = await self._dp(self.worker.add_tunnel, plans[name])
             if err:
@@ -734,25 +748,16 @@ class Daemon:
                          changed=result["changed"])
         return result
 
-    # ================================================================== control handlers
-    def _handlers(self) -> dict[str, Any]:
-        return {"status": self.h_status, "tunnels": self.h_tunnels, "sas": self.h_sas, "routes": self.h_routes,
-                "bgp": self.h_bgp, "initiate": self.h_initiate, "terminate": self.h_terminate,
-                "rekey": self.h_rekey, "reload": self.h_reload}
+    async def _reload_bgp(self, config: Config) -> None:
+        if self.bgp is not None and not bgp_wanted(config):
+            await self.bgp.stop()
+            self.bgp = None
+        elif self.bgp is not None:
+            await self.bgp.reload(config, {n for n, st in self.state.items() if st.up_since is not None})
+        else:
+            await self._start_bgp(config)
 
-    def _running(self) -> IkeEngine:
-        """The engine, or 'unavailable' while the daemon is still starting (the control socket is
-        bound first, so that a second daemon on the same run directory is refused early)."""
-        if self.engine is None or self.config is None:
-            raise ControlError("unavailable", "isthmusd is starting; try again in a moment")
-        return self.engine
-
-    def _tunnel_param(self, params: dict[str, Any]) -> str:
-        name = param(params, "tunnel", str)
-        if name not in self.plans:
-            raise unknown_tunnel(name, self.plans)
-        return name
-
+    # ================================================================== control (appliance/control_handlers.py)
     async def _counters(self) -> dict[str, Any]:
         try:
             return await self._dp(self.worker.counters)
@@ -772,53 +777,6 @@ class Daemon:
             return "connecting"
         return "down"
 
-    async def h_status(self, params: dict[str, Any]) -> dict[str, Any]:
-        check_params(params, ())
-        self._running()
-        assert self.engine is not None and self.config is not None
-        sas = self.engine.sas()
-        return {
-            "name": self.config.appliance.name, "version": __version__, "pid": os.getpid(),
-            "uptime": round(self.clock() - self.started, 1), "config": str(self.config_path),
-            "tunnels": {"configured": len(self.plans),
-                        "up": sum(1 for n in self.plans if self._tunnel_state_name(n) == "up")},
-            "sas": {"ike": sum(1 for sa in sas if sa.state != IkeState.CONNECTING),
-                    "child": sum(1 for sa in sas for c in sa.children if c.alive),
-                    "half_open": sum(1 for sa in sas if sa.state == IkeState.CONNECTING)},
-            "bgp": None,
-        }
-
-    async def h_tunnels(self, params: dict[str, Any]) -> dict[str, Any]:
-        check_params(params, ())
-        self._running()
-        assert self.engine is not None
-        counters = await self._counters()
-        now = self.clock()
-        rows = []
-        for name, plan in self.plans.items():
-            st = self.state.get(name, _TunnelState())
-            sas = self.engine.sas(name)
-            traffic = {"bytes_in": 0, "packets_in": 0, "bytes_out": 0, "packets_out": 0}
-            for c in counters.get(name, []):
-                if c.inbound is not None:
-                    traffic["bytes_in"] += c.inbound.bytes
-                    traffic["packets_in"] += c.inbound.packets
-                if c.outbound is not None:
-                    traffic["bytes_out"] += c.outbound.bytes
-                    traffic["packets_out"] += c.outbound.packets
-            rows.append({
-                "name": name, "state": self._tunnel_state_name(name), "remote": str(plan.tunnel.remote),
-                "remote_id": str(plan.ike.remote_id) if plan.ike.remote_id else None,
-                "local": plan.ike.local_addr, "local_id": str(plan.ike.local_id),
-                "interface": plan.interface.ifname, "start": plan.ike.start,
-                "ike_sas": len(sas), "child_sas": sum(1 for sa in sas for c in sa.children_in_use()),
-                "established": round(now - st.up_since, 1) if st.up_since is not None else None,
-                **self._cert_days(name, plan),
-                "last_error": st.auth_error or st.error,
-                **traffic,
-            })
-        return {"tunnels": rows}
-
     def _cert_days(self, name: str, plan: TunnelPlan) -> dict[str, int | None]:
         """Whole days until our certificate and the peer's (as of its last authentication)
         expire (negative: expired), or None."""
@@ -832,119 +790,10 @@ class Daemon:
                 peer = math.floor((st.peer_cert_not_after - wall) / 86400)
         return {"cert_days_left": own, "peer_cert_days_left": peer}
 
-    async def h_sas(self, params: dict[str, Any]) -> dict[str, Any]:
-        check_params(params, ("tunnel",))
-        self._running()
-        assert self.engine is not None
-        only = self._tunnel_param(params) if "tunnel" in params else None
-        counters = await self._counters()
-        now = self.clock()
-        by_spi = {c.spi_in: c for cs in counters.values() for c in cs}
-        ike_rows, child_rows = [], []
-        for sa in sorted(self.engine.sas(only), key=lambda s: (s.tunnel, s.created_at)):
-            nat = {(False, False): "none", (True, False): "local", (False, True): "remote",
-                   (True, True): "both"}[(sa.nat_local, sa.nat_remote)]
-            cfg = sa.config
-            ike_rows.append({
-                "tunnel": sa.tunnel, "state": sa.state.value, "role": "initiator" if sa.initiator else "responder",
-                "local": _endpoint(sa.local), "remote": _endpoint(sa.remote),
-                "local_id": str(cfg.local_id) if cfg is not None else None,
-                "remote_id": sa.remote_id_text or None, "spi_i": _spi8(sa.spi_i), "spi_r": _spi8(sa.spi_r),
-                "proposal": str(sa.proposal) if sa.proposal is not None else None, "nat": nat,
-                "age": round(now - (sa.established_at or sa.created_at), 1),
-                "rekey_in": round(sa.rekey_at - now, 1) if sa.rekey_at is not None else None,
-            })
-            plan = self.plans.get(sa.tunnel)
-            for c in sa.children:
-                if not c.alive:
-                    continue
-                k = by_spi.get(c.spi_in_int)
-                ts_local, ts_remote = (c.ts_i, c.ts_r) if c.we_initiated else (c.ts_r, c.ts_i)
-                state = c.state.value if c.outbound_installed else f"{c.state.value} (inbound only)"
-                child_rows.append({
-                    "tunnel": sa.tunnel, "state": state, "spi_in": format_spi(c.spi_in_int),
-                    "spi_out": format_spi(c.spi_out_int), "proposal": str(c.proposal),
-                    "interface": plan.interface.ifname if plan else None, "if_id": plan.interface.if_id if plan else None,
-                    "encap": sa.udp_encap, "ts_local": [_ts_text(t) for t in ts_local],
-                    "ts_remote": [_ts_text(t) for t in ts_remote], "age": round(now - c.created_at, 1),
-                    "rekey_in": round(c.rekey_at - now, 1) if c.state.value == "installed" else None,
-                    "bytes_in": k.inbound.bytes if k and k.inbound else None,
-                    "packets_in": k.inbound.packets if k and k.inbound else None,
-                    "bytes_out": k.outbound.bytes if k and k.outbound else None,
-                    "packets_out": k.outbound.packets if k and k.outbound else None,
-                })
-        return {"ike_sas": ike_rows, "child_sas": child_rows}
-
-    async def h_routes(self, params: dict[str, Any]) -> dict[str, Any]:
-        check_params(params, ())
-        self._running()
-        try:
-            kernel = await self._dp(self.worker.installed_routes)
-            ifindexes = await self._dp(self.worker.ifindexes)
-        except Exception:  # noqa: BLE001
-            kernel, ifindexes = set(), {}
-        rows = []
-        for name, plan in self.plans.items():
-            for prefix in plan.routes:
-                rows.append({"prefix": str(prefix), "next_hop": None, "interface": plan.interface.ifname,
-                             "tunnel": name, "source": "static", "as_path": None,
-                             "installed": (str(prefix), ifindexes.get(name, -1)) in kernel})
-        return {"routes": rows}
-
-    async def h_bgp(self, params: dict[str, Any]) -> dict[str, Any]:
-        check_params(params, ())
-        raise ControlError("unavailable", "BGP is not available: the route manager is not part of this build yet "
-                                          "(networks behind a peer are reached with tunnels.<name>.routes)")
-
-    async def h_initiate(self, params: dict[str, Any]) -> dict[str, Any]:
-        check_params(params, ("tunnel",))
-        self._running()
-        name = self._tunnel_param(params)
-        assert self.engine is not None
-        st = self.state.get(name)
-        if st is not None:
-            st.cancel_retry()
-        if self.engine.current_sa(name) is not None:
-            return {"tunnel": name, "state": self._tunnel_state_name(name), "message": "already established"}
-        self._engine_call(lambda now: self.engine.connect(name, now))
-        return {"tunnel": name, "state": "connecting", "message": "initiating"}
-
-    async def h_terminate(self, params: dict[str, Any]) -> dict[str, Any]:
-        check_params(params, ("tunnel",))
-        self._running()
-        name = self._tunnel_param(params)
-        assert self.engine is not None
-        st = self.state.get(name)
-        if st is not None:
-            st.cancel_retry()
-        had = bool(self.engine.sas(name))
-        self._engine_call(lambda now: self.engine.terminate(name, now))
-        return {"tunnel": name, "state": "terminating" if had else "down",
-                "message": "deleting the IKE SA (DELETE sent); no automatic re-initiation until 'up'" if had
-                else "no SA to delete; no automatic re-initiation until 'up'"}
-
-    async def h_rekey(self, params: dict[str, Any]) -> dict[str, Any]:
-        check_params(params, ("tunnel", "kind"))
-        self._running()
-        name = self._tunnel_param(params)
-        kind = param(params, "kind", str, "child")
-        if kind not in ("child", "ike"):
-            raise ControlError("invalid_params", f"kind {kind!r}: allowed child or ike")
-        assert self.engine is not None
-        engine = self.engine
-        try:
-            self._engine_call(lambda now: (engine.rekey_child if kind == "child" else engine.rekey_ike)(name, now))
-        except LookupError as e:
-            raise ControlError("failed", f"cannot rekey {name}: {e.args[0] if e.args else e}") from None
-        return {"tunnel": name, "state": "rekeying", "message": f"{'Child' if kind == 'child' else 'IKE'} SA rekey started"}
-
-    async def h_reload(self, params: dict[str, Any]) -> dict[str, Any]:
-        check_params(params, ())
-        self._running()
-        return await self.reload()
-
     # ================================================================== metrics
     async def _collect(self) -> None:
+        if self.bgp is not None:
+            self.bgp.collect_metrics()
         if self.engine is None:
             return
         sas = self.engine.sas()

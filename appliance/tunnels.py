@@ -14,6 +14,8 @@ names.
 
 from __future__ import annotations
 
+import dataclasses
+
 import errno
 import ipaddress
 import socket
@@ -50,8 +52,10 @@ class TunnelPlan:
     routes: tuple[IPNetwork, ...]
 
     def same_as(self, other: "TunnelPlan") -> bool:
-        """True when a reload can leave the running tunnel alone."""
-        return self.tunnel == other.tunnel and self.ike.local_addr == other.ike.local_addr
+        """True when a reload can leave the running tunnel alone. The bgp block is not part of
+        it: the route manager applies a changed neighbor or policy without touching the SAs."""
+        return (dataclasses.replace(self.tunnel, bgp=None) == dataclasses.replace(other.tunnel, bgp=None)
+                and self.ike.local_addr == other.ike.local_addr)
 
 
 def route_source(remote: IPAddress) -> IPAddress | None:

@@ -1,6 +1,7 @@
 """`make demo`, run inside the lab guest: two regions, each an Isthmus appliance running `isthmusd`
-from its own config file, with a LAN behind it; the tunnel comes up by itself, and a host in LAN A
-pings and sends a file to a host in LAN B across the XFRM interfaces.
+from its own config file, with a LAN behind it; the tunnel comes up by itself, each region learns
+the other's LAN over BGP across the tunnel (no static routes), and a host in LAN A pings and sends
+a file to a host in LAN B across the XFRM interfaces.
 
     lan-a (10.1.0.10) -- region-a [isthmusd, xfrm-b] ==== ESP over 192.0.2.0/24 ==== [xfrm-a, isthmusd] region-b -- lan-b (10.2.0.10)
 
@@ -31,10 +32,12 @@ PY = [sys.executable]
 REGIONS = {
     "a": dict(ns="region-a", lan_ns="lan-a", wan="192.0.2.1", peer_wan="192.0.2.2", lan_gw="10.1.0.1",
               lan_host="10.1.0.10", lan="10.1.0.0/16", peer_lan="10.2.0.0/16", tunnel="to-b", ifname="xfrm-b",
-              inside="169.254.21.1/30", me="a.example.net", peer="b.example.net", start="true"),
+              inside="169.254.21.1/30", me="a.example.net", peer="b.example.net", start="true",
+              asn=65001, peer_as=65002, peer_inside="169.254.21.2", router_id="10.255.0.1"),
     "b": dict(ns="region-b", lan_ns="lan-b", wan="192.0.2.2", peer_wan="192.0.2.1", lan_gw="10.2.0.1",
               lan_host="10.2.0.10", lan="10.2.0.0/16", peer_lan="10.1.0.0/16", tunnel="to-a", ifname="xfrm-a",
-              inside="169.254.21.2/30", me="b.example.net", peer="a.example.net", start="false"),
+              inside="169.254.21.2/30", me="b.example.net", peer="a.example.net", start="false",
+              asn=65002, peer_as=65001, peer_inside="169.254.21.1", router_id="10.255.0.2"),
 }
 
 
@@ -74,7 +77,7 @@ def topology() -> None:
 
 def config_text(r: dict) -> str:
     return f"""\
-appliance: {{name: region-{'a' if r['ns'] == 'region-a' else 'b'}}}
+appliance: {{name: region-{'a' if r['ns'] == 'region-a' else 'b'}, router_id: {r['router_id']}}}
 tunnels:
   {r['tunnel']}:
     remote: {r['peer_wan']}
@@ -84,7 +87,14 @@ tunnels:
     auth: {{psk_file: secrets/{r['tunnel']}.psk}}
     start: {r['start']}              # A initiates, B only responds
     interface: {{name: {r['ifname']}, address: {r['inside']}}}
-    routes: [{r['peer_lan']}]      # the LAN behind the peer, routed over the tunnel while it is up
+    # BGP over the tunnel interface: the LAN behind the peer is learned, ours announced
+    bgp: {{peer_as: {r['peer_as']}, peer_address: {r['peer_inside']}, hold_time: 9, import: from-peer, export: to-peer}}
+bgp:
+  asn: {r['asn']}
+  announce: [{r['lan']}]
+  policies:
+    from-peer: {{prefixes: [{{prefix: {r['peer_lan']}, le: 24}}]}}
+    to-peer: {{prefixes: [{{prefix: {r['lan']}}}]}}
 """
 
 
@@ -207,7 +217,18 @@ def main() -> int:
             raise DemoFailed(f"the two sides disagree on the Child SA's SPIs: A {a_child}, B {b_child}")
         results["spis"] = f"A and B agree on SPIs {a_child['spi_in']}/{a_child['spi_out']}"
 
-        say("the kernel: routes over the tunnel interface in region A")
+        say("BGP over the tunnel: each region learns the other's LAN (isthmus show bgp, show routes)")
+        t0 = time.monotonic()
+        wait("the BGP sessions established and LAN B's route in region A's kernel",
+             lambda: all(n["state"] == "established" for k in REGIONS for n in call(k, "bgp")["neighbors"])
+             and "10.2.0.0/16" in sh("ip route show proto 74", "region-a").stdout
+             and "10.1.0.0/16" in sh("ip route show proto 74", "region-b").stdout, 90, procs)
+        print(f"learned over BGP {time.monotonic() - t0:.1f} s after the tunnel came up")
+        results["bgp"] = f"LANs learned over BGP {time.monotonic() - t0:.1f} s after tunnel up"
+        cli_both("show", "bgp")
+        cli_both("show", "routes")
+
+        say("the kernel: routes over the tunnel interface in region A (proto 74: BGP, isthmus)")
         print(sh("ip -br addr show xfrm-b; ip route show dev xfrm-b", "region-a").stdout.rstrip())
 
         say("LAN A host pings LAN B host (10.1.0.10 -> 10.2.0.10)")

@@ -98,7 +98,7 @@ def test_start_status_pid_file_cli_and_clean_stop(pair):
     assert routes == [{"prefix": "10.99.0.0/16", "next_hop": None, "interface": "xfrm-to-b", "tunnel": "to-b",
                        "source": "static", "as_path": None, "installed": False}]
     r = a.cli("show", "bgp", check=False)
-    assert r.returncode == 1 and "BGP is not available" in r.stderr
+    assert r.returncode == 1 and "BGP is not configured" in r.stderr
     r = a.cli("up", "nope", check=False)
     assert r.returncode == 1 and "no tunnel 'nope'; configured: to-b" in r.stderr
     r = a.cli("rekey", "to-b", check=False)
