@@ -8,13 +8,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup lab-image test test-unit test-host test-lab demo lab bench clean distclean
+.PHONY: help setup lab-image image-tools image image-aws image-gcp image-azure image-base test test-unit test-host test-lab demo lab bench clean distclean
 
 help:
 	@echo "make demo   - boot the lab: two isthmusd regions negotiate a tunnel; LAN A pings and sends a file to LAN B"
 	@echo "make test   - every test tier: unit, host (network namespaces), lab (VM with a real IPsec kernel)"
 	@echo "make lab    - boot the lab with a shell, or run CMD='...' in it"
 	@echo "make bench  - benchmarks, printed as ratios against an anchor measured in the same run"
+	@echo "make image  - the appliance image: build/image/isthmus-VERSION.qcow2 (+ .sha256, .manifest.txt); see docs/image.md"
+	@echo "make image-aws / image-gcp / image-azure - the image converted for that cloud's import"
 	@echo "make clean  - remove build output and .venv (the cache in $(ISTHMUS_CACHE) stays)"
 
 setup:
@@ -22,6 +24,25 @@ setup:
 
 lab-image: setup
 	@$(PY) -m image.lab.runner build >/dev/null
+
+# The appliance image (docs/image.md). Minutes under TCG: never part of `make test`.
+IMAGE_OUT := build/image
+IMAGE := $(IMAGE_OUT)/isthmus.qcow2
+
+image-tools:
+	@command -v packer >/dev/null && command -v sfdisk >/dev/null && command -v mkfs.vfat >/dev/null \
+	  && command -v mkisofs >/dev/null || { echo "image: apt-get install packer fdisk dosfstools mtools genisoimage ovmf" >&2; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends packer fdisk dosfstools mtools genisoimage ovmf >/dev/null; }
+
+image-base: setup image-tools
+	@image/build-base.sh
+
+image: setup image-tools
+	@image/build-image.sh "$$(image/lab/setup-host.sh)" $(IMAGE_OUT)
+
+image-aws image-gcp image-azure:
+	@[ -f $(IMAGE) ] || $(MAKE) image
+	@image/convert.sh $(@:image-%=%) $(IMAGE) $(IMAGE_OUT)
 
 test: lab-image
 	$(PY) -m pytest tests $(PYTEST_ARGS)
@@ -57,4 +78,4 @@ clean:
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(ISTHMUS_CACHE)/lab $(ISTHMUS_CACHE)/wheels
+	rm -rf $(ISTHMUS_CACHE)/lab $(ISTHMUS_CACHE)/wheels $(ISTHMUS_CACHE)/image
