@@ -73,7 +73,6 @@ mv "$tmp/packer/isthmus.qcow2" "$out/$name.qcow2"
 cp "$tmp/packer/packer-manifest.json" "$out/$name.packer-manifest.json" 2>/dev/null || true
 ln -sf "$name.qcow2" "$out/isthmus.qcow2"
 step "done in $(( $(date +%s) - t0 )) s"
-printf '%-40s %10s  %s\n' "artifact" "size" "sha256" >&2
 for f in "$out/$name.qcow2" "$out/$name.manifest.txt"; do
-    printf '%-40s %7s MB  %s\n' "$f" "$(( ($(stat -c %s "$f") + 500000) / 1000000 ))" "$(sha256sum "$f" | cut -c1-64)"
+    printf '%-40s %12s bytes (%s)  sha256 %s\n' "$f" "$(stat -c %s "$f")" "$(numfmt --to=iec-i --suffix=B "$(stat -c %s "$f")")" "$(sha256sum "$f" | cut -c1-64)"
 done

@@ -16,7 +16,7 @@ mkdir -p "$out"
 step() { echo "image: [$(date -u +%T)] $*" >&2; }
 vsize=$(qemu-img info --output=json "$src" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p')
 round_up() { echo $(( ( $1 + $2 - 1 ) / $2 * $2 )); }
-report() { for f in "$@"; do printf '%-40s %7s MB  %s\n' "$f" "$(( ($(stat -c %s "$f") + 500000) / 1000000 ))" "$(sha256sum "$f" | cut -c1-64)"; done; }
+report() { for f in "$@"; do printf '%-40s %12s bytes (%s)  sha256 %s\n' "$f" "$(stat -c %s "$f")" "$(numfmt --to=iec-i --suffix=B "$(stat -c %s "$f")")" "$(sha256sum "$f" | cut -c1-64)"; done; }
 case "$target" in
 aws)
     step "qcow2 -> raw and streamOptimized VMDK"
