@@ -59,6 +59,7 @@ if [ "$role" = A ]; then
     if [ $rc = 124 ]; then say "A: metrics port of B from A (not in B's metrics prefixes) dropped: ok"
     else say "A: metrics port of B from A: connect status $rc: FAILED"; fi
 else
+    if getent passwd packer >/dev/null; then say "B: the build user is in the image: FAILED"; else say "B: no build user in the image: ok"; fi
     useradd -M -s /bin/sh -G isthmus-read alice
     out=$(su alice -c 'isthmus down to-a' 2>&1); rc=$?
     say "B: read-only user's 'isthmus down' -> status $rc: $out"
@@ -186,6 +187,7 @@ def main() -> int:
                       "metrics listening on B": any("B: metrics port listening" in s for s in lines),
                       "read-only down refused": any("read-only user's 'isthmus down' -> status 1" in s and "permission denied" in s for s in lines),
                       "audit line in the journal": any("B: journal: audit:" in s and "outcome=refused:forbidden" in s for s in lines),
+                      "no build user in the image": any("no build user in the image: ok" in s for s in lines),
                       "tunnel intact after the refused down": any("still up after the refused down: ok" in s for s in lines)}
         for name, ok in checks.items():
             print(f"image-test: {'ok  ' if ok else 'FAIL'} {name}")

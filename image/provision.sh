@@ -47,6 +47,7 @@ rm -rf /var/lib/apt/lists/* "$work"
 cloud-init clean --logs --seed
 rm -f /etc/ssh/ssh_host_*
 truncate -s 0 /etc/machine-id
+echo localhost > /etc/hostname   # cloud-init sets the instance's own
 rm -f /var/lib/dbus/machine-id
 journalctl --rotate >/dev/null 2>&1 || true
 journalctl --vacuum-time=1s >/dev/null 2>&1 || true
