@@ -45,6 +45,7 @@ image: setup image-tools
 # the tunnel, a ping over the XFRM interfaces, the management policy; then B with a bad config.
 image-test:
 	@[ -f $(IMAGE) ] || $(MAKE) image
+	@echo "== image-test: one copy booted by UEFI (OVMF)"; python3 image/image_test.py --uefi $(IMAGE)
 	@echo "== image-test: two appliances from cloud-init"; python3 image/image_test.py $(IMAGE)
 	@echo "== image-test: region B with a bad config"; python3 image/image_test.py --bad-config --timeout 600 $(IMAGE)
 
