@@ -28,6 +28,8 @@ install -d -m 0700 /etc/isthmus/secrets
 install -m 0644 "$f/etc/isthmus/isthmus.yaml.example" /etc/isthmus/isthmus.yaml.example
 install -m 0644 "$f/etc/isthmus/management.nft" /etc/isthmus/management.nft
 install -m 0644 "$f"/systemd/*.service /etc/systemd/system/
+install -d /etc/systemd/system/ssh.service.d
+install -m 0644 "$f/systemd/ssh.service.d/isthmus-hostkeys.conf" /etc/systemd/system/ssh.service.d/
 [ -e /etc/default/isthmusd ] || printf '%s\n' '# isthmusd arguments (docs/daemon.md); the firewall admits the metrics port only from @metrics4/6' \
     'ISTHMUSD_ARGS="--metrics-listen 0.0.0.0:9477"' > /etc/default/isthmusd
 install -m 0755 "$f/sbin/isthmus-config-gate" /usr/local/sbin/isthmus-config-gate
