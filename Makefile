@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup lab-image test test-unit test-host test-lab demo lab bench fuzz clean distclean
+.PHONY: help setup lab-image image-tools image image-test image-aws image-gcp image-azure image-base test test-unit test-host test-lab demo lab bench fuzz clean distclean
 
 help:
 	@echo "make demo   - boot the lab: two isthmusd regions negotiate a tunnel; LAN A pings and sends a file to LAN B"
@@ -16,6 +16,9 @@ help:
 	@echo "make lab    - boot the lab with a shell, or run CMD='...' in it"
 	@echo "make bench  - benchmarks, printed as ratios against an anchor measured in the same run"
 	@echo "make fuzz   - fuzz the IKE engine: CASES=N and/or SECONDS=S (default 100000 cases), SEED=, JOBS="
+	@echo "make image  - the appliance image: build/image/isthmus-VERSION.qcow2 (+ .sha256, .manifest.txt); see docs/image.md"
+	@echo "make image-test - boot two copies of the image (qemu socket network, NoCloud seeds): tunnel, ping, management policy"
+	@echo "make image-aws / image-gcp / image-azure - the image converted for that cloud's import"
 	@echo "make clean  - remove build output and .venv (the cache in $(ISTHMUS_CACHE) stays)"
 
 setup:
@@ -23,6 +26,33 @@ setup:
 
 lab-image: setup
 	@$(PY) -m image.lab.runner build >/dev/null
+
+# The appliance image (docs/image.md). Minutes under TCG: never part of `make test`.
+IMAGE_OUT := build/image
+IMAGE := $(IMAGE_OUT)/isthmus.qcow2
+
+image-tools:
+	@command -v packer >/dev/null && command -v sfdisk >/dev/null && command -v mkfs.vfat >/dev/null \
+	  && command -v mkisofs >/dev/null || { echo "image: apt-get install packer fdisk dosfstools mtools genisoimage ovmf" >&2; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends packer fdisk dosfstools mtools genisoimage ovmf >/dev/null; }
+
+image-base: setup image-tools
+	@image/build-base.sh
+
+image: setup image-tools
+	@image/build-image.sh "$$(image/lab/setup-host.sh)" $(IMAGE_OUT)
+
+# Two copies of the image on a qemu socket network, configured by their NoCloud seeds alone:
+# the tunnel, a ping over the XFRM interfaces, the management policy; then B with a bad config.
+image-test:
+	@[ -f $(IMAGE) ] || $(MAKE) image
+	@echo "== image-test: one copy booted by UEFI (OVMF)"; python3 image/image_test.py --uefi $(IMAGE)
+	@echo "== image-test: two appliances from cloud-init"; python3 image/image_test.py $(IMAGE)
+	@echo "== image-test: region B with a bad config"; python3 image/image_test.py --bad-config --timeout 600 $(IMAGE)
+
+image-aws image-gcp image-azure:
+	@[ -f $(IMAGE) ] || $(MAKE) image
+	@image/convert.sh $(@:image-%=%) $(IMAGE) $(IMAGE_OUT)
 
 test: lab-image
 	$(PY) -m pytest tests $(PYTEST_ARGS)
@@ -66,4 +96,4 @@ clean:
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(ISTHMUS_CACHE)/lab $(ISTHMUS_CACHE)/wheels
+	rm -rf $(ISTHMUS_CACHE)/lab $(ISTHMUS_CACHE)/wheels $(ISTHMUS_CACHE)/image

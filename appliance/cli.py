@@ -152,13 +152,35 @@ def version(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"isthmusd: not reachable ({v.clean(reason)})")
 
 
+CONFIG_CHECK_FILE = "config-check"
+
+
+def _config_check_report(opts: Options) -> None:
+    """Why the daemon is not running, when the boot's config check said so (the image's
+    isthmus-config-gate writes ``<run dir>/config-check``: ``ok FILE`` or the problems)."""
+    from appliance.control import resolve_run_dir
+    try:
+        text = (resolve_run_dir(opts.run_dir) / CONFIG_CHECK_FILE).read_text(errors="replace")
+    except OSError:
+        return
+    if text.strip() and not text.startswith("ok "):
+        for line in text.splitlines()[:50]:
+            click.echo(v.clean(line), err=True)
+
+
 @main.command()
 @json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Daemon summary and one line per tunnel."""
+    try:
+        with Session(_options(ctx), as_json) as s:
+            st = v.project(s.call("status"), v.STATUS)
+    except click.exceptions.Exit as exc:
+        if exc.exit_code == EXIT_UNREACHABLE:
+            _config_check_report(_options(ctx))
+        raise
     with Session(_options(ctx), as_json) as s:
-        st = v.project(s.call("status"), v.STATUS)
         if as_json:
             click.echo(v.to_json(st))
             return

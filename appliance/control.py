@@ -322,7 +322,7 @@ class ControlServer:
 
     def __init__(self, path: str | os.PathLike[str], handlers: Mapping[str, Handler], *,
                  events: EventBus | None = None, max_request: int = MAX_REQUEST_BYTES,
-                 max_connections: int = 64, idle_timeout: float = 300.0) -> None:
+                 max_connections: int = 64, idle_timeout: float = 300.0, access: Any = None) -> None:
         if SUBSCRIBE in handlers:
             raise ValueError("'subscribe' is served by ControlServer itself; do not register a handler for it")
         self.path = Path(path)
@@ -334,6 +334,9 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self._inode: tuple[int, int] | None = None
+        #: appliance.access.AccessPolicy: with one, any local user may connect and the daemon
+        #: decides by the peer's credentials (roles); without, the socket is root-only by its modes.
+        self.access = access
 
     # -- life cycle
     async def start(self) -> None:
@@ -347,7 +350,9 @@ class ControlServer:
                 sock.bind(str(self.path))
             finally:
                 os.umask(old_umask)
-            os.chmod(self.path, 0o600)
+            os.chmod(self.path, 0o600 if self.access is None else 0o666)
+            if self.access is not None:
+                os.chmod(self.path.parent, 0o755)  # roles are checked per request (appliance/access.py)
             st = os.stat(self.path)
             self._inode = (st.st_dev, st.st_ino)
             sock.listen(16)
@@ -406,7 +411,7 @@ class ControlServer:
                 await self._send(writer, {"id": None, "error": {
                     "code": E_BUSY, "message": f"too many control connections (limit {self.max_connections})"}})
                 return
-            await self._requests(reader, writer)
+            await self._requests(reader, writer, _peer_of(writer))
         except (ConnectionError, asyncio.IncompleteReadError, EOFError):
             pass
         except asyncio.CancelledError:
@@ -419,7 +424,7 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any = None) -> None:
         while True:
             try:
                 line = await asyncio.wait_for(reader.readuntil(b"\n"), self.idle_timeout)
@@ -446,11 +451,27 @@ class ControlServer:
             if err is not None:
                 await self._send(writer, {"id": req_id, "error": err.as_dict()})
                 continue
+            if peer is None and self.access is not None:
+                await self._send(writer, {"id": req_id, "error": {
+                    "code": "forbidden", "message": "permission denied: the peer's credentials cannot be read"}})
+                continue
+            if peer is not None:
+                from appliance import access
+                try:
+                    role = access.authorize(peer, method, self.access)
+                except ControlError as exc:
+                    access.audit(peer, access.role_of(peer, self.access), method, params, f"refused:{exc.code}")
+                    await self._send(writer, {"id": req_id, "error": exc.as_dict()})
+                    continue
             if method == SUBSCRIBE:
                 if await self._subscribe(req_id, params, reader, writer):
                     return  # the connection was an event stream; it has ended
                 continue
-            await self._send(writer, await self._dispatch(req_id, method, params))
+            response = await self._dispatch(req_id, method, params)
+            if peer is not None:
+                access.audit(peer, role, method, params,
+                             "ok" if "result" in response else f"error:{response['error']['code']}")
+            await self._send(writer, response)
             if reader.at_eof():
                 return
 
@@ -559,6 +580,16 @@ def _parse_request(line: bytes) -> tuple[Any, str, dict[str, Any], ControlError 
         return req_id, method, {}, ControlError(E_BAD_REQUEST, f"unknown request member(s) {extra}; "
                                                                "allowed: id, method, params")
     return req_id, method, params, None
+
+
+def _peer_of(writer: asyncio.StreamWriter) -> Any:
+    """The connecting process's credentials (appliance.access.Peer), None if they cannot be read."""
+    from appliance.access import Peer
+    sock = writer.get_extra_info("socket")
+    try:
+        return Peer.of_socket(sock) if sock is not None and sock.family == socket.AF_UNIX else None
+    except OSError:
+        return None
 
 
 def _short(exc: Exception) -> str:

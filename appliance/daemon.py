@@ -54,6 +54,7 @@ import click
 
 from appliance import __version__, sdnotify
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, ConfigReadError, load_config
+from appliance.access import policy_from_system
 from appliance.control import (ControlError, ControlServer, ControlSocketInUse, EventBus, RunDirError, format_spi,
                                resolve_run_dir, socket_path)
 from appliance.control_handlers import ControlHandlers, _endpoint, _spi8
@@ -179,7 +180,8 @@ class Daemon:
         self.config, self.plans = config, plans
         self.state = {n: _TunnelState() for n in plans}
 
-        self.control = ControlServer(socket_path(self.run_dir), ControlHandlers(self).table(), events=self.bus)
+        self.control = ControlServer(socket_path(self.run_dir), ControlHandlers(self).table(), events=self.bus,
+                                     access=policy_from_system())
         try:
             await self.control.start()
         except ControlSocketInUse as e:

@@ -13,7 +13,7 @@ py=${ISTHMUS_PYTHON:-/usr/bin/python3}
 apt_pkgs=(python3 python3-venv python3-dev qemu-system-x86 qemu-utils debootstrap e2fsprogs kmod
           iproute2 nftables iputils-ping tcpdump util-linux git
           strongswan-swanctl charon-systemd libstrongswan-standard-plugins libcharon-extra-plugins
-          frr bird2 gobgpd)
+          frr bird2 gobgpd packer)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f '${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
