@@ -506,7 +506,7 @@ class Daemon:
             st = self.state.get(name)
             if st is not None:
                 st.auth_error = e.reason
-            self.metrics.auth_failures.inc(tunnel=name or "")
+            self.metrics.auth_failures.inc(tunnel=name if name in self.plans else "")
             self.bus.publish("auth_failed", name or None, reason=e.reason)
         elif isinstance(e, ev.PeerDead):
             log.warning("peer dead (no answer to liveness checks); action %s", e.action, extra={"tunnel": name})

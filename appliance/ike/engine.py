@@ -199,8 +199,14 @@ class IkeEngine:
         self._by_remote = None
 
     def remove_tunnel(self, name: str, now: float) -> None:
-        """Delete the tunnel's SAs (DELETE sent) and forget the tunnel."""
-        self.terminate(name, now)
+        """Delete the tunnel's SAs (DELETE sent for established ones) and forget the tunnel.
+
+        A responder's half-open SA is not bound to a tunnel until IKE_AUTH names the peer
+        (select_config): it stays, and its IKE_AUTH is matched against the tunnels configured
+        then — a reload that changes the tunnel while the peer is between IKE_SA_INIT and
+        IKE_AUTH completes on the new configuration, one that removes it answers
+        AUTHENTICATION_FAILED, instead of leaving the initiator retransmitting into nothing."""
+        self.terminate(name, now, keep_unbound=True)
         t = self._tunnels.pop(name)
         t.hold = True
         t.on_due_change = None
@@ -232,13 +238,17 @@ class IkeEngine:
             else:
                 log.info("tunnel %s has no local and remote address: it waits for the peer", name)
 
-    def terminate(self, name: str, now: float) -> None:
-        """Delete the tunnel's IKE SAs (with a DELETE to the peer) and do not re-initiate."""
+    def terminate(self, name: str, now: float, *, keep_unbound: bool = False) -> None:
+        """Delete the tunnel's IKE SAs (with a DELETE to the peer once established; a half-open
+        one silently) and do not re-initiate. `keep_unbound`: leave a responder's half-open SA
+        that IKE_AUTH has not yet bound to a tunnel."""
         t = self._tunnels[name]
         t.hold = True
         t.reconnect_at = None
         self._touch_tunnel(name)
         for sa in self._alive_sas(name):
+            if keep_unbound and not sa.initiator and sa.config is None:
+                continue
             informational.delete_ike_sa(sa, now, "terminated locally")
 
     def rekey_child(self, name: str, now: float) -> None:
@@ -535,10 +545,20 @@ class IkeEngine:
         return out
 
     def select_config(self, sa: IkeSa, peer: Identity, wanted: Identity | None) -> TunnelConfig | None:
-        """The tunnel an authenticating responder SA belongs to (by the peer's IDi/IDr)."""
-        for c in sa.candidates:
-            if c.name not in self._tunnels:
+        """The tunnel an authenticating responder SA belongs to (by the peer's IDi/IDr), in the
+        configuration of now: a tunnel reloaded since IKE_SA_INIT is matched as it is now
+        configured, provided it would still take an IKE_SA_INIT from these addresses."""
+        now_configs: list[TunnelConfig] | None = None
+        for old in sa.candidates:
+            t = self._tunnels.get(old.name)
+            if t is None:
                 continue
+            c = t.config
+            if c is not old:
+                if now_configs is None:
+                    now_configs = self.configs_for(sa.local, sa.remote)
+                if not any(x is c for x in now_configs):
+                    continue
             if c.remote_id is not None and c.remote_id != peer:
                 continue
             if wanted is not None and wanted != c.local_id:

@@ -246,6 +246,30 @@ def test_3_a_half_open_sa_is_terminated_without_a_delete(who):
     assert not _of(net, A_ADDR, ev.ChildSaInstalled) and not _of(net, B_ADDR, ev.ChildSaInstalled)
 
 
+def test_3_reload_between_ike_sa_init_and_ike_auth_completes_on_the_new_configuration():
+    """Found in the lab (both sides reload a changed tunnel at once): the responder's half-open
+    SA is not bound to a tunnel yet, so removing and re-adding the tunnel keeps it and its
+    IKE_AUTH is matched against the tunnel as configured now (here: a new ESP proposal)."""
+    a, b, auth = _ike_sa_init_only(a_kw=dict(esp="aes128gcm16"), b_kw=dict(esp="aes256gcm16"))
+    b.remove_tunnel("to-a", T0)
+    b.add_tunnel(tunnel("b", esp="aes128gcm16"))
+    assert b.datagrams_to_send() == [] and len(b.sas()) == 1
+    net = _finish(a, b, auth)
+    assert [type(e).__name__ for e in net.events[A_ADDR]] == ["IkeSaUp", "ChildSaInstalled"]
+    assert installed_pair_ok(net) == [] and one_ike_sa_each(net) == []
+
+
+def test_3_removing_the_tunnel_of_a_half_open_responder_sa_refuses_its_ike_auth():
+    a, b, auth = _ike_sa_init_only()
+    b.remove_tunnel("to-a", T0)
+    assert b.datagrams_to_send() == []
+    b.receive_datagram(auth.data, auth.src, auth.dst, T0 + 0.1)
+    (answer,) = b.datagrams_to_send()
+    a.receive_datagram(answer.data, answer.src, answer.dst, T0 + 0.1)
+    failed = [e for e in _drain(a) if isinstance(e, (ev.AuthFailed, ev.IkeSaFailed))]
+    assert failed and a.sas() == [] and b.sas() == []
+
+
 def test_3_no_assert_guards_input_dependent_state():
     import pathlib
 
