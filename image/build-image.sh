@@ -7,7 +7,7 @@
 # 1. the base disk (image/build-base.sh, cached in $ISTHMUS_CACHE/image)
 # 2. a temporary SSH key for packer, in a NoCloud seed (cidata ISO made by packer's cd_files)
 # 3. the payload: wheels, the project's source, image/files
-# 4. packer build image/packer.json (boot, provision.sh, cloud-init clean, compressed qcow2)
+# 4. packer build packer.json (boot, provision.sh, cloud-init clean, compressed qcow2)
 # 5. OUT_DIR/isthmus-VERSION.qcow2 + .sha256 + .manifest.txt; paths, sizes, checksums printed
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -55,7 +55,7 @@ step "packer build (accelerator $accel; under TCG ~10-20 min; console: $tmp/pack
 PACKER_CHECKPOINT_DISABLE=1 packer build -color=false -timestamp-ui \
     -var "base_disk=$base/disk.raw" -var "base_checksum=sha256:$(sha256sum "$base/disk.raw" | cut -d' ' -f1)" -var "output_dir=$tmp/packer" -var "accelerator=$accel" \
     -var "seed_dir=$tmp/seed" -var "ssh_private_key_file=$tmp/build-key" -var "payload=$tmp/payload.tar" \
-    image/packer.json 2>&1 | sed -u 's/^/  packer: /' >&2
+    packer.json 2>&1 | sed -u 's/^/  packer: /' >&2
 [ "${PIPESTATUS[0]}" = 0 ] || { cp -f "$tmp/packer-console.log" "$out/packer-console.log" 2>/dev/null;
                                 echo "image: packer build failed (guest console: $out/packer-console.log)" >&2; exit 1; }
 

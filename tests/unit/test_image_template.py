@@ -1,4 +1,4 @@
-"""The image's build inputs, checked without building: `packer validate image/packer.json` (the
+"""The image's build inputs, checked without building: `packer validate packer.json` (the
 Debian packer the image is built with), the files provision.sh installs exist, the scripts parse,
 and the management firewall is a ruleset nft accepts. Building the image is `make image` (minutes
 under TCG), never part of `make test`."""
@@ -45,13 +45,13 @@ def _validate(template: Path, variables: dict) -> subprocess.CompletedProcess:
 
 
 def test_packer_validate(packer_vars):
-    r = _validate(IMAGE / "packer.json", packer_vars)
+    r = _validate(TOP / "packer.json", packer_vars)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_packer_validate_catches_a_broken_template(packer_vars, tmp_path):
     """The check above can fail: a template with an unknown builder key does not validate."""
-    t = json.loads((IMAGE / "packer.json").read_text())
+    t = json.loads((TOP / "packer.json").read_text())
     t["builders"][0]["no_such_option"] = True
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(t))
@@ -60,7 +60,7 @@ def test_packer_validate_catches_a_broken_template(packer_vars, tmp_path):
 
 
 def test_template_shape():
-    t = json.loads((IMAGE / "packer.json").read_text())
+    t = json.loads((TOP / "packer.json").read_text())
     b = t["builders"][0]
     assert b["type"] == "qemu" and b["disk_image"] is True and b["format"] == "qcow2" and b["disk_compression"]
     assert t["variables"]["accelerator"] == "tcg" and b["accelerator"] == "{{user `accelerator`}}"
