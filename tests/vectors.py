@@ -381,7 +381,7 @@ STRONGSWAN_PSK_X25519 = StrongswanVector(
 
 #: Conversations recorded from two strongSwan daemons (tests/record_strongswan_vectors.py):
 #: Child SA keys are logged (CHD level 4), the Child SA and the IKE SA are rekeyed, with PFS.
-RECORDED_DIR = Path(__file__).resolve().parent / "data" / "strongswan"
+RECORDED_DIR = VECTORS_DIR
 
 
 def recorded_vectors() -> list[StrongswanVector]:

@@ -117,12 +117,6 @@ def _wheel_dir(lock: Path) -> Path:
     return CACHE / "wheels" / key
 
 
-def _venv_python() -> str:
-    """The project virtualenv's interpreter: it has pip even where the system python has none."""
-    venv = TOP / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
-
-
 def ensure_deps_disk(log: Callable[[str], None] = print) -> Path:
     """The guest's site-packages on an ext4 image, from the wheel cache (see setup-host.sh)."""
     lock = TOP / "requirements.lock"
@@ -139,9 +133,9 @@ def ensure_deps_disk(log: Callable[[str], None] = print) -> Path:
         log(f"lab: installing Python dependencies for the guest ({img.name})")
         with tempfile.TemporaryDirectory(prefix="isthmus-deps-") as tmp:
             target = Path(tmp) / "deps"
-            # The venv's pip (python3-venv's ensurepip provides it; stock Debian 12 has no
-            # python3-pip), installing for the same interpreter version the guest runs.
-            subprocess.run([_venv_python(), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore",
+            # The pip of the venv this runs in (python3-venv's ensurepip provides it; stock
+            # Debian 12 has no python3-pip), for the same interpreter version the guest runs.
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore",
                             "--no-index", "--find-links", str(wheels),
                             "--target", str(target), "-r", str(lock)], check=True)
             _mkfs(target, img.with_suffix(".tmp"), "isthmus-deps")

@@ -1,8 +1,8 @@
 """Conformance with real strongSwan 5.9.8 conversations.
 
 Vectors:
-* tests/data/strongswan/shared-psk-x25519-aes256gcm, a copy of the shared conversation (see its README; Child SA keys
-  are not in its logs);
+* tests/data/strongswan/shared-psk-x25519-aes256gcm, a copy of the shared conversation (see
+  its README; Child SA keys are not in its logs);
 * tests/data/strongswan/* recorded with tests/record_strongswan_vectors.py: AES-GCM-128 +
   ECP-256 with PFS, AES-CBC-256 + HMAC-SHA2-384/512 + MODP-3072, ChaCha20-Poly1305 + X448 with
   X25519 PFS; each with two Child SA rekeys and an IKE SA rekey started by the responder; the
