@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from appliance.config import CertAuth, Config, ConfigError, Issue, PskAuth, Tunnel
 from appliance.ike.constants import EncrId, IntegId, TransformType
-from appliance.ike.events import ChildSaInstalled
+from appliance.ike.events import ChildSaInstalled, IkeSaAddressesUpdated
 from appliance.ike.policy import DpdConfig, FragmentationConfig, Identity, PolicyError, TunnelConfig
 from appliance.ike.proposals import Proposal
 from appliance.xfrm.model import (ChildSa, DataplaneInputError, Endpoints, EspAlgorithms, Lifetime, SaKeys,
@@ -223,6 +223,13 @@ def esp_algorithms(encr_id: int, key_bits: int | None, integ_id: int | None) -> 
         name = str(encr_id)
     raise DataplaneInputError(f"ESP encryption transform {name} is not supported by the data plane; allowed: "
                               f"AES-GCM, ChaCha20-Poly1305, AES-CBC with SHA-2")
+
+
+def endpoints_of(e: IkeSaAddressesUpdated) -> Endpoints:
+    """The data plane's Endpoints for the IKE SA's current addresses (ESP in UDP between its
+    ports when it encapsulates, RFC 3948)."""
+    encap = UdpEncap(e.local[1], e.remote[1]) if e.udp_encap else None
+    return Endpoints(e.local[0], e.remote[0], encap)
 
 
 def kernel_child(e: ChildSaInstalled) -> ChildSa:

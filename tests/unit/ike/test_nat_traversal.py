@@ -262,3 +262,44 @@ def test_make_engines_without_nat_sends_no_keepalives():
     a.start(net.now)
     net.run(120)
     assert net.keepalives == []
+
+
+# ------------------------------------------------------------------ the hand-off to the data plane
+
+
+def _kernel_view(net, ip):
+    from appliance.tunnels import kernel_child
+    from appliance.xfrm import TunnelInterface
+    from appliance.xfrm.hook import tunnel_mtu
+
+    (inst,) = _events(net, ip, ev.ChildSaInstalled)
+    child = kernel_child(inst)
+    return child, tunnel_mtu(TunnelInterface("to-b", "xfrm-b"), child, 1500)
+
+
+def test_the_kernel_sa_is_esp_in_udp_and_the_mtu_and_mss_lose_exactly_the_udp_header():
+    from appliance.xfrm import UdpEncap
+
+    plain, _a, _b = _nat_net(nat=False)
+    natted, _a, _b = _nat_net()
+    c_plain, m_plain = _kernel_view(plain, PRIVATE)
+    c_nat, m_nat = _kernel_view(natted, PRIVATE)
+    c_nat_b, m_nat_b = _kernel_view(natted, B_ADDR)
+    assert c_plain.endpoints.encap is None
+    assert c_nat.endpoints.encap == UdpEncap(4500, 4500)
+    assert c_nat_b.endpoints.encap == UdpEncap(4500, 41500)   # B sends to A's public mapping
+    assert str(c_nat_b.endpoints.remote) == PUBLIC
+    # AES-GCM over a 1500-byte IPv4 underlay: 1446 plain, 8 bytes (RFC 768 header) less in UDP
+    assert (m_plain.mtu, m_nat.mtu, m_nat_b.mtu) == (1446, 1438, 1438)
+    assert (m_plain.mss4 - m_nat.mss4, m_plain.mss6 - m_nat.mss6) == (8, 8)
+
+
+def test_a_rebinding_gives_the_data_plane_the_new_encapsulation_ports():
+    from appliance.tunnels import endpoints_of
+    from appliance.xfrm import Endpoints, UdpEncap
+
+    net, _a, b = _nat_net(a_kw=dict(dpd=DpdConfig(interval=30, timeout=60, action="restart")))
+    net.rebind((PRIVATE, 4500), (PUBLIC, 52000))
+    net.run(40)
+    (moved,) = _events(net, B_ADDR, ev.IkeSaAddressesUpdated)
+    assert endpoints_of(moved) == Endpoints(B_ADDR, PUBLIC, UdpEncap(4500, 52000))
