@@ -161,3 +161,41 @@ def test_isthmus_to_isthmus_through_the_nat(tmp_path, natted):
         new = them.wait_event(lambda e: e["event"] == "ChildSaInstalled", 15, since=m_them)
         assert (new["remote_port"], new["udp_encap"]) == (new_port, True)
         assert rk["old_spi_in"] == ours["spi_in"]
+
+
+def _pair(tmp_path, inside, outside, ours_kw, theirs_kw, remote_addr):
+    front = tunnel_json(outside, inside, "to-a", local_id="b.example.net", remote_id="a.example.net",
+                        psk=PSK.encode(), start=False, remote_addr=remote_addr,
+                        dpd={"interval": 0, "timeout": 30, "action": "clear"}, **theirs_kw)
+    return EngineProc(tmp_path / "outside", outside, [front]), _ours(tmp_path, inside, outside, **ours_kw)
+
+
+def test_force_encapsulates_between_two_isthmus_without_a_nat(tmp_path):
+    from tests.peers.topology import pair_of_namespaces
+
+    with pair_of_namespaces("frc") as (a, b):
+        them, us = _pair(tmp_path, a, b, dict(nat_traversal="force", nat_keepalive=1), {}, a.addr4)
+        with them, us:
+            ours = us.wait_event(lambda e: e["event"] == "ChildSaInstalled", 20, what="Child SA")
+            theirs = them.wait_event(lambda e: e["event"] == "ChildSaInstalled", 20, what="Child SA")
+            for e in (ours, theirs):
+                assert (e["udp_encap"], e["local_port"], e["remote_port"]) == (True, 4500, 4500)
+            st_us, st_them = _status(us), _status(them)
+            assert (st_us["nat_fake"], st_us["nat_local"], st_us["nat_remote"]) == (True, False, False)
+            assert (st_them["nat_fake"], st_them["nat_local"], st_them["nat_remote"]) == (False, False, True)
+            time.sleep(2.5)
+            assert _status(us)["keepalives_sent"] == 0   # no NAT here: nothing to keep open
+
+
+def test_off_stays_on_500_through_the_nat(tmp_path, natted):
+    inside, nat, outside = natted
+    them, us = _pair(tmp_path, inside, outside, dict(nat_traversal="off", nat_keepalive=1), {}, PUBLIC)
+    with them, us:
+        ours = us.wait_event(lambda e: e["event"] == "ChildSaInstalled", 20, what="Child SA")
+        theirs = them.wait_event(lambda e: e["event"] == "ChildSaInstalled", 20, what="Child SA")
+        assert (ours["udp_encap"], ours["local_port"], ours["remote_port"]) == (False, 500, 500)
+        assert (theirs["udp_encap"], theirs["remote_addr"]) == (False, PUBLIC)
+        assert _in_range(theirs["remote_port"], 20000, 20099)   # port 500's mapping: never 4500
+        assert nat.public_port(4500) is None
+        time.sleep(2.5)
+        assert nat.keepalives() == 0
