@@ -138,7 +138,9 @@ def test_lan_traffic_crosses_a_udp_encapsulated_child_sa_through_the_nat(natted_
     finally:
         pinger.terminate()
         out, _ = pinger.communicate(timeout=10)
-    print(f"NAT rebinding followed by B's kernel SAs {moved_after:.1f} s after the flush")
+    stats = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    print(f"NAT rebinding followed by B's kernel SAs {moved_after:.1f} s after the flush "
+          f"(pings every 0.1 s: {stats.group(2) if stats else '?'} of {stats.group(1) if stats else '?'} answered)")
     assert _encaps(outside.ns) == {spi_a_in: (OUTSIDE4, PUBLIC, 4500, new_port),
                                    spi_a_out: (PUBLIC, OUTSIDE4, new_port, 4500)}
     assert _encaps(inside.ns) == sa_a            # the side behind the NAT stays as it was
