@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import signal
 import subprocess
 import tempfile
 import time
@@ -136,7 +137,7 @@ def test_lan_traffic_crosses_a_udp_encapsulated_child_sa_through_the_nat(natted_
         assert new_port == nat.public_port(4500)
         time.sleep(2)
     finally:
-        pinger.terminate()
+        pinger.send_signal(signal.SIGINT)   # ping prints its statistics on SIGINT
         out, _ = pinger.communicate(timeout=10)
     stats = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     print(f"NAT rebinding followed by B's kernel SAs {moved_after:.1f} s after the flush "
