@@ -291,7 +291,9 @@ class Daemon:
         """Inbound ESP proves the peer alive (RFC 7296 §2.4: liveness checks are for when nothing
         is heard): every LIVENESS_POLL seconds (or half the shortest DPD interval) the inbound SA
         counters are read and a tunnel whose counters moved has its DPD deferred
-        (engine.traffic_seen), so busy tunnels exchange no empty INFORMATIONAL messages."""
+        (engine.traffic_seen), so busy tunnels exchange no empty INFORMATIONAL messages. Outbound
+        counters that moved tell the engine ESP went out (engine.traffic_sent): behind a NAT, a
+        tunnel that sends needs no NAT keepalives (RFC 3948 §2.3)."""
         last: dict[tuple[str, int], int] = {}
         while True:
             intervals = [p.ike.dpd.interval for p in self.plans.values() if p.ike.dpd.interval > 0]
@@ -303,11 +305,17 @@ class Daemon:
                 for c in cs:
                     if c.inbound is not None:
                         seen[(name, c.spi_in)] = c.inbound.packets
-            moved = {name for (name, spi), n in seen.items() if n > last.get((name, spi), 0)}
+                    if c.outbound is not None:
+                        seen[(name, -1 - c.spi_out)] = c.outbound.packets
+            moved_in = {name for (name, spi), n in seen.items() if spi >= 0 and n > last.get((name, spi), 0)}
+            moved_out = {name for (name, spi), n in seen.items() if spi < 0 and n > last.get((name, spi), 0)}
             last = seen
-            for name in moved:
+            for name in moved_in:
                 if name in self.plans:
                     self._engine_call(lambda now, n=name: self.engine.traffic_seen(n, now))
+            for name in moved_out:   # outbound ESP keeps a NAT mapping: no keepalive needed
+                if name in self.plans:
+                    self._engine_call(lambda now, n=name: self.engine.traffic_sent(n, now))
 
     async def _shutdown(self) -> None:
         reason = self._stop_reason
@@ -451,7 +459,8 @@ class Daemon:
         if self.sockets is None:
             return
         for d in datagrams:
-            self.sockets.send(d.data, d.src, d.dst)
+            # a NAT keepalive is the bare 0xFF octet, without the non-ESP marker (RFC 3948 §2.3)
+            self.sockets.send(d.data, d.src, d.dst, marker=not d.keepalive)
 
     def _release_held(self) -> None:
         held, self._held = self._held, []
@@ -466,6 +475,12 @@ class Daemon:
     # ================================================================== events
     def _on_event(self, e: ev.Event) -> None:
         name = e.tunnel
+        if isinstance(e, ev.IkeSaAddressesUpdated):
+            log.info("peer now at %s; Child SAs follow (no rekey)", _endpoint(e.remote), extra={"tunnel": name})
+            self.bus.publish("ike_sa_moved", name, local=_endpoint(e.local), remote=_endpoint(e.remote),
+                             spi_i=_spi8(e.spi_i), spi_r=_spi8(e.spi_r))
+            self._dp_submit(e)
+            return
         if isinstance(e, (ev.ChildSaInstalled, ev.ChildSaOutboundInstalled, ev.ChildSaDeleted)):
             self._dp_submit(e)
             if isinstance(e, ev.ChildSaDeleted):
@@ -594,6 +609,9 @@ class Daemon:
             if r.kind == "outbound" or (isinstance(e, ev.ChildSaInstalled) and e.outbound):
                 st.spis = (r.spi_in, r.spi_out)
             st.error, st.failures = None, 0
+        elif r.kind == "moved":
+            log.info("Child SAs moved to %s (MTU %s)", _endpoint(e.remote), r.mtu.mtu if r.mtu else None,
+                     extra={"tunnel": name})
         elif r.kind == "down":
             self._went_down(name, st, r)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from appliance.ike import events as ev
 from appliance.static_routes import RouteProblem, StaticRoutes
-from appliance.tunnels import TunnelPlan, kernel_child
+from appliance.tunnels import TunnelPlan, endpoints_of, kernel_child
 from appliance.xfrm import (ChildSaCounters, Dataplane, DataplaneError, DataplaneInputError, HookResult,
                             ReconcileReport, TunnelMtu)
 from appliance.xfrm.netlink import NamespaceError, NetlinkError
@@ -46,6 +46,7 @@ _FAILURES = (DataplaneError, DataplaneInputError, NetlinkError, NamespaceError, 
 @dataclass
 class DpResult:
     """What a job did: ``up``, ``rekeyed``, ``outbound`` (rekey responder switched), ``retired``,
+    ``moved`` (the SAs follow the peer's new address/port),
     ``down``, ``ignored`` (nothing of ours to act on) or ``failed`` (``error`` says why)."""
 
     kind: str
@@ -179,6 +180,13 @@ class DataplaneWorker:
                 mtu = dp.activate_outbound(name, e.spi_in)
                 return DpResult("outbound", name, e.spi_in, e.spi_out, mtu=mtu, interface=ifname)
             return DpResult("ignored", name, e.spi_in, e.spi_out)
+        if isinstance(e, ev.IkeSaAddressesUpdated):
+            # a NAT rebinding (RFC 7296 §2.23): every SA and policy moves in place, no rekey
+            ep = endpoints_of(e)
+            if not status.child_sas or status.endpoints == ep:
+                return DpResult("ignored", name)
+            mtu = dp.update_endpoints(name, ep)
+            return DpResult("moved", name, mtu=mtu, interface=ifname)
         if isinstance(e, ev.ChildSaDeleted):
             if e.spi_in not in status.child_sas:
                 return DpResult("ignored", name, e.spi_in, e.spi_out)

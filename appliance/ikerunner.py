@@ -181,7 +181,7 @@ class IkeRunner:
             if sock is None:
                 log.warning("no socket for %s:%d; datagram to %s:%d dropped", *d.src, *d.dst)
                 continue
-            natt = self._natt.get(d.src, d.src[1] == 4500)
+            natt = self._natt.get(d.src, d.src[1] == 4500) and not d.keepalive   # RFC 3948 §2.3: bare 0xFF
             self._sendto(sock, NON_ESP_MARKER + d.data if natt else d.data, d.dst)
 
     def _arm_timer(self, when: float | None) -> None:
@@ -265,6 +265,14 @@ def event_to_json(e: ev.Event) -> dict:
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def sa_status(sa) -> dict:
+    """What the `status` command says about one IKE SA (addresses and NAT-T state)."""
+    return {"tunnel": sa.tunnel, "spi_i": sa.spi_i.hex(), "spi_r": sa.spi_r.hex(), "state": sa.state.value,
+            "local": list(sa.local), "remote": list(sa.remote), "nat_local": sa.nat_local,
+            "nat_remote": sa.nat_remote, "nat_fake": sa.nat_fake, "udp_encap": sa.udp_encap,
+            "keepalives_sent": sa.keepalives_sent}
 
 
 def tunnel_from_json(d: dict) -> TunnelConfig:
@@ -356,7 +364,8 @@ async def _amain(cfg: dict) -> int:
                 if cmd == "quit":
                     break
                 if cmd == "status":
-                    say({"event": "status", "sas": [repr(sa) for sa in engine.sas()]})
+                    say({"event": "status", "sas": [repr(sa) for sa in engine.sas()],
+                         "detail": [sa_status(sa) for sa in engine.sas()]})
                 elif cmd in ("rekey_child", "rekey_ike", "terminate", "connect"):
                     fn = getattr(engine, cmd)
                     runner.command(lambda now, fn=fn: fn(args[0], now))

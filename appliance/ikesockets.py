@@ -163,15 +163,16 @@ class IkeSockets:
                 log.exception("processing %s from %s:%d failed", datagram_summary(data), addr[0], addr[1])
 
     # ------------------------------------------------------------------ send
-    def send(self, data: bytes, src: Endpoint, dst: Endpoint) -> bool:
-        """Send `data` from `src` (address, port) to `dst`; False if it could not be sent."""
+    def send(self, data: bytes, src: Endpoint, dst: Endpoint, *, marker: bool = True) -> bool:
+        """Send `data` from `src` (address, port) to `dst`; False if it could not be sent. On the
+        NAT-T port the non-ESP marker goes in front unless `marker` is false (a NAT keepalive)."""
         family = socket.AF_INET6 if ":" in src[0] else socket.AF_INET
         s = self._socks.get((family, src[1]))
         if s is None:
             log.warning("no socket for %s port %d; datagram to %s:%d dropped", src[0], src[1], dst[0], dst[1])
             self.dropped += 1
             return False
-        if s.natt:
+        if s.natt and marker:
             data = NON_ESP_MARKER + data
         if family == socket.AF_INET6:
             anc = [(socket.IPPROTO_IPV6, IPV6_PKTINFO, _IN6_PKTINFO.pack(socket.inet_pton(family, src[0]), 0))]

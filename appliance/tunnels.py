@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from appliance.config import CertAuth, Config, ConfigError, Issue, PskAuth, Tunnel
 from appliance.ike.constants import EncrId, IntegId, TransformType
-from appliance.ike.events import ChildSaInstalled
+from appliance.ike.events import ChildSaInstalled, IkeSaAddressesUpdated
 from appliance.ike.policy import DpdConfig, FragmentationConfig, Identity, PolicyError, TunnelConfig
 from appliance.ike.proposals import Proposal
 from appliance.xfrm.model import (ChildSa, DataplaneInputError, Endpoints, EspAlgorithms, Lifetime, SaKeys,
@@ -140,7 +140,8 @@ def _plan(t: Tunnel, resolve_local: LocalResolver) -> TunnelPlan:
             ike_lifetime=float(t.ike.lifetime), ike_rekey_margin=float(max(1, t.ike.rekey_margin)),
             child_lifetime=float(t.esp.lifetime), child_rekey_margin=float(max(1, t.esp.rekey_margin)),
             rekey_jitter=_jitter(t), dpd=DpdConfig(float(t.dpd.interval), float(t.dpd.timeout), t.dpd.action),
-            fragmentation=_fragmentation(t))
+            fragmentation=_fragmentation(t), nat_traversal=t.nat_traversal,
+            nat_keepalive=float(t.nat_keepalive))
     except PolicyError as e:
         raise _Refused("", str(e)) from None
     mtu = t.interface.mtu
@@ -226,6 +227,13 @@ def esp_algorithms(encr_id: int, key_bits: int | None, integ_id: int | None) -> 
         name = str(encr_id)
     raise DataplaneInputError(f"ESP encryption transform {name} is not supported by the data plane; allowed: "
                               f"AES-GCM, ChaCha20-Poly1305, AES-CBC with SHA-2")
+
+
+def endpoints_of(e: IkeSaAddressesUpdated) -> Endpoints:
+    """The data plane's Endpoints for the IKE SA's current addresses (ESP in UDP between its
+    ports when it encapsulates, RFC 3948)."""
+    encap = UdpEncap(e.local[1], e.remote[1]) if e.udp_encap else None
+    return Endpoints(e.local[0], e.remote[0], encap)
 
 
 def kernel_child(e: ChildSaInstalled) -> ChildSa:

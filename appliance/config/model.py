@@ -26,6 +26,7 @@ DEFAULT_IKE_LIFETIME = 24 * 3600
 DEFAULT_ESP_LIFETIME = 3600
 DEFAULT_REKEY_MARGIN = 9 * 60          # strongSwan's default margin before expiry
 DEFAULT_DPD_INTERVAL = 10
+DEFAULT_NAT_KEEPALIVE = 20   # seconds between NAT keepalives (RFC 3948 §2.3; strongSwan's default)
 DEFAULT_DPD_TIMEOUT = 30
 DEFAULT_DPD_ACTION = "restart"
 DEFAULT_CONFIG_PATH = "/etc/isthmus/isthmus.yaml"
@@ -179,6 +180,8 @@ class Tunnel:
     #: Prefixes reached over this tunnel without BGP: routes on the tunnel's interface while its
     #: Child SA is up, withdrawn the moment it goes down.
     routes: tuple[IPNetwork, ...] = ()
+    #: seconds between NAT keepalives from behind a NAT (0: none)
+    nat_keepalive: int = DEFAULT_NAT_KEEPALIVE
     line: int = field(default=0, compare=False)  # where the tunnel starts in the file
 
 

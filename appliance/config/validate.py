@@ -22,7 +22,8 @@ from appliance.config.errors import Issue
 from appliance.config.model import (DEFAULT_DPD_ACTION, DEFAULT_DPD_INTERVAL, DEFAULT_DPD_TIMEOUT,
                                     DEFAULT_ESP_LIFETIME, DEFAULT_ESP_PROPOSAL, DEFAULT_GRACEFUL_RESTART_TIME,
                                     DEFAULT_HOLD_TIME, DEFAULT_IKE_LIFETIME, DEFAULT_IKE_PROPOSAL,
-                                    DEFAULT_MAX_PATHS, DEFAULT_MAX_PREFIX_RESTART_DELAY, DEFAULT_REKEY_MARGIN,
+                                    DEFAULT_MAX_PATHS, DEFAULT_MAX_PREFIX_RESTART_DELAY, DEFAULT_NAT_KEEPALIVE,
+                                    DEFAULT_REKEY_MARGIN,
                                     ApplianceSettings, AsPathFilter, BgpPolicy, BgpSettings, CertAuth, Config,
                                     Dampening, DpdSettings, EspSettings, Guards, Identity, IkeSettings,
                                     InterfaceSettings, MaxPrefix, PrefixMatch, PskAuth, Tunnel, TunnelBgp)
@@ -43,7 +44,7 @@ TOP_KEYS = ("appliance", "tunnels", "bgp")
 APPLIANCE_KEYS = ("name", "router_id", "delete_on_shutdown", "dos_protection")
 DOS_KEYS = ("half_open_max", "half_open_per_source", "cookie_threshold", "max_init_request")
 TUNNEL_KEYS = ("remote", "local", "local_id", "remote_id", "auth", "ike", "esp", "dpd", "nat_traversal",
-               "mobike", "start", "interface", "bgp", "peer_profile", "routes")
+               "nat_keepalive", "mobike", "start", "interface", "bgp", "peer_profile", "routes")
 AUTH_KEYS = ("psk_file", "certificate", "key", "ca", "crl")
 SA_KEYS = ("proposals", "lifetime", "rekey_margin")
 IKE_KEYS = SA_KEYS + ("fragmentation", "fragment_size")   # RFC 7383
@@ -159,6 +160,14 @@ def _human(seconds: int) -> str:
     if seconds and seconds % 60 == 0:
         return f"{seconds // 60}m"
     return f"{seconds}s"
+
+
+def _keepalive_interval(value: Any) -> int:
+    """nat_keepalive: 0 (none) or 1s..1h."""
+    seconds = parse_duration(value)
+    if seconds != 0 and not 1 <= seconds <= 3600:
+        raise Bad(f"{_human(seconds)} is out of range; allowed: 0 (no keepalives) or 1s..1h")
+    return seconds
 
 
 def choice(*options: str) -> Callable[[Any], str]:
@@ -609,6 +618,8 @@ def _tunnel(ctx: Ctx, name: str, value: Any, key_line: int, bgp: BgpSettings | N
                                  default=dpd.action), dpd.action))
 
     nat = ctx.field(m, "nat_traversal", path, choice("auto", "force", "off"), default="auto")
+    # RFC 3948 §2.3 keepalives from behind a NAT; 0 sends none (strongSwan's keep_alive, 20 s)
+    nat_keepalive = ctx.field(m, "nat_keepalive", path, _keepalive_interval, default=DEFAULT_NAT_KEEPALIVE)
     mobike = ctx.field(m, "mobike", path, to_bool, default=True)
     start = ctx.field(m, "start", path, to_bool, default=True)
 
@@ -660,7 +671,8 @@ def _tunnel(ctx: Ctx, name: str, value: Any, key_line: int, bgp: BgpSettings | N
     if len(ctx.issues) != n_before:
         return None
     return Tunnel(name=name, remote=remote, local=local, local_id=local_id, remote_id=remote_id, auth=auth,
-                  ike=ike, esp=esp, dpd=dpd, nat_traversal=nat, mobike=mobike, start=start,
+                  ike=ike, esp=esp, dpd=dpd, nat_traversal=nat, nat_keepalive=nat_keepalive,
+                  mobike=mobike, start=start,
                   interface=interface, bgp=tunnel_bgp, peer_profile=profile,
                   routes=tuple(net for net, _ in routes or ()), line=key_line)
 

@@ -46,15 +46,18 @@ from appliance.ike.sa import Endpoint, IkeSa, IkeState
 log = logging.getLogger("isthmus.ike")
 
 ZERO_SPI = bytes(8)
+NAT_KEEPALIVE = b"\xff"   # RFC 3948 §2.3
 
 
 @dataclass(frozen=True)
 class Datagram:
-    """A datagram to send from `src` to `dst` (the runner adds the non-ESP marker on 4500)."""
+    """A datagram to send from `src` to `dst` (the runner adds the non-ESP marker on 4500,
+    except to a NAT keepalive: RFC 3948 §2.3, the one octet 0xFF as it is)."""
 
     data: bytes
     src: Endpoint
     dst: Endpoint
+    keepalive: bool = False
 
 
 @dataclass
@@ -268,6 +271,14 @@ class IkeEngine:
             raise LookupError(f"tunnel {name} has no established IKE SA")
         ike_rekey.start(sa, now)
 
+    def traffic_sent(self, name: str, now: float) -> None:
+        """The data plane sent ESP for the tunnel: the NAT mapping is fresh (defers the NAT
+        keepalive, RFC 3948 §2.3: keepalives only while nothing else goes out)."""
+        sa = self.current_sa(name)
+        if sa is not None:
+            sa.last_sent = max(sa.last_sent, now)
+            self._touch(sa)
+
     def traffic_seen(self, name: str, now: float) -> None:
         """The data plane saw inbound ESP for the tunnel: the peer is alive (defers DPD)."""
         sa = self.current_sa(name)
@@ -409,6 +420,9 @@ class IkeEngine:
     # ------------------------------------------------------------------ services for IkeSa
     def send(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
         self._out.append(Datagram(data, src, dst))
+
+    def send_keepalive(self, src: Endpoint, dst: Endpoint) -> None:
+        self._out.append(Datagram(NAT_KEEPALIVE, src, dst, keepalive=True))
 
     def emit(self, event: ev.Event) -> None:
         self._events.append(event)

@@ -45,6 +45,21 @@ class IkeSaRekeyed:
 
 
 @dataclass(frozen=True)
+class IkeSaAddressesUpdated:
+    """The peer's address or port changed (a NAT rebinding, RFC 7296 §2.23, seen on an
+    authenticated message): the tunnel's Child SAs now run between `local` and `remote`
+    ((address, port) pairs; ESP in UDP between those ports when `udp_encap`). The data plane
+    moves its SAs in place; nothing is rekeyed."""
+
+    tunnel: str
+    spi_i: bytes
+    spi_r: bytes
+    local: Endpoint
+    remote: Endpoint
+    udp_encap: bool
+
+
+@dataclass(frozen=True)
 class IkeSaDown:
     """An established IKE SA is gone (deleted by either side, expired, or the peer is dead).
     Its Child SAs were reported deleted before this event."""
@@ -169,5 +184,5 @@ class PeerDead:
     action: str
 
 
-Event = (IkeSaUp | IkeSaRekeyed | IkeSaDown | IkeSaFailed | AuthFailed | ChildSaInstalled
+Event = (IkeSaUp | IkeSaRekeyed | IkeSaAddressesUpdated | IkeSaDown | IkeSaFailed | AuthFailed | ChildSaInstalled
          | ChildSaOutboundInstalled | ChildSaOutboundRemoved | ChildSaRekeyed | ChildSaDeleted | ChildSaFailed | PeerDead)

@@ -113,7 +113,7 @@ class IkeSaInit(Exchange):
             payloads.append(Notify(NotifyType.COOKIE, data=self.cookie))  # §2.6: first payload
         payloads += [SA(numbered(cfg.ike_proposals)), KE(self.group, self.ke.public_bytes),
                      Nonce(self.nonce)]
-        payloads += natd.payloads(sa.spi_i, ZERO_SPI, sa.local, sa.remote)
+        payloads += natd.our_payloads(sa, ZERO_SPI, sa.local, sa.remote)
         if cfg.cert is not None:
             payloads.append(signature_auth.hash_notify())   # RFC 7427 §4
         payloads += fragmentation.request_notifies(sa)   # RFC 7383 §2.3
@@ -256,9 +256,7 @@ def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: E
     from appliance.ike import ike_auth
     ike_auth.note_certreq(sa, msg)
     fragmentation.initiator_response(sa, msg)
-    nat = natd.check(msg, dst, src)
-    if nat is not None:
-        sa.nat_local, sa.nat_remote = nat
+    natd.apply(sa, msg, dst, src)
     sa.engine.register_peer_spi(sa)
     if sa.udp_encap and sa.local[1] != 4500:
         # §2.23: with a NAT in the path, continue on port 4500 (UDP encapsulation)
@@ -352,11 +350,10 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
         log.info("IKE_SA_INIT from %s: %s", src[0], e)
         _stateless(engine, hdr, [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], src, dst)
         return None
-    nat = natd.check(msg, dst, src)
-    if nat is not None:
-        sa.nat_local, sa.nat_remote = nat
+    natd.apply(sa, msg, dst, src)
     reply = [SA([chosen]), KE(group, ke.public_bytes), Nonce(sa.nonce_r)]
-    reply += natd.payloads(sa.spi_i, sa.spi_r, dst, src)
+    if msg.notify(NotifyType.NAT_DETECTION_SOURCE_IP) is not None:
+        reply += natd.our_payloads(sa, sa.spi_r, dst, src)   # §2.23: only to a peer that sent them
     sa.peer_hash_algorithms = signature_auth.peer_hashes(msg.notify(NotifyType.SIGNATURE_HASH_ALGORITHMS))
     reply += _cert_payloads(candidates)
     reply += fragmentation.response_notifies(sa, msg)   # RFC 7383 §2.3

@@ -168,7 +168,8 @@ def new_sa(old: IkeSa, *, initiator: bool, spi_i: bytes, spi_r: bytes, proposal:
                 local=old.local, remote=old.remote, spi_i=spi_i, spi_r=spi_r, now=now)
     new.set_keys(proposal, keys)
     new.nonce_i, new.nonce_r = ni, nr
-    new.nat_local, new.nat_remote = old.nat_local, old.nat_remote
+    new.nat_local, new.nat_remote, new.nat_fake = old.nat_local, old.nat_remote, old.nat_fake
+    new.last_sent = old.last_sent
     fragmentation.inherit(new, old)   # RFC 7383: negotiated in IKE_SA_INIT, kept on rekey
     new.remote_id_text = old.remote_id_text
     # the authentication carries over (§2.18): the peer's certificate, for revocation and expiry

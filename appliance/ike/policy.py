@@ -339,6 +339,9 @@ def _nets(values: tuple[str, ...], what: str) -> tuple[ipaddress.IPv4Network | i
     return tuple(out)
 
 
+NAT_TRAVERSAL = ("auto", "force", "off")
+
+
 @dataclass(frozen=True)
 class TunnelConfig:
     """Everything the engine needs for one tunnel (one IKE SA with one route-based Child SA).
@@ -386,6 +389,14 @@ class TunnelConfig:
     cert: "CertCredentials | None" = None
     #: IKE fragmentation (RFC 7383): negotiation, fragment sizes, reassembly limits.
     fragmentation: FragmentationConfig = field(default_factory=FragmentationConfig)
+    #: NAT traversal (RFC 7296 §2.23, RFC 3948, natd.py): "auto" detects NATs with the
+    #: NAT_DETECTION_*_IP notifies and moves to port 4500 with UDP-encapsulated ESP when one is
+    #: found; "force" sends a fake NAT_DETECTION_SOURCE_IP hash (strongSwan's encap=yes) so
+    #: both sides encapsulate without a NAT; "off" sends no NAT detection and never floats.
+    nat_traversal: str = "auto"
+    #: Seconds between NAT keepalives (RFC 3948 §2.3) from the side behind a NAT while nothing
+    #: else was sent to the peer; 0 sends none.
+    nat_keepalive: float = 20.0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -408,6 +419,12 @@ class TunnelConfig:
                                   "< lifetime")
         if not 0 <= self.if_id < 2**32:
             raise PolicyError(f"tunnel {self.name}: if_id must fit 32 bits")
+        if self.nat_traversal not in NAT_TRAVERSAL:
+            raise PolicyError(f"tunnel {self.name}: nat_traversal {self.nat_traversal!r}: use "
+                              f"{', '.join(NAT_TRAVERSAL)}")
+        if not (self.nat_keepalive == 0 or 1 <= self.nat_keepalive <= 3600):
+            raise PolicyError(f"tunnel {self.name}: nat_keepalive {self.nat_keepalive!r} s: use 0 (none) "
+                              "or 1..3600 seconds")
         for a in (self.local_addr, self.remote_addr):
             if a is not None:
                 try:

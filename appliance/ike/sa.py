@@ -130,6 +130,9 @@ class IkeSa:
     init_response = b""     # RealMessage2
     nat_local = False       # we are behind a NAT
     nat_remote = False      # the peer is behind a NAT
+    nat_fake = False        # nat_traversal force: UDP encapsulation without a NAT (natd.py)
+    last_sent = 0.0         # when we last sent the peer an IKE message (or ESP, traffic_sent)
+    keepalives_sent = 0     # NAT keepalives (RFC 3948 §2.3)
     remote_id_text = ""
     sent_initial_contact = False
     # certificate authentication (signature_auth, certificates)
@@ -198,7 +201,7 @@ class IkeSa:
 
     @property
     def udp_encap(self) -> bool:
-        return self.nat_local or self.nat_remote
+        return self.nat_local or self.nat_remote or self.nat_fake
 
     @property
     def established(self) -> bool:
@@ -291,6 +294,7 @@ class IkeSa:
                                     tuple(more))
             self.my_mid = (self.my_mid + 1) & 0xFFFFFFFF
             ex.sent(self, data)
+            self.last_sent = now
             self._send(data)
             for d in more:
                 self._send(d)
@@ -462,6 +466,12 @@ class IkeSa:
             self.remote = src
         if dst != self.local:
             self.local = dst
+        if any(c.alive for c in self.children):
+            # RFC 3948 / §2.23: the Child SAs' ESP-in-UDP follows the new mapping, in place
+            log.info("%s: peer moved to %s:%d; Child SAs follow (no rekey)", self, *self.remote)
+            self.engine.emit(ev.IkeSaAddressesUpdated(
+                tunnel=self.tunnel, spi_i=self.spi_i, spi_r=self.spi_r, local=self.local,
+                remote=self.remote, udp_encap=self.udp_encap))
 
     def _finish_pending(self, msg: Message, now: float, failed: bool = False) -> None:
         p = self.pending
@@ -489,6 +499,7 @@ class IkeSa:
         if payloads is None:
             return
         self.send_response(msg, payloads, src, dst)
+        self.last_sent = now
         for hook in self._after_response:
             hook(now)
         self._after_response.clear()
@@ -514,7 +525,8 @@ class IkeSa:
                 times.append(t)
         # the rest is only acted on while established (handle_timer mirrors this)
         if self.state == IkeState.ESTABLISHED:
-            for t in (self.rekey_at, self.expire_at, self.rekey_retry_at, self._dpd_due()):
+            for t in (self.rekey_at, self.expire_at, self.rekey_retry_at, self._dpd_due(),
+                      self._keepalive_due()):
                 if t is not None:
                     times.append(t)
             for c in self.children:
@@ -528,6 +540,14 @@ class IkeSa:
                 if c.delete_at is not None:
                     times.append(c.delete_at)
         return min(times) if times else None
+
+    def _keepalive_due(self) -> float | None:
+        """RFC 3948 §2.3 / §2.23: the side behind a NAT keeps its mapping with NAT keepalives
+        when it sent the peer nothing (IKE, or ESP the driver reported) for `nat_keepalive` s."""
+        cfg = self.config
+        if cfg is None or not self.nat_local or cfg.nat_keepalive <= 0:
+            return None
+        return self.last_sent + cfg.nat_keepalive
 
     def _dpd_due(self) -> float | None:
         cfg = self.config
@@ -560,6 +580,7 @@ class IkeSa:
                     p.retransmits += 1
                     p.next_at = now + sched[p.retransmits]
                     log.debug("%s: retransmit %d of request %d", self, p.retransmits, p.message_id)
+                    self.last_sent = now
                     self._send(p.datagram)
                     for d in p.more:
                         self._send(d)
@@ -593,6 +614,11 @@ class IkeSa:
             d = self._dpd_due()
             if d is not None and now >= d:
                 liveness.start(self, now)
+            k = self._keepalive_due()
+            if k is not None and now >= k:
+                self.last_sent = now
+                self.keepalives_sent += 1
+                self.engine.send_keepalive(self.local, self.remote)
             self._child_timers(now)
 
     def _child_timers(self, now: float) -> None:

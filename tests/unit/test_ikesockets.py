@@ -61,6 +61,10 @@ def test_receive_with_destination_and_reply_from_the_asked_address():
             assert socks.send(b"answer-4500", ("127.0.0.3", natt), src)
             data, frm = peer.recvfrom(100)
             assert (data, frm) == (NON_ESP_MARKER + b"answer-4500", ("127.0.0.3", natt))
+            # a NAT keepalive goes out as the bare 0xFF octet (RFC 3948 §2.3), no marker
+            assert socks.send(b"\xff", ("127.0.0.3", natt), src, marker=False)
+            data, frm = peer.recvfrom(100)
+            assert (data, frm) == (b"\xff", ("127.0.0.3", natt))
             # a source port without a socket is refused, not sent from a random one
             assert not socks.send(b"x", ("127.0.0.1", 1), src)
         finally:

@@ -220,3 +220,25 @@ def test_diff_plans(tmp_path):
     d = diff_plans(p1, plan_tunnels(one, lambda r: ipaddress.ip_address("192.0.2.7")))
     assert d.changed == ("to-b",)
     assert diff_plans(p1, {}).removed == ("to-b",) and diff_plans({}, p1).added == ("to-b",)
+
+
+def test_nat_traversal_and_keepalive_reach_the_engine(tmp_path):
+    ike = plan_tunnels(_cfg(tmp_path, "local: 192.0.2.1"), resolve_local=None)["to-b"].ike
+    assert (ike.nat_traversal, ike.nat_keepalive) == ("auto", 20)
+    cfg = _cfg(tmp_path, "local: 192.0.2.1\nnat_traversal: force\nnat_keepalive: 45s", "b.yaml")
+    ike = plan_tunnels(cfg, resolve_local=None)["to-b"].ike
+    assert (ike.nat_traversal, ike.nat_keepalive) == ("force", 45)
+    cfg = _cfg(tmp_path, "local: 192.0.2.1\nnat_traversal: off\nnat_keepalive: 0", "c.yaml")
+    ike = plan_tunnels(cfg, resolve_local=None)["to-b"].ike
+    assert (ike.nat_traversal, ike.nat_keepalive) == ("off", 0)
+
+
+@pytest.mark.parametrize("value", ["2h", "-5", "soon"])
+def test_a_bad_nat_keepalive_is_refused_with_its_path(tmp_path, value):
+    write_psk(tmp_path)
+    with pytest.raises(ConfigError) as exc:
+        load_config(write_config(tmp_path, tunnel(f"nat_keepalive: {value}")))
+    (issue,) = exc.value.issues
+    assert issue.path == "tunnels.to-b.nat_keepalive"
+    if value == "2h":
+        assert "allowed: 0 (no keepalives) or 1s..1h" in issue.message

@@ -7,6 +7,7 @@ duplicate, or delay it (delays reorder). Time is simulated; nothing sleeps.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random as _random
 from dataclasses import dataclass, field
@@ -146,13 +147,23 @@ class SimNet:
         self.traffic_gaps = 0   # moments when an engine sends on an SA its peer has no inbound for
         self.trace: list[tuple[float, str, str, str]] = []   # (time, from, to, decoded summary)
         self.messages: list[tuple[float, str, object]] = []  # (time, from, decoded Message | None)
+        self.keepalives: list[tuple[float, Datagram]] = []   # NAT keepalives as they arrived
+
+    def rebind(self, private: tuple[str, int], public: tuple[str, int]) -> None:
+        """The NAT forgets a mapping and makes a new one (conntrack flushed): from now on
+        `private` goes out as `public`; the old public port leads nowhere."""
+        old = self.nat.get(private)
+        if old is not None:
+            self._unnat.pop(old, None)
+        self.nat[private] = public
+        self._unnat[public] = private
 
     def _collect(self) -> None:
         for ip, e in self.engines.items():
             for d in e.datagrams_to_send():
                 assert d.src[0] == ip, (d, ip)
                 if d.src in self.nat:
-                    d = Datagram(d.data, self.nat[d.src], d.dst)
+                    d = dataclasses.replace(d, src=self.nat[d.src])
                 for delay in self.faults.decide(d):
                     self._seq += 1
                     heapq.heappush(self._heap, _Item(self.now + delay, self._seq, d))
@@ -184,9 +195,13 @@ class SimNet:
             item = heapq.heappop(self._heap)
             d = item.dgram
             if d.dst in self._unnat:
-                d = Datagram(d.data, d.src, self._unnat[d.dst])
+                d = dataclasses.replace(d, dst=self._unnat[d.dst])
             target = self.engines.get(d.dst[0])
-            if target is not None:
+            if d.keepalive:
+                # the runner's NAT-T socket drops the 0xFF octet (RFC 3948 §2.3): never the engine's
+                if target is not None:
+                    self.keepalives.append((self.now, d))
+            elif target is not None:
                 self.delivered.append((self.now, d))
                 summary, msg = decode(target, d.data)
                 self.trace.append((self.now, d.src[0], d.dst[0], summary))
