@@ -77,6 +77,7 @@ RETRY_FIRST = 2.0
 RETRY_MAX = 60.0
 SHUTDOWN_WAIT = 3.0
 LIVENESS_POLL = 5.0      # seconds between reads of the inbound SA counters (DPD deferral)
+LIVENESS_POLL_MIN = 0.25  # ... at most this often (a quarter of the shortest DPD interval)
 CRL_POLL = 5.0           # seconds between looks at CRL distribution points to (re)fetch
 MAX_CRL_URLS = 128       # distribution points followed at once
 
@@ -289,15 +290,20 @@ class Daemon:
 
     async def _liveness(self) -> None:
         """Inbound ESP proves the peer alive (RFC 7296 §2.4: liveness checks are for when nothing
-        is heard): every LIVENESS_POLL seconds (or half the shortest DPD interval) the inbound SA
-        counters are read and a tunnel whose counters moved has its DPD deferred
-        (engine.traffic_seen), so busy tunnels exchange no empty INFORMATIONAL messages."""
+        is heard): every LIVENESS_POLL seconds (or a quarter of the shortest DPD interval, at
+        least LIVENESS_POLL_MIN) the inbound SA counters are read and a tunnel whose counters
+        moved has its DPD deferred (engine.traffic_seen), so busy tunnels exchange no empty
+        INFORMATIONAL messages. The packets arrived after the previous poll: that is the time
+        reported as heard, so DPD's timeout (counted from the last time the peer was heard,
+        appliance/ike/liveness.py) is never late by a poll period."""
         last: dict[tuple[str, int], int] = {}
+        polled = self.clock()
         while True:
             intervals = [p.ike.dpd.interval for p in self.plans.values() if p.ike.dpd.interval > 0]
-            await asyncio.sleep(max(1.0, min([LIVENESS_POLL, *(i / 2 for i in intervals)])))
+            await asyncio.sleep(max(LIVENESS_POLL_MIN, min([LIVENESS_POLL, *(i / 4 for i in intervals)])))
             if self.engine is None:
                 continue
+            since, polled = polled, self.clock()
             seen: dict[tuple[str, int], int] = {}
             for name, cs in (await self._counters()).items():
                 for c in cs:
@@ -307,7 +313,7 @@ class Daemon:
             last = seen
             for name in moved:
                 if name in self.plans:
-                    self._engine_call(lambda now, n=name: self.engine.traffic_seen(n, now))
+                    self._engine_call(lambda now, n=name: self.engine.traffic_seen(n, now, heard_at=since))
 
     async def _shutdown(self) -> None:
         reason = self._stop_reason

@@ -238,8 +238,16 @@ class RouteManager:
             st.since = None
         self.learned.pop(name, None)
         self.stale.pop(name, None)
-        self._apply(self.rib.neighbor_down(name, self.clock()))
+        ch = self.rib.neighbor_down(name, self.clock())
+        self._apply(ch)
         self._fib_submit(self._ifindex.pop, name, None)
+        if ch.fib_set or ch.fib_remove:
+            t0 = time.monotonic()
+            n_set, n_rm = len(ch.fib_set), len(ch.fib_remove)
+            # written by the FIB thread once the kernel has the change (failover timing in the log)
+            self._fib_submit(lambda: log.info("FIB: routes through %s gone (%s): %d replaced, %d removed in "
+                                              "%.3f s", name, reason, n_set, n_rm, time.monotonic() - t0,
+                                              extra={"tunnel": name}))
 
     # ------------------------------------------------------------------ ExaBGP
     def _on_connected(self) -> None:
