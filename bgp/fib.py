@@ -224,7 +224,7 @@ def _attr(kind: int, payload: bytes) -> bytes:
 
 
 def _addr(a: IPAddress) -> bytes:
-    return a.packed
+    return int(a).to_bytes(4 if a.version == 4 else 16, "big")
 
 
 class RtBatch:
@@ -270,7 +270,7 @@ class RtBatch:
                              RT_SCOPE_NOWHERE, 0, 0)
         body = rt + _attr(RTA_TABLE, struct.pack("=I", table)) + _attr(RTA_PRIORITY, struct.pack("=I", metric))
         if prefix.prefixlen:
-            body += _attr(RTA_DST, _addr(prefix.network))
+            body += _attr(RTA_DST, prefix.first.to_bytes(4 if fam == socket.AF_INET else 16, "big"))
         if cmd == RTM_NEWROUTE:
             if len(hops) == 1:
                 body += _attr(RTA_OIF, struct.pack("=i", hops[0][0])) + _attr(RTA_GATEWAY, _addr(hops[0][1]))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
 import os
 import time
@@ -37,7 +36,7 @@ from netaddr import IPAddress, IPNetwork
 from bgp import exabgp
 from bgp.exabgp import ApiMessage, NeighborSpec
 from bgp.fib import Fib
-from bgp.policy import PolicyEngine
+from bgp.policy import PolicyEngine, with_changes
 from bgp.rib import Rib, RibChange
 from bgp.speaker import Speaker
 
@@ -111,6 +110,7 @@ class RouteManager:
 
     def _build(self, config: Any) -> None:
         self.config = config
+        self._gw_cache: dict[tuple[str, IPAddress], IPAddress] = {}     # a new one per config (FIB thread reads)
         if not getattr(config.bgp, "prefer_static", True):
             log.warning("bgp.prefer_static: false is not applied yet: a static route still wins over a BGP "
                         "route for the same prefix (docs/bgp.md, FIB)")
@@ -288,7 +288,8 @@ class RouteManager:
                 return      # a late update from a neighbor being shut down
             routes = m.announced
             if st.router_id is not None and routes:
-                routes = tuple(dataclasses.replace(r, peer_router_id=st.router_id) for r in routes)
+                rid = st.router_id
+                routes = tuple(with_changes(r, peer_router_id=rid) for r in routes)
             st.last_update = self.clock()
             learned = self.learned.setdefault(name, set())
             stale = self.stale.get(name)
@@ -419,7 +420,19 @@ class RouteManager:
 
     def _gateway(self, tunnel: str, nh: IPAddress) -> IPAddress:
         """The route's next hop, if it is on the tunnel's inside network; else the neighbor's
-        address (a third-party next hop cannot be reached over a point-to-point tunnel)."""
+        address (a third-party next hop cannot be reached over a point-to-point tunnel).
+        Remembered per (tunnel, next hop) for the configuration in force (a feed has few)."""
+        cache = self._gw_cache
+        key = (tunnel, nh)
+        gw = cache.get(key)
+        if gw is None:
+            gw = self._gateway_of(tunnel, nh)
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[key] = gw
+        return gw
+
+    def _gateway_of(self, tunnel: str, nh: IPAddress) -> IPAddress:
         t = self.config.tunnels.get(tunnel)
         if t is None or t.bgp is None:
             return nh

@@ -196,8 +196,10 @@ def run(apps, a, b, la):
 TIMELINE = ("peer dead", "FIB: routes through", "IKE SA down", "BGP session", "tunnel down", "Child SA")
 
 
-def timeline(apps, since: float) -> list[str]:
-    """The daemons' log lines about the failover after `since` (wall clock), as offsets."""
+def timeline(apps, cut: float, before: float = 0.5) -> list[str]:
+    """The daemons' log lines about the failover from `before` s ahead of `cut` (wall clock) on,
+    as offsets from `cut`."""
+    since = cut - before
     rows = []
     for key, app in apps.items():
         for r in app.log_records():
@@ -207,8 +209,8 @@ def timeline(apps, since: float) -> list[str]:
             at = datetime.datetime.strptime(t, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
                 tzinfo=datetime.timezone.utc).timestamp()
             if at >= since:
-                rows.append((at - since, f"+{at - since:6.3f} s  {key.upper()} {r.get('tunnel', '-'):3} "
-                                         f"{r['message'][:110]}"))
+                rows.append((at - cut, f"{at - cut:+7.3f} s  {key.upper()} {r.get('tunnel', '-'):3} "
+                                       f"{r['message'][:110]}"))
     return [x for _, x in sorted(rows)]
 
 
@@ -240,7 +242,7 @@ def cut_and_time(apps, a, b, la) -> tuple[float, str, str, str]:
     gaps = [t for prev, t in zip([cut, *after_cut], after_cut) if t - prev > 0.5]
     first = gaps[0] if gaps else after_cut[0]
     print(f"{len(replies)} replies to 400 pings; timeline from the cut:")
-    for line in timeline(apps, cut - 0.5):
+    for line in timeline(apps, cut):
         print("   ", line)
-    print(f"    +{first - cut:6.3f} s  first ping answered after the cut")
+    print(f"    {first - cut:+7.3f} s  first ping answered after the cut")
     return first - cut, wan, dev, other
