@@ -66,6 +66,7 @@ from appliance.ikesockets import IkeSockets, SocketsError
 from appliance.logs import register_secret, setup_logging
 from appliance.metrics import IsthmusMetrics, MetricsServer, Registry, parse_listen
 from appliance.crl_fetch import CrlFetcher
+from appliance.static_routes import static_metric
 from appliance.tunnels import TunnelPlan, diff_plans, plan_tunnels
 from bgp.manager import RouteManager, bgp_wanted
 
@@ -198,6 +199,7 @@ class Daemon:
             await self._dp(self.worker.open, self.hooks_dir, self._hook_result_threadsafe)
         except Exception as e:  # noqa: BLE001 - netlink sockets cannot be opened: nothing works
             raise StartError(f"the kernel data plane cannot be opened: {e}") from None
+        await self._static_metric(config)
         try:
             report, flushed = await self._dp(self.worker.reconcile, plans)
         except Exception as e:  # noqa: BLE001
@@ -735,6 +737,7 @@ class Daemon:
         self.config = config
         if self.engine is not None:
             self.engine.dos = config.appliance.dos_protection
+        await self._static_metric(config)
         await self._reload_bgp(config)
         for name in (*d.changed, *d.added):
             err = await self._dp(self.worker.add_tunnel, plans[name])
@@ -755,6 +758,18 @@ class Daemon:
         self.bus.publish("config_reloaded", None, added=result["added"], removed=result["removed"],
                          changed=result["changed"])
         return result
+
+    async def _static_metric(self, config: Config) -> None:
+        """bgp.prefer_static: static routes ahead of BGP's (the kernel's default metric) or behind
+        them (appliance/static_routes.py); on a reload that flips it, the installed ones move."""
+        prefer = config.bgp.prefer_static if config.bgp is not None else True
+        try:
+            problems = await self._dp(self.worker.set_static_metric, static_metric(prefer))
+        except Exception as e:  # noqa: BLE001 - routes keep their old metric; say so
+            problems = [f"static routes: {e}"]
+        for p in problems:
+            log.error("route %s", p)
+            self.bus.publish("dataplane_error", None, message=f"route {p}")
 
     async def _reload_bgp(self, config: Config) -> None:
         if self.bgp is not None and not bgp_wanted(config):

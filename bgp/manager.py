@@ -111,9 +111,6 @@ class RouteManager:
     def _build(self, config: Any) -> None:
         self.config = config
         self._gw_cache: dict[tuple[str, IPAddress], IPAddress] = {}     # a new one per config (FIB thread reads)
-        if not getattr(config.bgp, "prefer_static", True):
-            log.warning("bgp.prefer_static: false is not applied yet: a static route still wins over a BGP "
-                        "route for the same prefix (docs/bgp.md, FIB)")
         self.policy = PolicyEngine(config.bgp, self._bgp_tunnels(config))
         self.rib = Rib(config.bgp, self._bgp_tunnels(config), self.policy)
         self._specs(config)
@@ -561,9 +558,33 @@ class RouteManager:
                 "established": sum(1 for st in self.neighbors.values() if st.established),
                 "routes": len(self.fib.installed)}
 
-    def show_routes(self) -> list[dict[str, Any]]:
-        """One row per received path the policy accepted (rib.loc_rib), with whether it won
-        (best / ecmp) and why the others lost, its dampening state, and whether the kernel has it."""
+    def show_routes(self, static: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """The `static` rows (appliance/control_handlers.static_route_rows) and one row per
+        received path the policy accepted (rib.loc_rib), with whether it won (best / ecmp) and
+        why the others lost, its dampening state, whether the kernel has it, and whether it is
+        the route in use (`active`): for a prefix with both an installed static route and an
+        installed BGP best path, the static one with bgp.prefer_static (the default), BGP's
+        with prefer_static: false - as the kernel chooses by their metrics."""
+        rows = [dict(r) for r in static or ()]
+        bgp_rows = self._bgp_route_rows()
+        prefer_static = getattr(self.config.bgp, "prefer_static", True)
+        static_on = {r["prefix"]: r["tunnel"] for r in rows if r.get("installed")}
+        bgp_on = {r["prefix"] for r in bgp_rows if r["installed"]}
+        for r in rows:
+            r["active"] = bool(r.get("installed"))
+            if r["active"] and not prefer_static and r["prefix"] in bgp_on:
+                r["active"] = False
+                r["reason"] = "the BGP route wins (bgp.prefer_static: false)"
+        for r in bgp_rows:
+            r["active"] = r["installed"]
+            if r["active"] and prefer_static and r["prefix"] in static_on:
+                r["active"] = False
+                r["reason"] = (f"{r['reason']}; the static route of tunnel {static_on[r['prefix']]} wins "
+                               f"(bgp.prefer_static)") if r.get("reason") else \
+                    f"the static route of tunnel {static_on[r['prefix']]} wins (bgp.prefer_static)"
+        return rows + bgp_rows
+
+    def _bgp_route_rows(self) -> list[dict[str, Any]]:
         rows = []
         now = self.clock()
         for r in self.rib.loc_rib(now):
