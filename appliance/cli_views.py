@@ -238,7 +238,8 @@ CHILD_SA: View = (
 ROUTE: View = (
     Field("prefix", STR, "PREFIX"), Field("next_hop", STR, "NEXT HOP"), Field("interface", STR, "INTERFACE"),
     Field("tunnel", STR, "TUNNEL"), Field("source", STR, "SOURCE"), Field("as_path", INTLIST, "AS PATH"),
-    Field("installed", BOOL, "INSTALLED"), Field("best", BOOL), Field("reason", STR, "WHY"),
+    Field("installed", BOOL, "INSTALLED"), Field("active", BOOL, "ACTIVE"), Field("best", BOOL),
+    Field("reason", STR, "WHY"),
     Field("local_pref", INT), Field("med", INT), Field("origin", STR), Field("dampening", STR),
 )
 

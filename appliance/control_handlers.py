@@ -163,14 +163,11 @@ class ControlHandlers:
             ifindexes = await self.d._dp(self.d.worker.ifindexes)
         except Exception:  # noqa: BLE001
             kernel, ifindexes = set(), {}
-        rows = []
-        for name, plan in self.d.plans.items():
-            for prefix in plan.routes:
-                rows.append({"prefix": str(prefix), "next_hop": None, "interface": plan.interface.ifname,
-                             "tunnel": name, "source": "static", "as_path": None,
-                             "installed": (str(prefix), ifindexes.get(name, -1)) in kernel})
+        rows = static_route_rows(self.d.plans, kernel, ifindexes)
         if self.d.bgp is not None:
-            rows.extend(self.d.bgp.show_routes())
+            return {"routes": self.d.bgp.show_routes(rows)}
+        for r in rows:
+            r["active"] = r["installed"]
         return {"routes": rows}
 
     async def h_bgp(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -227,3 +224,16 @@ class ControlHandlers:
         check_params(params, ())
         self._running()
         return await self.d.reload()
+
+
+def static_route_rows(plans: dict[str, Any], kernel: set[tuple[str, int]], ifindexes: dict[str, int]) -> list[dict]:
+    """`show routes` rows of the static routes (tunnels.X.routes): `kernel` is (prefix text,
+    ifindex) of ours in the kernel (DataplaneWorker.installed_routes), `ifindexes` each tunnel's
+    interface. Whether each is the route in use next to BGP's is RouteManager.show_routes's."""
+    rows = []
+    for name, plan in plans.items():
+        for prefix in plan.routes:
+            rows.append({"prefix": str(prefix), "next_hop": None, "interface": plan.interface.ifname,
+                         "tunnel": name, "source": "static", "as_path": None,
+                         "installed": (str(prefix), ifindexes.get(name, -1)) in kernel})
+    return rows

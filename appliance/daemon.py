@@ -66,6 +66,7 @@ from appliance.ikesockets import IkeSockets, SocketsError
 from appliance.logs import register_secret, setup_logging
 from appliance.metrics import IsthmusMetrics, MetricsServer, Registry, parse_listen
 from appliance.crl_fetch import CrlFetcher
+from appliance.static_routes import static_metric
 from appliance.tunnels import TunnelPlan, diff_plans, plan_tunnels
 from bgp.manager import RouteManager, bgp_wanted
 
@@ -77,6 +78,7 @@ RETRY_FIRST = 2.0
 RETRY_MAX = 60.0
 SHUTDOWN_WAIT = 3.0
 LIVENESS_POLL = 5.0      # seconds between reads of the inbound SA counters (DPD deferral)
+LIVENESS_POLL_MIN = 0.25  # ... at most this often (a quarter of the shortest DPD interval)
 CRL_POLL = 5.0           # seconds between looks at CRL distribution points to (re)fetch
 MAX_CRL_URLS = 128       # distribution points followed at once
 
@@ -197,6 +199,7 @@ class Daemon:
             await self._dp(self.worker.open, self.hooks_dir, self._hook_result_threadsafe)
         except Exception as e:  # noqa: BLE001 - netlink sockets cannot be opened: nothing works
             raise StartError(f"the kernel data plane cannot be opened: {e}") from None
+        await self._static_metric(config)
         try:
             report, flushed = await self._dp(self.worker.reconcile, plans)
         except Exception as e:  # noqa: BLE001
@@ -289,17 +292,22 @@ class Daemon:
 
     async def _liveness(self) -> None:
         """Inbound ESP proves the peer alive (RFC 7296 §2.4: liveness checks are for when nothing
-        is heard): every LIVENESS_POLL seconds (or half the shortest DPD interval) the inbound SA
-        counters are read and a tunnel whose counters moved has its DPD deferred
-        (engine.traffic_seen), so busy tunnels exchange no empty INFORMATIONAL messages. Outbound
-        counters that moved tell the engine ESP went out (engine.traffic_sent): behind a NAT, a
-        tunnel that sends needs no NAT keepalives (RFC 3948 §2.3)."""
+        is heard): every LIVENESS_POLL seconds (or a quarter of the shortest DPD interval, at
+        least LIVENESS_POLL_MIN) the inbound SA counters are read and a tunnel whose counters
+        moved has its DPD deferred (engine.traffic_seen), so busy tunnels exchange no empty
+        INFORMATIONAL messages. The packets arrived after the previous poll: that is the time
+        reported as heard, so DPD's timeout (counted from the last time the peer was heard,
+        appliance/ike/liveness.py) is never late by a poll period. Outbound counters that moved
+        tell the engine ESP went out (engine.traffic_sent): behind a NAT, a tunnel that sends
+        needs no NAT keepalives (RFC 3948 §2.3)."""
         last: dict[tuple[str, int], int] = {}
+        polled = self.clock()
         while True:
             intervals = [p.ike.dpd.interval for p in self.plans.values() if p.ike.dpd.interval > 0]
-            await asyncio.sleep(max(1.0, min([LIVENESS_POLL, *(i / 2 for i in intervals)])))
+            await asyncio.sleep(max(LIVENESS_POLL_MIN, min([LIVENESS_POLL, *(i / 4 for i in intervals)])))
             if self.engine is None:
                 continue
+            since, polled = polled, self.clock()
             seen: dict[tuple[str, int], int] = {}
             for name, cs in (await self._counters()).items():
                 for c in cs:
@@ -312,7 +320,7 @@ class Daemon:
             last = seen
             for name in moved_in:
                 if name in self.plans:
-                    self._engine_call(lambda now, n=name: self.engine.traffic_seen(n, now))
+                    self._engine_call(lambda now, n=name: self.engine.traffic_seen(n, now, heard_at=since))
             for name in moved_out:   # outbound ESP keeps a NAT mapping: no keepalive needed
                 if name in self.plans:
                     self._engine_call(lambda now, n=name: self.engine.traffic_sent(n, now))
@@ -747,6 +755,7 @@ class Daemon:
         self.config = config
         if self.engine is not None:
             self.engine.dos = config.appliance.dos_protection
+        await self._static_metric(config)
         await self._reload_bgp(config)
         for name in (*d.changed, *d.added):
             err = await self._dp(self.worker.add_tunnel, plans[name])
@@ -767,6 +776,18 @@ class Daemon:
         self.bus.publish("config_reloaded", None, added=result["added"], removed=result["removed"],
                          changed=result["changed"])
         return result
+
+    async def _static_metric(self, config: Config) -> None:
+        """bgp.prefer_static: static routes ahead of BGP's (the kernel's default metric) or behind
+        them (appliance/static_routes.py); on a reload that flips it, the installed ones move."""
+        prefer = config.bgp.prefer_static if config.bgp is not None else True
+        try:
+            problems = await self._dp(self.worker.set_static_metric, static_metric(prefer))
+        except Exception as e:  # noqa: BLE001 - routes keep their old metric; say so
+            problems = [f"static routes: {e}"]
+        for p in problems:
+            log.error("route %s", p)
+            self.bus.publish("dataplane_error", None, message=f"route {p}")
 
     async def _reload_bgp(self, config: Config) -> None:
         if self.bgp is not None and not bgp_wanted(config):

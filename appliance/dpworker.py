@@ -103,6 +103,24 @@ class DataplaneWorker:
                 problems.append(str(e))
         return problems
 
+    def set_static_metric(self, metric: int | None) -> list[str]:
+        """bgp.prefer_static (appliance/static_routes.py): the metric of the static routes; the
+        ones in the kernel now move to it (start-up: none are). Returns the problems."""
+        if metric == self.routes.metric:
+            return []
+        installed = set(self.routes.ours())
+        moves = []
+        if self.dp is not None:
+            for name, plan in self.plans.items():
+                if name not in self.dp.tunnels():
+                    continue
+                try:
+                    ifindex = self.dp.status(name).ifindex
+                except _FAILURES:
+                    continue
+                moves.append((ifindex, [p for p in plan.routes if (p, ifindex) in installed]))
+        return [str(p) for p in self.routes.set_metric(metric, moves)]
+
     # ------------------------------------------------------------------ reload
     def remove_tunnel(self, name: str) -> list[str]:
         """A tunnel left the config (or changed): its routes, SAs, policies and interface go."""

@@ -146,26 +146,29 @@ class Fib:
         for p in removes:
             self.installed.pop(p, None)
             msgs.append((self._batch.message(RTM_DELROUTE, p, [], **kw), ("del", p)))
-        wanted: dict[IPNetwork, frozenset[NextHop]] = {}
+        installed = self.installed
+        wanted: list[tuple[IPNetwork, frozenset[NextHop]]] = []
+        message = self._batch.message
         for p, hops in sets:
             hops = frozenset(hops)
             if not hops:
-                self.installed.pop(p, None)
-                msgs.append((self._batch.message(RTM_DELROUTE, p, [], **kw), ("del", p)))
-            elif self.installed.get(p) != hops:
-                wanted[p] = hops
-                ordered = sorted(hops, key=lambda h: (h[0], int(h[1])))
-                msgs.append((self._batch.message(RTM_NEWROUTE, p, ordered, **kw), ("set", p)))
+                installed.pop(p, None)
+                msgs.append((message(RTM_DELROUTE, p, [], **kw), ("del", p)))
+            elif installed.get(p) != hops:
+                wanted.append((p, hops))
+                ordered = list(hops) if len(hops) == 1 else sorted(hops, key=lambda h: (h[0], int(h[1])))
+                msgs.append((message(RTM_NEWROUTE, p, ordered, **kw), ("set", p)))
         if not msgs:
             return []
         errors = self._batch.run(msgs)
         self.writes += len(msgs)
-        out = []
-        for p, hops in wanted.items():
-            if ("set", p) in errors:
-                self.installed.pop(p, None)
+        refused = {p for what, p in errors if what == "set"} if errors else ()
+        for p, hops in wanted:
+            if refused and p in refused:
+                installed.pop(p, None)
             else:
-                self.installed[p] = hops
+                installed[p] = hops
+        out = []
         for (what, p), code in errors.items():
             if what == "del" and code in (errno.ESRCH, errno.ENOENT):
                 continue
@@ -224,7 +227,7 @@ def _attr(kind: int, payload: bytes) -> bytes:
 
 
 def _addr(a: IPAddress) -> bytes:
-    return a.packed
+    return int(a).to_bytes(4 if a.version == 4 else 16, "big")
 
 
 class RtBatch:
@@ -270,7 +273,7 @@ class RtBatch:
                              RT_SCOPE_NOWHERE, 0, 0)
         body = rt + _attr(RTA_TABLE, struct.pack("=I", table)) + _attr(RTA_PRIORITY, struct.pack("=I", metric))
         if prefix.prefixlen:
-            body += _attr(RTA_DST, _addr(prefix.network))
+            body += _attr(RTA_DST, prefix.first.to_bytes(4 if fam == socket.AF_INET else 16, "big"))
         if cmd == RTM_NEWROUTE:
             if len(hops) == 1:
                 body += _attr(RTA_OIF, struct.pack("=i", hops[0][0])) + _attr(RTA_GATEWAY, _addr(hops[0][1]))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
 import os
 import time
@@ -37,7 +36,7 @@ from netaddr import IPAddress, IPNetwork
 from bgp import exabgp
 from bgp.exabgp import ApiMessage, NeighborSpec
 from bgp.fib import Fib
-from bgp.policy import PolicyEngine
+from bgp.policy import PolicyEngine, with_changes
 from bgp.rib import Rib, RibChange
 from bgp.speaker import Speaker
 
@@ -111,9 +110,7 @@ class RouteManager:
 
     def _build(self, config: Any) -> None:
         self.config = config
-        if not getattr(config.bgp, "prefer_static", True):
-            log.warning("bgp.prefer_static: false is not applied yet: a static route still wins over a BGP "
-                        "route for the same prefix (docs/bgp.md, FIB)")
+        self._gw_cache: dict[tuple[str, IPAddress], IPAddress] = {}     # a new one per config (FIB thread reads)
         self.policy = PolicyEngine(config.bgp, self._bgp_tunnels(config))
         self.rib = Rib(config.bgp, self._bgp_tunnels(config), self.policy)
         self._specs(config)
@@ -238,8 +235,16 @@ class RouteManager:
             st.since = None
         self.learned.pop(name, None)
         self.stale.pop(name, None)
-        self._apply(self.rib.neighbor_down(name, self.clock()))
+        ch = self.rib.neighbor_down(name, self.clock())
+        self._apply(ch)
         self._fib_submit(self._ifindex.pop, name, None)
+        if ch.fib_set or ch.fib_remove:
+            t0 = time.monotonic()
+            n_set, n_rm = len(ch.fib_set), len(ch.fib_remove)
+            # written by the FIB thread once the kernel has the change (failover timing in the log)
+            self._fib_submit(lambda: log.info("FIB: routes through %s gone (%s): %d replaced, %d removed in "
+                                              "%.3f s", name, reason, n_set, n_rm, time.monotonic() - t0,
+                                              extra={"tunnel": name}))
 
     # ------------------------------------------------------------------ ExaBGP
     def _on_connected(self) -> None:
@@ -280,7 +285,8 @@ class RouteManager:
                 return      # a late update from a neighbor being shut down
             routes = m.announced
             if st.router_id is not None and routes:
-                routes = tuple(dataclasses.replace(r, peer_router_id=st.router_id) for r in routes)
+                rid = st.router_id
+                routes = tuple(with_changes(r, peer_router_id=rid) for r in routes)
             st.last_update = self.clock()
             learned = self.learned.setdefault(name, set())
             stale = self.stale.get(name)
@@ -411,7 +417,19 @@ class RouteManager:
 
     def _gateway(self, tunnel: str, nh: IPAddress) -> IPAddress:
         """The route's next hop, if it is on the tunnel's inside network; else the neighbor's
-        address (a third-party next hop cannot be reached over a point-to-point tunnel)."""
+        address (a third-party next hop cannot be reached over a point-to-point tunnel).
+        Remembered per (tunnel, next hop) for the configuration in force (a feed has few)."""
+        cache = self._gw_cache
+        key = (tunnel, nh)
+        gw = cache.get(key)
+        if gw is None:
+            gw = self._gateway_of(tunnel, nh)
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[key] = gw
+        return gw
+
+    def _gateway_of(self, tunnel: str, nh: IPAddress) -> IPAddress:
         t = self.config.tunnels.get(tunnel)
         if t is None or t.bgp is None:
             return nh
@@ -540,9 +558,33 @@ class RouteManager:
                 "established": sum(1 for st in self.neighbors.values() if st.established),
                 "routes": len(self.fib.installed)}
 
-    def show_routes(self) -> list[dict[str, Any]]:
-        """One row per received path the policy accepted (rib.loc_rib), with whether it won
-        (best / ecmp) and why the others lost, its dampening state, and whether the kernel has it."""
+    def show_routes(self, static: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """The `static` rows (appliance/control_handlers.static_route_rows) and one row per
+        received path the policy accepted (rib.loc_rib), with whether it won (best / ecmp) and
+        why the others lost, its dampening state, whether the kernel has it, and whether it is
+        the route in use (`active`): for a prefix with both an installed static route and an
+        installed BGP best path, the static one with bgp.prefer_static (the default), BGP's
+        with prefer_static: false - as the kernel chooses by their metrics."""
+        rows = [dict(r) for r in static or ()]
+        bgp_rows = self._bgp_route_rows()
+        prefer_static = getattr(self.config.bgp, "prefer_static", True)
+        static_on = {r["prefix"]: r["tunnel"] for r in rows if r.get("installed")}
+        bgp_on = {r["prefix"] for r in bgp_rows if r["installed"]}
+        for r in rows:
+            r["active"] = bool(r.get("installed"))
+            if r["active"] and not prefer_static and r["prefix"] in bgp_on:
+                r["active"] = False
+                r["reason"] = "the BGP route wins (bgp.prefer_static: false)"
+        for r in bgp_rows:
+            r["active"] = r["installed"]
+            if r["active"] and prefer_static and r["prefix"] in static_on:
+                r["active"] = False
+                r["reason"] = (f"{r['reason']}; the static route of tunnel {static_on[r['prefix']]} wins "
+                               f"(bgp.prefer_static)") if r.get("reason") else \
+                    f"the static route of tunnel {static_on[r['prefix']]} wins (bgp.prefer_static)"
+        return rows + bgp_rows
+
+    def _bgp_route_rows(self) -> list[dict[str, Any]]:
         rows = []
         now = self.clock()
         for r in self.rib.loc_rib(now):

@@ -236,6 +236,12 @@ def with_changes(route: Route, **changes: object) -> Route:
     return new
 
 
+#: Attribute sets whose import verdict is kept (a table of 100k prefixes has a few hundred).
+ATTR_CACHE_SIZE = 4096
+#: Route fields that differ per prefix, never part of an attribute set's changes.
+_PER_ROUTE = ("prefix", "next_hop", "peer_router_id")
+
+
 class PolicyEngine:
     """Applies the config's policies to routes; one instance per configuration (reload = new one)."""
 
@@ -250,6 +256,8 @@ class PolicyEngine:
         self.endpoints: tuple[tuple[str, IPAddress], ...] = tuple(
             sorted(((name, IPAddress(str(t.remote))) for name, t in (tunnels or {}).items()),
                    key=lambda x: x[0]))
+        self._endpoint_ints = tuple((name, a, a.version, int(a)) for name, a in self.endpoints)
+        self._attr_cache: dict[tuple, tuple] = {}
         self._default_guards = Guards()
         self._tunnels = dict(tunnels or {})
         self._next_hops = {(name, v): _inside(t, v) for name, t in self._tunnels.items() for v in (4, 6)}
@@ -289,8 +297,8 @@ class PolicyEngine:
         if guards.bogons:
             # A prefix holding a tunnel's underlay address (checked with the bogons: both are
             # "never a destination behind a tunnel"; the default route is governed above).
-            for name, addr in self.endpoints or ((tunnel.name, IPAddress(str(tunnel.remote))),):
-                if addr.version == v and first <= int(addr) <= last:
+            for name, addr, av, ai in self._endpoint_ints or _endpoint_of(tunnel):
+                if av == v and first <= ai <= last:
                     return f"holds tunnel {name}'s endpoint {addr}"
         return None
 
@@ -312,9 +320,31 @@ class PolicyEngine:
             if ebgp:
                 return Verdict(False, None, "no import policy (RFC 8212)")
             return Verdict(True, self._received(route, tunnel, ebgp), "accepted")
-        reason = pol.prefix_verdict(prefix) or pol.conditions(route)
+        reason = pol.prefix_verdict(prefix)
         if reason is not None:
             return Verdict(False, None, reason)
+        # The rest depends on the route's attributes only, which every prefix of one UPDATE
+        # shares: evaluated once per attribute set (and tunnel), then applied to each route.
+        key = (tunnel.name, route.neighbor, route.as_path, route.origin, route.med, route.local_pref,
+               route.communities, route.large_communities, route.peer_as, route.ebgp)
+        hit = self._attr_cache.get(key)
+        if hit is None or hit[0] is not tunnel or hit[1] is not pol:
+            hit = (tunnel, pol, *self._attribute_verdict(pol, route, tunnel, ebgp))
+            if len(self._attr_cache) >= ATTR_CACHE_SIZE:
+                self._attr_cache.clear()
+            self._attr_cache[key] = hit
+        reason, changes = hit[2], hit[3]
+        if reason is not None:
+            return Verdict(False, None, reason)
+        return Verdict(True, with_changes(route, **changes) if changes else route, "accepted")
+
+    def _attribute_verdict(self, pol: CompiledPolicy, route: Route, tunnel: Tunnel,
+                           ebgp: bool) -> tuple[str | None, dict[str, object]]:
+        """AS-path and community conditions and the policy's actions for ``route``'s attributes:
+        (why refused or None, the fields the accepted route gets)."""
+        reason = pol.conditions(route)
+        if reason is not None:
+            return reason, {}
         out = self._received(route, tunnel, ebgp)
         out = pol.set_communities(out)
         changes: dict[str, object] = {}
@@ -326,7 +356,7 @@ class PolicyEngine:
             changes["med"] = pol.policy.med
         if changes:
             out = with_changes(out, **changes)
-        return Verdict(True, out, "accepted")
+        return None, {f: v for f, v in out.__dict__.items() if f not in _PER_ROUTE and route.__dict__[f] != v}
 
     def _received(self, route: Route, tunnel: Tunnel, ebgp: bool) -> Route:
         """The route as this neighbour's: its name, its AS, eBGP or not; LOCAL_PREF from an eBGP
@@ -397,6 +427,11 @@ class PolicyEngine:
         if self._tunnels.get(tunnel.name) is tunnel:
             return self._next_hops[(tunnel.name, prefix.version)]
         return _inside(tunnel, prefix.version)
+
+
+def _endpoint_of(tunnel: Tunnel) -> tuple[tuple[str, IPAddress, int, int], ...]:
+    a = IPAddress(str(tunnel.remote))
+    return ((tunnel.name, a, a.version, int(a)),)
 
 
 def _inside(tunnel: Tunnel, version: int) -> IPAddress | None:

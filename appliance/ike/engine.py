@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from appliance.ike import child_create, ike_init, ike_rekey, informational
+from appliance.ike import child_create, ike_init, ike_rekey, informational, liveness
 from appliance.ike import events as ev
 from appliance.ike.child import ChildSa
 from appliance.ike.constants import NotifyType
@@ -279,11 +279,16 @@ class IkeEngine:
             sa.last_sent = max(sa.last_sent, now)
             self._touch(sa)
 
-    def traffic_seen(self, name: str, now: float) -> None:
-        """The data plane saw inbound ESP for the tunnel: the peer is alive (defers DPD)."""
+    def traffic_seen(self, name: str, now: float, heard_at: float | None = None) -> None:
+        """The data plane saw inbound ESP for the tunnel: the peer is alive (defers DPD).
+        `heard_at` (<= now, default now) is when it was seen: a daemon polling counters passes
+        the start of the poll period in which they moved, so DPD's timeout, which counts from
+        the last time the peer was heard (appliance/ike/liveness.py), is never late."""
         sa = self.current_sa(name)
         if sa is not None:
-            sa.last_heard = max(sa.last_heard, now)
+            at = now if heard_at is None else min(heard_at, now)
+            sa.last_heard = max(sa.last_heard, at)
+            liveness.heard(sa)
             self._touch(sa)
 
     # ------------------------------------------------------------------ I/O

@@ -87,6 +87,10 @@ class Exchange:
     def sent(self, sa: "IkeSa", datagram: bytes) -> None:
         """Called with the encoded request once it is first sent."""
 
+    def retransmit_delays(self, schedule: list[float]) -> list[float]:
+        """The retransmission delays of this request (RetransmitConfig.schedule by default)."""
+        return schedule
+
 
 @dataclass
 class _Pending:
@@ -288,9 +292,9 @@ class IkeSa:
                           self.initiator, payloads, encrypted=ex.encrypted)
             data, *more = self._encode_datagrams(msg)
             log.debug("%s: sending %s", self, _Summary(msg))
-            cfg = self._retransmit_cfg()
+            first_wait = ex.retransmit_delays(self._retransmit_cfg().schedule())[0]
             deadline = now + ex.give_up_after if ex.give_up_after is not None else None
-            self.pending = _Pending(ex, self.my_mid, data, now, now + cfg.timeout, 0, deadline,
+            self.pending = _Pending(ex, self.my_mid, data, now, now + first_wait, 0, deadline,
                                     tuple(more))
             self.my_mid = (self.my_mid + 1) & 0xFFFFFFFF
             ex.sent(self, data)
@@ -569,7 +573,7 @@ class IkeSa:
                     return
                 self.kick(now)
             elif now >= p.next_at:
-                sched = self._retransmit_cfg().schedule()
+                sched = p.exchange.retransmit_delays(self._retransmit_cfg().schedule())
                 if p.retransmits >= len(sched) - 1:
                     self.pending = None
                     p.exchange.on_give_up(self, now)

@@ -14,6 +14,8 @@ bench).
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import re
 import secrets
@@ -49,8 +51,9 @@ def region_config(me: str, asn: int, peer_as: int, lan: str, other_lan: str, sta
     return "\n".join(out) + "\n"
 
 
-@pytest.fixture
-def regions():
+@contextlib.contextmanager
+def two_regions():
+    """The two appliances, their underlays and LANs (namespaces), started; stopped at the end."""
     tmp = Path(tempfile.mkdtemp(prefix="isthmus-bgp-lab-"))
     with Netns("bra") as a, Netns("brb") as b, Netns("la") as la, Netns("lb") as lb:
         veth_pair(a, "wan1", b, "wan1")
@@ -81,6 +84,12 @@ def regions():
                     app.stop(timeout=30)
                 except Exception:  # noqa: BLE001
                     app.kill()
+
+
+@pytest.fixture
+def regions():
+    with two_regions() as r:
+        yield r
 
 
 def bgp_route(ns: Netns, prefix: str) -> dict | None:
@@ -173,6 +182,42 @@ def run(apps, a, b, la):
     print(apps["a"].cli("show", "bgp").stdout)
     assert la.run("ping -c 3 -i 0.2 -W 2 10.2.0.10", check=False).returncode == 0
 
+    failover, wan, dev, other = cut_and_time(apps, a, b, la)
+    print(f"failover: first ping answered {failover:.2f} s after the underlay of {dev} was cut (DPD 1s/3s)")
+    assert failover <= 10.0
+    wait_for("A: the route only through the other tunnel", lambda: devs(bgp_route(a, "10.2.0.0/16")) == {other},
+             30, 0.5)
+    bgp = apps["a"].cli_json("show", "bgp")
+    states = {n["tunnel"]: n["state"] for n in bgp["neighbors"]}
+    assert states[other[-2:]] == "established" and states[dev[-2:]] != "established", states
+    assert la.run("ping -c 3 -i 0.2 -W 2 10.2.0.10", check=False).returncode == 0
+
+
+TIMELINE = ("peer dead", "FIB: routes through", "IKE SA down", "BGP session", "tunnel down", "Child SA")
+
+
+def timeline(apps, cut: float, before: float = 0.5) -> list[str]:
+    """The daemons' log lines about the failover from `before` s ahead of `cut` (wall clock) on,
+    as offsets from `cut`."""
+    since = cut - before
+    rows = []
+    for key, app in apps.items():
+        for r in app.log_records():
+            t = r.get("time")
+            if not t or not any(w in r.get("message", "") for w in TIMELINE):
+                continue
+            at = datetime.datetime.strptime(t, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+                tzinfo=datetime.timezone.utc).timestamp()
+            if at >= since:
+                rows.append((at - cut, f"{at - cut:+7.3f} s  {key.upper()} {r.get('tunnel', '-'):3} "
+                                       f"{r['message'][:110]}"))
+    return [x for _, x in sorted(rows)]
+
+
+def cut_and_time(apps, a, b, la) -> tuple[float, str, str, str]:
+    """Cut the underlay of the tunnel carrying A's pings (on B's side; A's end loses carrier
+    too) while pinging every 50 ms: seconds from the cut to the first answered ping after it,
+    the underlay, its XFRM interface and the other one. Prints the daemons' timeline."""
     # which tunnel carries A's outbound pings? (ECMP hashes the flow onto one path)
     before = sa_packets_out(a)
     la.run("ping -c 20 -i 0.02 -W 1 10.2.0.10", check=False)
@@ -196,13 +241,8 @@ def run(apps, a, b, la):
     # the first reply after the gap the cut made
     gaps = [t for prev, t in zip([cut, *after_cut], after_cut) if t - prev > 0.5]
     first = gaps[0] if gaps else after_cut[0]
-    failover = first - cut
-    print(f"failover: first ping answered {failover:.2f} s after the underlay of {dev} was cut "
-          f"(DPD 1s/3s; {len(replies)} replies to 400 pings)")
-    assert failover <= 10.0
-    wait_for("A: the route only through the other tunnel", lambda: devs(bgp_route(a, "10.2.0.0/16")) == {other},
-             30, 0.5)
-    bgp = apps["a"].cli_json("show", "bgp")
-    states = {n["tunnel"]: n["state"] for n in bgp["neighbors"]}
-    assert states[other[-2:]] == "established" and states[dev[-2:]] != "established", states
-    assert la.run("ping -c 3 -i 0.2 -W 2 10.2.0.10", check=False).returncode == 0
+    print(f"{len(replies)} replies to 400 pings; timeline from the cut:")
+    for line in timeline(apps, cut):
+        print("   ", line)
+    print(f"    {first - cut:+7.3f} s  first ping answered after the cut")
+    return first - cut, wan, dev, other
