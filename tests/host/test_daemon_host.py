@@ -96,7 +96,7 @@ def test_start_status_pid_file_cli_and_clean_stop(pair):
         [("to-b", "connecting", "xfrm-to-b", "192.0.2.1")]   # initiating; B is not running
     routes = a.call("routes")["routes"]
     assert routes == [{"prefix": "10.99.0.0/16", "next_hop": None, "interface": "xfrm-to-b", "tunnel": "to-b",
-                       "source": "static", "as_path": None, "installed": False}]
+                       "source": "static", "as_path": None, "installed": False, "active": False}]
     r = a.cli("show", "bgp", check=False)
     assert r.returncode == 1 and "BGP is not configured" in r.stderr
     r = a.cli("up", "nope", check=False)
