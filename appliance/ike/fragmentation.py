@@ -295,4 +295,4 @@ def receive(sa: "IkeSa", data: bytes, hdr: Header, outer: Message, enc: Encrypte
               total, len(inner))
     return Message(outer.spi_i, outer.spi_r, outer.exchange_type, outer.message_id,
                    outer.is_response, outer.is_initiator, list(outer.payloads) + payloads,
-                   encrypted=True, minor_version=outer.minor_version)
+                   encrypted=True, minor_version=outer.minor_version, inner=inner)

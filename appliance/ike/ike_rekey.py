@@ -21,7 +21,7 @@ from appliance.ike.constants import ExchangeType, NotifyType, ProtocolId, Transf
 from appliance.ike.crypto import CryptoError, InvalidKeyExchange, KeyExchange, derive_rekeyed_ike_keys
 from appliance.ike.ike_init import NONCE_LEN, _group_name, nonce_too_short, numbered, offered_groups, selected_group
 from appliance.ike.message import KE, SA, Message, Nonce, Notify, Payload
-from appliance.ike.proposals import Proposal, accepts_selection, select_proposal
+from appliance.ike.proposals import Proposal, accepts_selection, select_proposal, without_additional_ke
 from appliance.ike.sa import Exchange, IkeSa, IkeState
 
 log = logging.getLogger("isthmus.ike")
@@ -57,14 +57,16 @@ class IkeRekey(Exchange):
         cfg = sa.config
         if cfg is None or sa.proposal is None or sa.closing or peer_successor(sa) is not None:
             return None
-        groups = offered_groups(cfg.ike_proposals)
+        # no IKE_FOLLOWUP_KE (RFC 9370 §2.2.4): the rekey runs without additional key exchanges
+        props = without_additional_ke(cfg.ike_proposals)
+        groups = offered_groups(props)
         current = selected_group(sa.proposal)
         group = self.group if self.group is not None else (current if current in groups else groups[0])
         self.spi = sa.engine.new_ike_spi()
         self.ke = KeyExchange.generate(group, sa.random)
         self.ni = sa.random(NONCE_LEN)
         self.group = group
-        self.offered = _prefer(numbered(cfg.ike_proposals, self.spi), group)
+        self.offered = _prefer(numbered(props, self.spi), group)
         return [SA(self.offered), Nonce(self.ni), KE(group, self.ke.public_bytes)]
 
     def on_response(self, sa: IkeSa, msg: Message, now: float) -> None:
@@ -243,7 +245,7 @@ def respond(sa: IkeSa, msg: Message, now: float) -> list[Payload]:
     sa_p, nonce, ke = msg.get(SA), msg.get(Nonce), msg.get(KE)
     if sa_p is None or nonce is None or ke is None:
         return [Notify(NotifyType.INVALID_SYNTAX)]
-    chosen = select_proposal(list(cfg.ike_proposals), sa_p.proposals)
+    chosen = select_proposal(without_additional_ke(cfg.ike_proposals), sa_p.proposals)
     if chosen is None:
         log.info("%s: no acceptable proposal in the peer's IKE SA rekey", sa)
         return [Notify(NotifyType.NO_PROPOSAL_CHOSEN)]
