@@ -39,6 +39,7 @@ from appliance.ike.proposals import (
     accepts_selection,
     contains,
     format_proposal,
+    initiator_offer,
     offer_size,
     offer_without_intermediate,
     select_proposal,
@@ -112,7 +113,7 @@ class IkeSaInit(Exchange):
         payloads: list = []
         if self.cookie:
             payloads.append(Notify(NotifyType.COOKIE, data=self.cookie))  # §2.6: first payload
-        payloads += [SA(numbered(cfg.ike_proposals)), KE(self.group, self.ke.public_bytes),
+        payloads += [SA(numbered(initiator_offer(cfg.ike_proposals))), KE(self.group, self.ke.public_bytes),
                      Nonce(self.nonce)]
         payloads += natd.our_payloads(sa, ZERO_SPI, sa.local, sa.remote)
         if cfg.cert is not None:
@@ -230,7 +231,7 @@ def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: E
     if sa_p is None or ke_p is None or nonce is None or len(sa_p.proposals) != 1 or msg.spi_r == ZERO_SPI:
         return "malformed IKE_SA_INIT response (missing SA, KE, Nonce or responder SPI)"
     chosen = sa_p.proposals[0]
-    if accepts_selection(numbered(cfg.ike_proposals), chosen) is None or chosen.spi:
+    if accepts_selection(numbered(initiator_offer(cfg.ike_proposals)), chosen) is None or chosen.spi:
         return f"peer chose an IKE proposal we did not offer: {_short(format_proposal(chosen))}"
     if ke_p.dh_group != selected_group(chosen) or ke_p.dh_group != ex.group:
         return "peer's KE payload does not match the selected key exchange method"

@@ -684,6 +684,23 @@ def without_additional_ke(proposals: Sequence[Proposal]) -> list[Proposal]:
     return out
 
 
+def initiator_offer(proposals: Sequence[Proposal]) -> list[Proposal]:
+    """What an initiator offers in IKE_SA_INIT: the proposals, then, for each whose additional
+    key exchanges are all optional (``keN_none``), the same proposal without them. A responder
+    that does not know Transform Types 6..12 refuses a proposal containing them (RFC 7296
+    §3.3.6; strongSwan 5.9 does), so only the copy lets it choose the classic suite the policy
+    allows; a responder that knows them picks the hybrid proposal first."""
+    out = list(proposals)
+    for p in proposals:
+        types = {t.type for t in p.transforms if t.type in _ADDKE_SET}
+        if types and all(any(t.type == tt and t.id == DhId.NONE for t in p.transforms) for tt in types):
+            q = Proposal(p.protocol, tuple(t for t in p.transforms if t.type not in _ADDKE_SET),
+                         p.number, p.spi)
+            if all(q.transforms != o.transforms for o in out):
+                out.append(q)
+    return out
+
+
 def offer_without_intermediate(theirs: Sequence[Proposal]) -> list[Proposal]:
     """A peer that did not announce IKE_INTERMEDIATE cannot run additional key exchanges
     (RFC 9370 §2.2.1): of its offer, keep the proposals where every additional key exchange
@@ -801,6 +818,7 @@ __all__ = [
     "AEAD_ENCR",
     "additional_kes",
     "has_additional_ke",
+    "initiator_offer",
     "offer_without_intermediate",
     "without_additional_ke",
     "DEFAULT_ESP_PROPOSAL",

@@ -377,3 +377,46 @@ def test_a_lost_intermediate_response_is_retransmitted_from_the_cache():
     reqs = [s for s in _exchanges(net) if s.startswith("IKE_INTERMEDIATE request 1")]
     assert len(reqs) == 2                 # A retransmitted under the old keys; B answered
     assert b.sas()[0].cipher_in_prev is None    # dropped by the next (IKE_AUTH) request
+
+
+# ------------------------------------------------------------------ proposal strings and offers
+
+
+def test_proposal_strings_as_strongswan_6_spells_them():
+    from appliance.ike.constants import TransformType
+    from appliance.ike.proposals import format_proposal, parse_proposal
+    p = parse_proposal(HYBRID, "ike")
+    assert [(int(t.type), int(t.id)) for t in p.transforms][-2:] == [(4, 31), (6, 36)]
+    assert format_proposal(p) == HYBRID
+    p = parse_proposal("aes256-sha256-ecp384-ke2_mlkem1024-ke1_x25519-ke1_none", "ike")
+    assert [t for t in p.transforms if t.type == TransformType.ADDKE2][0].id == DhId.ML_KEM_1024
+    assert format_proposal(p) == "aes256-sha256-prfsha256-ecp384-ke1_x25519-ke1_none-ke2_mlkem1024"
+
+
+@pytest.mark.parametrize("text, kind, words", [
+    ("aes256gcm16-prfsha384-mlkem768", "ike", ["ML-KEM is supported as an additional key exchange",
+                                               "ke1_mlkem768"]),
+    ("aes256gcm16-prfsha384-x25519-ke1_mlkem512", "ike", ["'ke1_mlkem512'", "not supported",
+                                                          "ke1_mlkem768, ke1_mlkem1024"]),
+    ("aes256gcm16-prfsha384-x25519-ke1_modp1024", "ike", ["weak algorithm", "refused by policy"]),
+    ("aes256gcm16-prfsha384-x25519-ke8_mlkem768", "ike", ["unknown algorithm 'ke8_mlkem768'",
+                                                          "keN_<key exchange> for N = 1..7"]),
+    ("aes256gcm16-prfsha384-x25519-ke1-mlkem768", "ike", ["unknown algorithm 'ke1'"]),
+    ("aes256gcm16-ke1_mlkem768", "esp", ["IKE_FOLLOWUP_KE", "not supported", "IKE proposals"]),
+    ("aes256gcm16-mlkem768", "esp", ["not as the PFS key exchange"]),
+])
+def test_bad_spellings_are_refused_with_a_clear_reason(text, kind, words):
+    from appliance.ike.proposals import ProposalError, parse_proposal
+    with pytest.raises(ProposalError) as e:
+        parse_proposal(text, kind)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_initiator_offer_adds_a_classic_copy_of_an_optional_hybrid_proposal():
+    from appliance.ike.proposals import format_proposal, initiator_offer, parse_proposals
+    offer = initiator_offer(parse_proposals(f"{HYBRID}-ke1_none", "ike"))
+    assert [format_proposal(p) for p in offer] == [f"{HYBRID}-ke1_none", CLASSIC]
+    # a required one gets no copy; a classic copy already offered is not repeated
+    assert len(initiator_offer(parse_proposals(HYBRID, "ike"))) == 1
+    assert len(initiator_offer(parse_proposals(f"{HYBRID}-ke1_none,{CLASSIC}", "ike"))) == 2
