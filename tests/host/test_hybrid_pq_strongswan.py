@@ -87,3 +87,33 @@ def test_hybrid_required_never_connects_to_a_classic_only_strongswan(tmp_path, n
         sw.wait_for(lambda _sas: sw.log_has("NO_PROPOSAL_CHOSEN"), 20, what="NO_PROPOSAL_CHOSEN in charon's log")
         assert us.of("IkeSaUp") == []
         assert sw.list_sas() == [] or all(not s.established for s in sw.list_sas())
+
+
+@pytest.mark.parametrize("kem", ["mlkem768", "mlkem1024"])
+def test_two_of_our_engines_agree_the_hybrid_suite_over_real_sockets(tmp_path, ns_pair, kem):
+    # two appliances (ikerunner processes, one per namespace, UDP 500/4500 on the host kernel);
+    # ML-KEM-1024's IKE_INTERMEDIATE goes as IKE fragments (RFC 7383, 1280-octet default)
+    side_a, side_b = ns_pair
+    hybrid = f"{CLASSIC}-ke1_{kem}"
+    ta = tunnel_json(side_a, side_b, "to-b", local_id="a.example.net", remote_id="b.example.net",
+                     psk=PSK.encode(), ike_proposals=[hybrid])
+    tb = tunnel_json(side_b, side_a, "to-a", local_id="b.example.net", remote_id="a.example.net",
+                     psk=PSK.encode(), ike_proposals=[hybrid], start=False)
+    b = EngineProc(tmp_path / "b", side_b, [tb])
+    a = EngineProc(tmp_path / "a", side_a, [ta])
+    with a, b:
+        ia = a.wait_event(lambda e: e["event"] == "ChildSaInstalled", 20, what="A's Child SA")
+        ib = b.wait_event(lambda e: e["event"] == "ChildSaInstalled", 20, what="B's Child SA")
+        assert (ia["spi_in"], ia["spi_out"]) == (ib["spi_out"], ib["spi_in"])
+        assert ia["encr_key_out_sha256"] == ib["encr_key_in_sha256"]
+        assert a.of("IkeSaUp")[0]["proposal"] == b.of("IkeSaUp")[0]["proposal"] == hybrid
+        # the IKE SA rekey falls back to the classic suite on both sides (no IKE_FOLLOWUP_KE)
+        ma, mb = a.mark(), b.mark()
+        a.send("rekey_ike to-b")
+        ka = a.wait_event(lambda e: e["event"] == "IkeSaRekeyed", 10, since=ma)
+        kb = b.wait_event(lambda e: e["event"] == "IkeSaRekeyed", 10, since=mb)
+        assert ka["proposal"] == kb["proposal"] == CLASSIC
+        ma, mb = a.mark(), b.mark()
+        b.send("rekey_child to-a")
+        a.wait_event(lambda e: e["event"] == "ChildSaRekeyed", 10, since=ma)
+        b.wait_event(lambda e: e["event"] == "ChildSaRekeyed", 10, since=mb)

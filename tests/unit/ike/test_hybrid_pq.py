@@ -420,3 +420,23 @@ def test_initiator_offer_adds_a_classic_copy_of_an_optional_hybrid_proposal():
     # a required one gets no copy; a classic copy already offered is not repeated
     assert len(initiator_offer(parse_proposals(HYBRID, "ike"))) == 1
     assert len(initiator_offer(parse_proposals(f"{HYBRID}-ke1_none,{CLASSIC}", "ike"))) == 2
+
+
+def test_a_lost_fragmented_intermediate_response_is_retransmitted_from_the_cache():
+    # ML-KEM-1024: request and response are two IKE fragments each; the first copy of the
+    # response is lost, A resends both request fragments under the old keys, B answers from
+    # its cache (fragment 1 of a request already answered, RFC 7383 §2.6.1)
+    lost = []
+
+    def drop(d, n):
+        h = M.parse_header(d.data)
+        if h.exchange_type == ExchangeType.IKE_INTERMEDIATE and h.is_response and len(lost) < 2:
+            lost.append(n)
+            return True
+        return False
+
+    net, a, b = _net(HYBRID_1024, HYBRID_1024, faults=Faults(drop=drop))
+    _up(net, a, run=30)
+    assert len(lost) == 2 and installed_pair_ok(net) == [] and one_ike_sa_each(net) == []
+    resp = [s for s in _exchanges(net) if s.startswith("IKE_INTERMEDIATE response 1 [ SKF(")]
+    assert len(resp) == 2      # the two fragments of the cached response, delivered this time
