@@ -158,6 +158,7 @@ class IkeSa:
     int_auth_i = b""            # IntAuth_i(n), IntAuth_r(n) chains (§3.3.2)
     int_auth_r = b""
     cipher_in_prev: SkCipher | None = None   # responder: key of a retransmitted request
+    followup: "object | None" = None    # a peer's IKE SA rekey awaiting IKE_FOLLOWUP_KE (additional_ke)
 
     # message windows (§2.3)
     my_mid = 0
@@ -504,7 +505,7 @@ class IkeSa:
         self.kick(now)
 
     def _dispatch_request(self, msg: Message, src: Endpoint, dst: Endpoint, now: float) -> None:
-        from appliance.ike import child_create, ike_auth, informational, intermediate
+        from appliance.ike import additional_ke, child_create, ike_auth, informational, intermediate
 
         if msg.exchange_type == ExchangeType.IKE_AUTH:
             payloads = ike_auth.respond(self, msg, src, dst, now)
@@ -512,6 +513,8 @@ class IkeSa:
             payloads = intermediate.respond(self, msg, now)
         elif msg.exchange_type == ExchangeType.CREATE_CHILD_SA:
             payloads = child_create.respond(self, msg, now)
+        elif msg.exchange_type == ExchangeType.IKE_FOLLOWUP_KE:
+            payloads = additional_ke.respond_followup(self, msg, now)    # RFC 9370 §2.2.4
         elif msg.exchange_type == ExchangeType.INFORMATIONAL:
             payloads = informational.respond(self, msg, now)
         else:

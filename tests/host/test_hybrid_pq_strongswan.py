@@ -107,12 +107,12 @@ def test_two_of_our_engines_agree_the_hybrid_suite_over_real_sockets(tmp_path, n
         assert (ia["spi_in"], ia["spi_out"]) == (ib["spi_out"], ib["spi_in"])
         assert ia["encr_key_out_sha256"] == ib["encr_key_in_sha256"]
         assert a.of("IkeSaUp")[0]["proposal"] == b.of("IkeSaUp")[0]["proposal"] == hybrid
-        # the IKE SA rekey falls back to the classic suite on both sides (no IKE_FOLLOWUP_KE)
+        # the IKE SA rekey keeps the hybrid suite (IKE_FOLLOWUP_KE, RFC 9370 §2.2.4)
         ma, mb = a.mark(), b.mark()
         a.send("rekey_ike to-b")
         ka = a.wait_event(lambda e: e["event"] == "IkeSaRekeyed", 10, since=ma)
         kb = b.wait_event(lambda e: e["event"] == "IkeSaRekeyed", 10, since=mb)
-        assert ka["proposal"] == kb["proposal"] == CLASSIC
+        assert ka["proposal"] == kb["proposal"] == hybrid
         ma, mb = a.mark(), b.mark()
         b.send("rekey_child to-a")
         a.wait_event(lambda e: e["event"] == "ChildSaRekeyed", 10, since=ma)

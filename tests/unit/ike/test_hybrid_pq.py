@@ -233,46 +233,161 @@ def test_responder_selects_no_additional_ke_for_an_initiator_without_intermediat
 
 
 def test_child_sa_rekey_and_ike_sa_rekey_of_a_hybrid_sa():
-    net, a, b = _net(HYBRID, HYBRID)
+    from appliance.ike.policy import FragmentationConfig
+    whole = dict(fragmentation=FragmentationConfig(enabled=False))   # to read the payloads here
+    net, a, b = _net(HYBRID, HYBRID, a_kw=whole, b_kw=whole)
     _up(net, a)
     old = a.sas()[0]
     a.rekey_child("to-b", net.now)
     net.run(10)
     assert len(_of(net, A_ADDR, ev.ChildSaRekeyed)) == 1 and installed_pair_ok(net) == []
-    # IKE SA rekey: no IKE_FOLLOWUP_KE; the new SA runs the proposal without its additional key
-    # exchange, keyed from the old SK_d (which the ML-KEM secret fed)
+    # IKE SA rekey (RFC 9370 §2.2.4): CREATE_CHILD_SA, then IKE_FOLLOWUP_KE with ML-KEM on the
+    # old SA; the new SA runs the hybrid proposal
+    n = len(net.trace)
     b.rekey_ike("to-a", net.now)
     net.run(10)
     (rk,) = _of(net, A_ADDR, ev.IkeSaRekeyed)
-    assert rk.proposal == CLASSIC
-    assert not any(s.startswith("IKE_FOLLOWUP_KE") for s in _exchanges(net))
+    assert rk.proposal == HYBRID
+    trace = _exchanges(net)[n:]
+    assert trace[0].startswith("CREATE_CHILD_SA request") and "SK{SA NONCE KE}" in trace[0]
+    assert trace[1].startswith("CREATE_CHILD_SA response") and "N(ADDITIONAL_KEY_EXCHANGE)" in trace[1]
+    assert trace[2].startswith("IKE_FOLLOWUP_KE request") and "SK{KE N(ADDITIONAL_KEY_EXCHANGE)}" in trace[2]
+    assert trace[3].startswith("IKE_FOLLOWUP_KE response") and "SK{KE}" in trace[3]
+    assert trace[4].startswith("INFORMATIONAL request") and "D" in trace[4]   # old SA deleted
     assert one_ike_sa_each(net) == [] and installed_pair_ok(net) == []
     new = a.sas()[0]
-    assert new is not old and new.established
+    assert new is not old and new.established and new.spi_i != old.spi_i
     a.rekey_child("to-b", net.now)      # the rekeyed SA works
     net.run(10)
     assert len(_of(net, A_ADDR, ev.ChildSaRekeyed)) == 2 and installed_pair_ok(net) == []
     a.rekey_ike("to-b", net.now)        # and rekeys again, from A's side
     net.run(10)
-    assert len(_of(net, A_ADDR, ev.IkeSaRekeyed)) == 2 and one_ike_sa_each(net) == []
+    assert [r.proposal for r in _of(net, A_ADDR, ev.IkeSaRekeyed)] == [HYBRID, HYBRID]
+    assert one_ike_sa_each(net) == [] and installed_pair_ok(net) == []
 
 
-def test_a_peer_requiring_the_additional_ke_in_a_rekey_is_refused_cleanly():
-    # A (hand-made offer below) insists on ke1_mlkem768 in CREATE_CHILD_SA: B answers
-    # NO_PROPOSAL_CHOSEN (no IKE_FOLLOWUP_KE) and both keep the current IKE SA.
-    from appliance.ike import ike_rekey
+def test_ike_sa_rekey_with_two_additional_key_exchanges_chains_the_links():
+    two = "aes256gcm16-prfsha384-x25519-ke1_ecp384-ke2_mlkem1024"
+    net, a, b = _net(two, two)
+    _up(net, a)
+    n = len(net.trace)
+    a.rekey_ike("to-b", net.now)
+    net.run(10)
+    assert [r.proposal for r in _of(net, B_ADDR, ev.IkeSaRekeyed)] == [two]
+    trace = _exchanges(net)[n:]
+    mids = {s.split()[2] for s in trace if s.startswith("IKE_FOLLOWUP_KE request")}
+    assert len(mids) == 2, trace       # ML-KEM-1024's goes as two IKE fragments
+    assert any(s.startswith("IKE_FOLLOWUP_KE response") and "N(ADDITIONAL_KEY_EXCHANGE)" in s for s in trace)
+    assert one_ike_sa_each(net) == [] and installed_pair_ok(net) == []
+
+
+def test_rekeyed_keys_change_when_only_the_followup_mlkem_share_changes():
+    def rekeyed(seed):
+        net, a, b = _net(HYBRID, HYBRID, seed=seed)
+        _up(net, a)
+        a.rekey_ike("to-b", net.now)
+        net.run(10)
+        (sa,) = a.sas()
+        return sa
+    s1, s2 = rekeyed(5), rekeyed(5)
+    # equal SPIs and nonces of the rekey, yet other keys: the ML-KEM secret of IKE_FOLLOWUP_KE
+    # (and of the first IKE_INTERMEDIATE, via SK_d) is in SKEYSEED
+    assert (s1.spi_i, s1.spi_r, s1.nonce_i, s1.nonce_r) == (s2.spi_i, s2.spi_r, s2.nonce_i, s2.nonce_r)
+    assert s1.keys.SK_d != s2.keys.SK_d and s1.keys.SK_ei != s2.keys.SK_ei
+
+
+def test_ike_sa_rekey_collision_with_additional_key_exchanges():
     net, a, b = _net(HYBRID, HYBRID)
     _up(net, a)
-    orig = ike_rekey.without_additional_ke
-    ike_rekey.without_additional_ke = lambda props: list(props)   # A's side only, while it builds
-    try:
-        a.rekey_ike("to-b", net.now)
-    finally:
-        ike_rekey.without_additional_ke = orig
+    a.rekey_ike("to-b", net.now)
+    b.rekey_ike("to-a", net.now)
+    net.run(30)
+    assert one_ike_sa_each(net) == [] and installed_pair_ok(net) == []
+    assert _of(net, A_ADDR, ev.IkeSaDown) == [] and _of(net, A_ADDR, ev.PeerDead) == []
+    (sa,) = [s for s in a.sas() if s.established]
+    assert sa.proposal_text == HYBRID
+    a.rekey_child("to-b", net.now)
     net.run(10)
+    assert _of(net, A_ADDR, ev.ChildSaRekeyed) and installed_pair_ok(net) == []
+
+
+def test_hybrid_optional_tunnel_rekeys_classic_with_a_classic_peer():
+    net, a, b = _net(f"{HYBRID},{CLASSIC}", CLASSIC)
+    _up(net, a)
+    a.rekey_ike("to-b", net.now)
+    net.run(10)
+    assert [r.proposal for r in _of(net, A_ADDR, ev.IkeSaRekeyed)] == [CLASSIC]
+    assert not any("IKE_FOLLOWUP_KE" in s for s in _exchanges(net))
+
+
+def test_a_followup_with_a_stale_link_is_refused_and_the_rekey_retried_later():
+    from appliance.ike import additional_ke
+    net, a, b = _net(HYBRID, HYBRID)
+    _up(net, a)
+    orig = additional_ke.IkeFollowupKe.build
+
+    def build_with_a_wrong_link(self, sa, now):
+        self.link = b"not-the-link"
+        return orig(self, sa, now)
+
+    additional_ke.IkeFollowupKe.build = build_with_a_wrong_link
+    try:
+        n = len(net.trace)
+        a.rekey_ike("to-b", net.now)
+        net.run(5)
+    finally:
+        additional_ke.IkeFollowupKe.build = orig
+    trace = _exchanges(net)[n:]
+    assert any(s.startswith("IKE_FOLLOWUP_KE response") and "N(STATE_NOT_FOUND)" in s for s in trace)
     assert _of(net, A_ADDR, ev.IkeSaRekeyed) == [] and _of(net, A_ADDR, ev.IkeSaDown) == []
     assert one_ike_sa_each(net) == [] and installed_pair_ok(net) == []
-    assert any("CREATE_CHILD_SA response" in s and "N(NO_PROPOSAL_CHOSEN)" in s for s in _exchanges(net))
+    (sa,) = a.sas()
+    assert sa.rekey_retry_at is not None       # retried later, like any refused rekey
+    net.run(120)
+    assert [r.proposal for r in _of(net, A_ADDR, ev.IkeSaRekeyed)] == [HYBRID]
+    assert one_ike_sa_each(net) == []
+
+
+@pytest.mark.parametrize("ke", [M.KE(DhId.ML_KEM_768, b"\x01" * 1000), M.KE(DhId.CURVE25519, b"\x09" * 32)])
+def test_bad_ke_data_in_a_followup_request_is_invalid_syntax_and_drops_the_pending_rekey(ke):
+    from appliance.ike import additional_ke
+    net, a, b = _net(HYBRID, HYBRID)
+    _up(net, a)
+    orig = additional_ke.IkeFollowupKe.build
+
+    def build_bad(self, sa, now):
+        payloads = orig(self, sa, now)
+        return [ke] + payloads[1:]
+
+    additional_ke.IkeFollowupKe.build = build_bad
+    try:
+        n = len(net.trace)
+        a.rekey_ike("to-b", net.now)
+        net.run(5)
+    finally:
+        additional_ke.IkeFollowupKe.build = orig
+    trace = _exchanges(net)[n:]
+    assert any(s.startswith("IKE_FOLLOWUP_KE response") and "N(INVALID_SYNTAX)" in s for s in trace)
+    assert b.sas()[0].followup is None
+    assert _of(net, A_ADDR, ev.IkeSaRekeyed) == [] and one_ike_sa_each(net) == []
+
+
+def test_a_lost_followup_response_is_answered_from_the_cache():
+    lost = []
+
+    def drop(d, n):
+        h = M.parse_header(d.data)
+        if h.exchange_type == ExchangeType.IKE_FOLLOWUP_KE and h.is_response and not lost:
+            lost.append(n)
+            return True
+        return False
+
+    net, a, b = _net(HYBRID, HYBRID, faults=Faults(drop=drop))
+    _up(net, a)
+    a.rekey_ike("to-b", net.now)
+    net.run(30)
+    assert lost and [r.proposal for r in _of(net, A_ADDR, ev.IkeSaRekeyed)] == [HYBRID]
+    assert one_ike_sa_each(net) == [] and installed_pair_ok(net) == []
 
 
 # ------------------------------------------------------------------ bad input
