@@ -1,6 +1,8 @@
 """Rekeying the IKE SA with CREATE_CHILD_SA (RFC 7296 §1.3.2, §2.18; collisions §2.8.2, §2.25.2).
 
-SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr) with the old SA's PRF; the new IKE SA takes
+SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr) with the old SA's PRF (with RFC 9370
+additional key exchanges, IKE_FOLLOWUP_KE exchanges come first and their secrets follow g^ir:
+additional_ke.py); the new IKE SA takes
 over every Child SA, its message IDs start at 0, and the initiator of the rekey is the new SA's
 original initiator. The rekey initiator then deletes the old IKE SA.
 

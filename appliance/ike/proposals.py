@@ -672,18 +672,6 @@ def has_additional_ke(proposals: Iterable[Proposal]) -> bool:
     return any(t.type in _ADDKE_SET and t.id != DhId.NONE for p in proposals for t in p.transforms)
 
 
-def without_additional_ke(proposals: Sequence[Proposal]) -> list[Proposal]:
-    """The proposals with their additional key exchange transforms removed (duplicates that
-    this makes dropped): what an IKE SA rekey offers and accepts (no IKE_FOLLOWUP_KE here)."""
-    out: list[Proposal] = []
-    for p in proposals:
-        q = Proposal(p.protocol, tuple(t for t in p.transforms if t.type not in _ADDKE_SET),
-                     p.number, p.spi)
-        if all(q.transforms != o.transforms for o in out):
-            out.append(q)
-    return out
-
-
 def initiator_offer(proposals: Sequence[Proposal]) -> list[Proposal]:
     """What an initiator offers in IKE_SA_INIT: the proposals, then, for each whose additional
     key exchanges are all optional (``keN_none``), the same proposal without them. A responder
@@ -820,7 +808,6 @@ __all__ = [
     "has_additional_ke",
     "initiator_offer",
     "offer_without_intermediate",
-    "without_additional_ke",
     "DEFAULT_ESP_PROPOSAL",
     "DEFAULT_IKE_PROPOSAL",
     "Kind",
