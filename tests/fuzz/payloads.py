@@ -159,6 +159,9 @@ TEMPLATES = {
     # IKE_INTERMEDIATE (RFC 9242) with RFC 9370's additional key exchange
     (43, False): [["KE"], ["KE"], [], ["N"], ["KE", "N"], ["KE", "KE"]],
     (43, True): [["KE"], ["KE"], ["N"], [], ["KE", "N"]],
+    # IKE_FOLLOWUP_KE (RFC 9370 §2.2.4): KE and N(ADDITIONAL_KEY_EXCHANGE) link
+    (44, False): [["KE", "N"], ["N", "KE"], ["KE"], ["N"], []],
+    (44, True): [["KE"], ["KE", "N"], ["N"], []],
 }
 
 
@@ -179,6 +182,7 @@ def chain_for(rng: random.Random, ctx: Ctx, exchange: int, response: bool) -> tu
                              NotifyType.TEMPORARY_FAILURE, NotifyType.AUTHENTICATION_FAILED,
                              NotifyType.INVALID_SYNTAX, NotifyType.COOKIE, NotifyType.CHILD_SA_NOT_FOUND,
                              NotifyType.TS_UNACCEPTABLE, NotifyType.SINGLE_PAIR_REQUIRED,
-                             NotifyType.NAT_DETECTION_SOURCE_IP, NotifyType.ESP_TFC_PADDING_NOT_SUPPORTED))
+                             NotifyType.NAT_DETECTION_SOURCE_IP, NotifyType.ESP_TFC_PADDING_NOT_SUPPORTED,
+                             NotifyType.ADDITIONAL_KEY_EXCHANGE, NotifyType.STATE_NOT_FOUND))
             p.body = p.body[:2] + struct.pack("!H", nt) + p.body[4:]
     return ps, desc

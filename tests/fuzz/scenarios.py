@@ -214,6 +214,12 @@ def build(suite: str = "gcm", seed: int = 7, nat: bool = False) -> list[Scenario
     w.release_held()
     out.append(_freeze(f"{label}/ike-rekey-response", w, seen, ike_rekey=True))
     w.release_held()
+    if suite == "pq" and w.held and _is(w.held[0], 44):
+        # RFC 9370 §2.2.4: the IKE_FOLLOWUP_KE (ML-KEM) on the old SA, request then response
+        out.append(_freeze(f"{label}/ike-followup-request", w, seen, ike_rekey=True))
+        w.release_held()
+        out.append(_freeze(f"{label}/ike-followup-response", w, seen, ike_rekey=True))
+        w.release_held()
     if w.held:
         out.append(_freeze(f"{label}/ike-delete-request", w, seen, ike_rekey=True))
         w.release_held()
