@@ -11,7 +11,9 @@ RFC map:
   SK payload ......................... RFC 7296 §3.14; AEAD in IKE RFC 5282 §3/§5; RFC 7634 §3-4
   PSK AUTH ........................... RFC 7296 §2.15
   key exchange ....................... RFC 3526 (MODP), RFC 5903 §7 (ECP encoding),
-                                       RFC 8031 (Curve25519/448), RFC 6989 (public value checks)
+                                       RFC 8031 (Curve25519/448), RFC 6989 (public value checks);
+                                       ML-KEM-768/1024 (FIPS 203, draft-ietf-ipsecme-ikev2-mlkem)
+  additional key exchanges ........... RFC 9370 §2.2.2 (SKEYSEED(n) from SK_d(n-1))
   NAT detection hash ................. RFC 7296 §2.23
 
 Secrets never appear in ``repr``/``str`` of objects here, nor in exception messages.
@@ -27,7 +29,7 @@ from functools import cache
 from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric import ec, x448, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x448, x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
@@ -668,6 +670,82 @@ class KeyExchange:
         return pow(y, self._priv, p).to_bytes(want, "big")  # type: ignore[arg-type]
 
 
+# --------------------------------------------------------------------------- ML-KEM (FIPS 203)
+#: method -> (private key class, public key class, encapsulation key length, ciphertext length)
+_MLKEM = {
+    DhId.ML_KEM_768: (mlkem.MLKEM768PrivateKey, mlkem.MLKEM768PublicKey, 1184, 1088),
+    DhId.ML_KEM_1024: (mlkem.MLKEM1024PrivateKey, mlkem.MLKEM1024PublicKey, 1568, 1568),
+}
+MLKEM_SEED_LEN = 64     # FIPS 203 seed d | z, drawn from the injected random source
+
+
+class MlKem:
+    """The initiator's side of an ML-KEM key exchange (draft-ietf-ipsecme-ikev2-mlkem §2):
+    ``public_bytes`` is the encapsulation key it sends (KEi), ``shared_secret(ct)`` decapsulates
+    the responder's ciphertext (KEr). Same shape as :class:`KeyExchange`; the decapsulation key
+    never leaves the object and repr shows no secret."""
+
+    __slots__ = ("dh_id", "public_bytes", "_priv")
+
+    def __init__(self, dh_id: DhId, public_bytes: bytes, priv: object) -> None:
+        self.dh_id = dh_id
+        self.public_bytes = public_bytes
+        self._priv = priv
+
+    def __repr__(self) -> str:
+        return f"MlKem({self.dh_id.name}, public={len(self.public_bytes)} bytes)"
+
+    @classmethod
+    def generate(cls, dh_id: int, random: RandomSource) -> "MlKem":
+        gid = DhId(dh_id)
+        priv_cls = _MLKEM[gid][0]
+        k = priv_cls.from_seed_bytes(_take(random, MLKEM_SEED_LEN))
+        return cls(gid, k.public_key().public_bytes_raw(), k)
+
+    def shared_secret(self, ciphertext: bytes) -> bytes:
+        want = _MLKEM[self.dh_id][3]
+        if len(ciphertext) != want:
+            raise InvalidKeyExchange(f"{self.dh_id.name} ciphertext must be {want} octets, got "
+                                     f"{len(ciphertext)}")
+        try:
+            return self._priv.decapsulate(ciphertext)  # type: ignore[attr-defined]
+        except ValueError:
+            raise InvalidKeyExchange(f"{self.dh_id.name} ciphertext refused") from None
+
+
+def mlkem_encapsulate(dh_id: int, encapsulation_key: bytes) -> tuple[bytes, bytes]:
+    """The responder's side: (ciphertext for KEr, shared secret) from the initiator's
+    encapsulation key, after the FIPS 203 §7.2 input checks (length, modulus). Raises
+    InvalidKeyExchange. The randomness of encapsulation is OpenSSL's (the library takes none)."""
+    gid = DhId(dh_id)
+    _, pub_cls, ek_len, _ = _MLKEM[gid]
+    if len(encapsulation_key) != ek_len:
+        raise InvalidKeyExchange(f"{gid.name} encapsulation key must be {ek_len} octets, got "
+                                 f"{len(encapsulation_key)}")
+    try:
+        shared, ciphertext = pub_cls.from_public_bytes(encapsulation_key).encapsulate()
+    except ValueError:
+        raise InvalidKeyExchange(f"{gid.name} encapsulation key refused (FIPS 203 §7.2 "
+                                 "modulus check)") from None
+    return ciphertext, shared
+
+
+def is_kem(dh_id: int) -> bool:
+    return dh_id in _MLKEM
+
+
+def derive_additional_ike_keys(suite: "IkeSuite | Proposal", prev_SK_d: bytes, shared: bytes,
+                               Ni: bytes, Nr: bytes, SPIi: bytes, SPIr: bytes) -> tuple[bytes, IkeKeys]:
+    """RFC 9370 §2.2.2: after the n-th additional key exchange,
+    SKEYSEED(n) = prf(SK_d(n-1), SK(n) | Ni | Nr) and
+    {SK_d(n) | SK_ai(n) | ... | SK_pr(n)} = prf+(SKEYSEED(n), Ni | Nr | SPIi | SPIr),
+    with the nonces and SPIs of IKE_SA_INIT. Returns (SKEYSEED(n), keys)."""
+    s = _as_suite(suite)
+    _check_spis(SPIi, SPIr)
+    skeyseed = prf(s.prf, prev_SK_d, shared + Ni + Nr)
+    return skeyseed, _split_ike_keys(s, skeyseed, Ni + Nr + SPIi + SPIr)
+
+
 def _take(random: RandomSource, n: int) -> bytes:
     b = random(n)
     if len(b) != n:
@@ -684,6 +762,10 @@ __all__ = [
     "InvalidKeyExchange",
     "KEY_PAD",
     "KeyExchange",
+    "MlKem",
+    "derive_additional_ike_keys",
+    "is_kem",
+    "mlkem_encapsulate",
     "RandomSource",
     "SUPPORTED_KE",
     "SkCipher",

@@ -253,7 +253,10 @@ def receive(sa: "IkeSa", data: bytes, hdr: Header, outer: Message, enc: Encrypte
             and num in part.pieces and now < part.started + cfg.reassembly_timeout):
         log.debug("%s: duplicate %s ignored", sa, what)
         return None      # nothing would change: not even worth the ICV
-    piece = open_sk(data, enc.body_start, sa.cipher_in)   # IntegrityError unless authentic
+    cipher = sa.cipher_in
+    if old_request and sa.cipher_in_prev is not None:
+        cipher = sa.cipher_in_prev     # keys updated since we answered it (intermediate.py)
+    piece = open_sk(data, enc.body_start, cipher)   # IntegrityError unless authentic
     # authentic from here on
     if old_request:
         # §2.6.1: only fragment 1 of a retransmitted request triggers the cached response
@@ -295,4 +298,4 @@ def receive(sa: "IkeSa", data: bytes, hdr: Header, outer: Message, enc: Encrypte
               total, len(inner))
     return Message(outer.spi_i, outer.spi_r, outer.exchange_type, outer.message_id,
                    outer.is_response, outer.is_initiator, list(outer.payloads) + payloads,
-                   encrypted=True, minor_version=outer.minor_version)
+                   encrypted=True, minor_version=outer.minor_version, inner=inner)

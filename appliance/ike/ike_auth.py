@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from appliance.ike import child_create, signature_auth
+from appliance.ike import child_create, intermediate, signature_auth
 from appliance.ike import events as ev
 from appliance.ike.child_create import ChildError, ChildRequest
 from appliance.ike.constants import AuthMethod, ExchangeType, NotifyType, ProtocolId
@@ -33,6 +33,7 @@ def _auth_value(sa: IkeSa, psk: bytes, *, as_initiator: bool, id_body: bytes) ->
         octets = signed_octets(sa.prf_id, sa.init_request, sa.nonce_r, keys.SK_pi, id_body)
     else:
         octets = signed_octets(sa.prf_id, sa.init_response, sa.nonce_i, keys.SK_pr, id_body)
+    octets += intermediate.int_auth(sa)     # RFC 9242 §3.3.2 (empty without IKE_INTERMEDIATE)
     return psk_auth(sa.prf_id, psk, octets)
 
 
@@ -44,6 +45,7 @@ def _auth_ok(sa: IkeSa, psk: bytes, *, of_initiator: bool, id_body: bytes, recei
         octets = signed_octets(sa.prf_id, sa.init_request, sa.nonce_r, keys.SK_pi, id_body)
     else:
         octets = signed_octets(sa.prf_id, sa.init_response, sa.nonce_i, keys.SK_pr, id_body)
+    octets += intermediate.int_auth(sa)     # RFC 9242 §3.3.2 (empty without IKE_INTERMEDIATE)
     return psk_auth_matches(sa.prf_id, psk, octets, received)
 
 
@@ -52,8 +54,10 @@ def _octets(sa: IkeSa, *, of_initiator: bool, id_body: bytes) -> bytes:
     if keys is None:   # IKE_AUTH runs on an SA with keys
         raise ValueError("IKE SA without keys has no signed octets")
     if of_initiator:
-        return signed_octets(sa.prf_id, sa.init_request, sa.nonce_r, keys.SK_pi, id_body)
-    return signed_octets(sa.prf_id, sa.init_response, sa.nonce_i, keys.SK_pr, id_body)
+        octets = signed_octets(sa.prf_id, sa.init_request, sa.nonce_r, keys.SK_pi, id_body)
+    else:
+        octets = signed_octets(sa.prf_id, sa.init_response, sa.nonce_i, keys.SK_pr, id_body)
+    return octets + intermediate.int_auth(sa)     # RFC 9242 §3.3.2
 
 
 def _own_auth(sa: IkeSa, cfg, *, as_initiator: bool, id_body: bytes) -> list[Payload]:
@@ -216,7 +220,14 @@ def start(sa: IkeSa, now: float) -> None:
 
 
 def respond(sa: IkeSa, msg: Message, src: Endpoint, dst: Endpoint, now: float) -> list[Payload] | None:
-    if sa.initiator or sa.state != IkeState.CONNECTING or msg.message_id != 1 or sa.keys is None:
+    if (sa.initiator or sa.state != IkeState.CONNECTING or sa.keys is None
+            or msg.message_id != intermediate.auth_message_id(sa)):
+        return [Notify(NotifyType.INVALID_SYNTAX)]
+    if sa.addke_todo:   # RFC 9370 §2.2.2: every negotiated additional key exchange comes first
+        reason = (f"peer started IKE_AUTH before the additional key exchanges "
+                  + ", ".join(map(intermediate.additional_ke.method_name, sa.addke_todo))
+                  + " its proposal selected (refused, RFC 9370)")
+        sa.after_response(lambda t: sa.fail(t, reason))
         return [Notify(NotifyType.INVALID_SYNTAX)]
     idi, auth = msg.get(IDi), msg.get(AUTH)
     if idi is None or auth is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from appliance.ike import fragmentation, natd, signature_auth
+from appliance.ike import fragmentation, intermediate, natd, signature_auth
 from appliance.ike.constants import CertEncoding, DhId, ExchangeType, NotifyType, ProtocolId, TransformType
 from appliance.ike.crypto import (
     CryptoError,
@@ -39,7 +39,9 @@ from appliance.ike.proposals import (
     accepts_selection,
     contains,
     format_proposal,
+    initiator_offer,
     offer_size,
+    offer_without_intermediate,
     select_proposal,
 )
 from appliance.ike.sa import Endpoint, Exchange, IkeSa
@@ -111,12 +113,13 @@ class IkeSaInit(Exchange):
         payloads: list = []
         if self.cookie:
             payloads.append(Notify(NotifyType.COOKIE, data=self.cookie))  # §2.6: first payload
-        payloads += [SA(numbered(cfg.ike_proposals)), KE(self.group, self.ke.public_bytes),
+        payloads += [SA(numbered(initiator_offer(cfg.ike_proposals))), KE(self.group, self.ke.public_bytes),
                      Nonce(self.nonce)]
         payloads += natd.our_payloads(sa, ZERO_SPI, sa.local, sa.remote)
         if cfg.cert is not None:
             payloads.append(signature_auth.hash_notify())   # RFC 7427 §4
         payloads += fragmentation.request_notifies(sa)   # RFC 7383 §2.3
+        payloads += intermediate.request_notifies(sa)    # RFC 9242 §3.1
         return payloads
 
     def sent(self, sa: IkeSa, datagram: bytes) -> None:
@@ -228,7 +231,7 @@ def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: E
     if sa_p is None or ke_p is None or nonce is None or len(sa_p.proposals) != 1 or msg.spi_r == ZERO_SPI:
         return "malformed IKE_SA_INIT response (missing SA, KE, Nonce or responder SPI)"
     chosen = sa_p.proposals[0]
-    if accepts_selection(numbered(cfg.ike_proposals), chosen) is None or chosen.spi:
+    if accepts_selection(numbered(initiator_offer(cfg.ike_proposals)), chosen) is None or chosen.spi:
         return f"peer chose an IKE proposal we did not offer: {_short(format_proposal(chosen))}"
     if ke_p.dh_group != selected_group(chosen) or ke_p.dh_group != ex.group:
         return "peer's KE payload does not match the selected key exchange method"
@@ -256,15 +259,17 @@ def _process_response(sa: IkeSa, ex: IkeSaInit, msg: Message, raw: bytes, src: E
     from appliance.ike import ike_auth
     ike_auth.note_certreq(sa, msg)
     fragmentation.initiator_response(sa, msg)
+    why = intermediate.after_init(sa, msg)   # RFC 9242 §3.1, RFC 9370 §2.2.1
+    if why is not None:
+        sa.fail(now, why)
+        return None
     natd.apply(sa, msg, dst, src)
     sa.engine.register_peer_spi(sa)
     if sa.udp_encap and sa.local[1] != 4500:
         # §2.23: with a NAT in the path, continue on port 4500 (UDP encapsulation)
         sa.local = (sa.local[0], 4500)
         sa.remote = (sa.remote[0], 4500)
-    from appliance.ike import ike_auth
-
-    ike_auth.start(sa, now)
+    intermediate.start(sa, now)   # IKE_INTERMEDIATE per additional key exchange, then IKE_AUTH
     return None
 
 
@@ -313,7 +318,10 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
     ours: list[Proposal] = []
     for c in candidates:
         ours.extend(c.ike_proposals)
-    chosen = select_proposal(ours, sa_p.proposals)
+    offer = sa_p.proposals
+    if not intermediate.peer_announced(msg):
+        offer = offer_without_intermediate(offer)   # RFC 9370 §2.2.1: no additional KE then
+    chosen = select_proposal(ours, offer)
     if chosen is None or len(chosen.spi) not in (0,):
         n, total = offer_size(sa_p.proposals)
         log.info("IKE_SA_INIT from %s: no acceptable proposal among %d (%d transforms)", src[0], n, total)
@@ -350,6 +358,7 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
         log.info("IKE_SA_INIT from %s: %s", src[0], e)
         _stateless(engine, hdr, [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], src, dst)
         return None
+    intermediate.after_init(sa)
     natd.apply(sa, msg, dst, src)
     reply = [SA([chosen]), KE(group, ke.public_bytes), Nonce(sa.nonce_r)]
     if msg.notify(NotifyType.NAT_DETECTION_SOURCE_IP) is not None:
@@ -357,6 +366,7 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
     sa.peer_hash_algorithms = signature_auth.peer_hashes(msg.notify(NotifyType.SIGNATURE_HASH_ALGORITHMS))
     reply += _cert_payloads(candidates)
     reply += fragmentation.response_notifies(sa, msg)   # RFC 7383 §2.3
+    reply += intermediate.response_notifies(sa, msg)    # RFC 9242 §3.1
     sa.init_request = data
     sa.peer_mid = 1
     sa.half_open_deadline = now + candidates[0].half_open_timeout

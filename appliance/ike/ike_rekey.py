@@ -1,6 +1,8 @@
 """Rekeying the IKE SA with CREATE_CHILD_SA (RFC 7296 §1.3.2, §2.18; collisions §2.8.2, §2.25.2).
 
-SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr) with the old SA's PRF; the new IKE SA takes
+SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr) with the old SA's PRF (with RFC 9370
+additional key exchanges, IKE_FOLLOWUP_KE exchanges come first and their secrets follow g^ir:
+additional_ke.py); the new IKE SA takes
 over every Child SA, its message IDs start at 0, and the initiator of the rekey is the new SA's
 original initiator. The rekey initiator then deletes the old IKE SA.
 
@@ -21,7 +23,13 @@ from appliance.ike.constants import ExchangeType, NotifyType, ProtocolId, Transf
 from appliance.ike.crypto import CryptoError, InvalidKeyExchange, KeyExchange, derive_rekeyed_ike_keys
 from appliance.ike.ike_init import NONCE_LEN, _group_name, nonce_too_short, numbered, offered_groups, selected_group
 from appliance.ike.message import KE, SA, Message, Nonce, Notify, Payload
-from appliance.ike.proposals import Proposal, accepts_selection, select_proposal
+from appliance.ike.proposals import (
+    Proposal,
+    accepts_selection,
+    additional_kes,
+    initiator_offer,
+    select_proposal,
+)
 from appliance.ike.sa import Exchange, IkeSa, IkeState
 
 log = logging.getLogger("isthmus.ike")
@@ -44,6 +52,7 @@ def _prefer(props: list[Proposal], group: int) -> list[Proposal]:
 class IkeRekey(Exchange):
     exchange_type = ExchangeType.CREATE_CHILD_SA
     name = "CREATE_CHILD_SA (IKE SA rekey)"
+    ike_rekey_part = True     # rekeying(): this, or one of its IKE_FOLLOWUP_KE (additional_ke)
 
     def __init__(self, group: int | None = None, retries: int = 0) -> None:
         self.group = group
@@ -57,14 +66,16 @@ class IkeRekey(Exchange):
         cfg = sa.config
         if cfg is None or sa.proposal is None or sa.closing or peer_successor(sa) is not None:
             return None
-        groups = offered_groups(cfg.ike_proposals)
+        # with additional key exchanges, IKE_FOLLOWUP_KE exchanges follow (RFC 9370 §2.2.4)
+        props = initiator_offer(cfg.ike_proposals)
+        groups = offered_groups(props)
         current = selected_group(sa.proposal)
         group = self.group if self.group is not None else (current if current in groups else groups[0])
         self.spi = sa.engine.new_ike_spi()
         self.ke = KeyExchange.generate(group, sa.random)
         self.ni = sa.random(NONCE_LEN)
         self.group = group
-        self.offered = _prefer(numbered(cfg.ike_proposals, self.spi), group)
+        self.offered = _prefer(numbered(props, self.spi), group)
         return [SA(self.offered), Nonce(self.ni), KE(group, self.ke.public_bytes)]
 
     def on_response(self, sa: IkeSa, msg: Message, now: float) -> None:
@@ -74,6 +85,12 @@ class IkeRekey(Exchange):
             sa.engine.release_ike_spi(self.spi)
             self._failed(sa, e, now)
             return
+        if new is not None:
+            self.finish(sa, new, now)
+
+    def finish(self, sa: IkeSa, new: IkeSa, now: float) -> None:
+        """Our rekey produced `new` (after its IKE_FOLLOWUP_KE exchanges, if any): collision
+        resolution, then the new SA takes over."""
         other = peer_successor(sa)
         if other is not None:
             if min(new.nonce_i, new.nonce_r) < min(other.nonce_i, other.nonce_r):
@@ -93,7 +110,7 @@ class IkeRekey(Exchange):
 
         informational.delete_ike_sa(sa, now, "rekeyed")
 
-    def _complete(self, sa: IkeSa, msg: Message, now: float) -> IkeSa:
+    def _complete(self, sa: IkeSa, msg: Message, now: float) -> IkeSa | None:
         err = msg.error_notify()
         if err is not None:
             raise _RekeyFailed(err.notify_type, err.data)
@@ -114,6 +131,11 @@ class IkeRekey(Exchange):
             if sa.keys is None:
                 raise _RekeyFailed(NotifyType.INVALID_SYNTAX)
             g_ir = self.ke.shared_secret(ke.data)
+            if additional_kes(chosen):
+                # RFC 9370 §2.2.4: the additional key exchanges first, on this (old) IKE SA
+                from appliance.ike import additional_ke
+                additional_ke.start_followup(sa, self, chosen, nonce.data, g_ir, msg, now)
+                return None
             _s, keys = derive_rekeyed_ike_keys(chosen, sa.keys.SK_d, g_ir, self.ni, nonce.data,
                                                self.spi, chosen.spi, old_prf=sa.prf_id)
         except (InvalidKeyExchange, CryptoError) as e:
@@ -121,6 +143,12 @@ class IkeRekey(Exchange):
             raise _RekeyFailed(NotifyType.INVALID_SYNTAX) from None
         return new_sa(sa, initiator=True, spi_i=self.spi, spi_r=chosen.spi, proposal=chosen,
                       keys=keys, ni=self.ni, nr=nonce.data, now=now)
+
+    def failed_followup(self, sa: IkeSa, notify: int, now: float) -> None:
+        """One of our IKE_FOLLOWUP_KE exchanges failed: the rekey failed (RFC 9370 §2.2.4)."""
+        log.info("%s: IKE SA rekey: IKE_FOLLOWUP_KE failed (%s)", sa, _nname(notify))
+        sa.engine.release_ike_spi(self.spi)
+        self._failed(sa, _RekeyFailed(notify), now)
 
     def _failed(self, sa: IkeSa, e: "_RekeyFailed", now: float) -> None:
         other = peer_successor(sa)
@@ -211,8 +239,9 @@ def adopt(old: IkeSa, new: IkeSa, now: float) -> None:
 
 
 def rekeying(sa: IkeSa) -> bool:
-    """We have an IKE SA rekey request of our own in flight on this SA."""
-    return sa.pending is not None and isinstance(sa.pending.exchange, IkeRekey)
+    """We have an IKE SA rekey request of our own in flight on this SA (the CREATE_CHILD_SA or
+    one of its IKE_FOLLOWUP_KE)."""
+    return sa.pending is not None and getattr(sa.pending.exchange, "ike_rekey_part", False)
 
 
 def peer_successor(sa: IkeSa) -> IkeSa | None:
@@ -223,7 +252,7 @@ def peer_successor(sa: IkeSa) -> IkeSa | None:
 
 
 def start(sa: IkeSa, now: float) -> None:
-    if sa.has_queued(lambda e: isinstance(e, IkeRekey)):
+    if sa.has_queued(lambda e: getattr(e, "ike_rekey_part", False)):
         return
     sa.queue_exchange(IkeRekey(), now)
 
@@ -261,17 +290,31 @@ def respond(sa: IkeSa, msg: Message, now: float) -> list[Payload]:
         g_ir = ke_out.shared_secret(ke.data)
         nr = sa.random(NONCE_LEN)
         spi_r = sa.engine.new_ike_spi()
-        _s, keys = derive_rekeyed_ike_keys(chosen, sa.keys.SK_d, g_ir, nonce.data, nr, chosen.spi,
-                                           spi_r, old_prf=sa.prf_id)
+        keys = None
+        if not additional_kes(chosen):
+            _s, keys = derive_rekeyed_ike_keys(chosen, sa.keys.SK_d, g_ir, nonce.data, nr,
+                                               chosen.spi, spi_r, old_prf=sa.prf_id)
     except (InvalidKeyExchange, CryptoError) as e:
         log.info("%s: peer's IKE SA rekey unusable: %s", sa, e)
         return [Notify(NotifyType.INVALID_SYNTAX)]
     reply_prop = Proposal(ProtocolId.IKE, chosen.transforms, chosen.number, spi_r)
-    new = new_sa(sa, initiator=False, spi_i=chosen.spi, spi_r=spi_r, proposal=reply_prop,
-                 keys=keys, ni=nonce.data, nr=nr, now=now)
+    reply: list[Payload] = [SA([reply_prop]), Nonce(nr), KE(group, ke_out.public_bytes)]
+    if keys is None:
+        # RFC 9370 §2.2.4: the new SA exists once the IKE_FOLLOWUP_KE exchanges are done
+        from appliance.ike import additional_ke
+        return reply + additional_ke.await_followup(sa, reply_prop, chosen.spi, nonce.data, nr, g_ir)
+    respond_done(sa, reply_prop, chosen.spi, keys, nonce.data, nr, now)
+    return reply
+
+
+def respond_done(sa: IkeSa, reply_prop: Proposal, spi_i: bytes, keys, ni: bytes, nr: bytes,
+                 now: float) -> None:
+    """The peer's rekey of `sa` made these keys: the new SA (SPIs `spi_i`, `reply_prop.spi`),
+    adopted now or, in a collision with our own rekey, when our rekey's answer arrives."""
+    new = new_sa(sa, initiator=False, spi_i=spi_i, spi_r=reply_prop.spi, proposal=reply_prop,
+                 keys=keys, ni=ni, nr=nr, now=now)
     if rekeying(sa):
         sa.peer_rekey = new      # collision: decided when our own rekey's answer arrives
     else:
         adopt(sa, new, now)
         sa.delete_deadline = now + sa.engine.redundant_grace   # the peer deletes the old SA
-    return [SA([reply_prop]), Nonce(nr), KE(group, ke_out.public_bytes)]

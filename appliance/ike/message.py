@@ -621,6 +621,9 @@ class Message:
     payloads: list[Payload] = field(default_factory=list)
     encrypted: bool = False
     minor_version: int = 0
+    #: a received protected message's SK plaintext, the inner payload chain without padding
+    #: (RFC 9242 §3.3.2 IntAuth_*_P); not part of eq or repr
+    inner: bytes = field(default=b"", compare=False, repr=False)
 
     # -- convenience accessors ---------------------------------------------------------------
     def get(self, cls: type[Payload]):
@@ -825,7 +828,7 @@ def decrypt_message(data: bytes, msg: Message, enc: Encrypted, cipher: SkProtect
     payloads = parse_inner(inner, enc.first_inner)
     return Message(msg.spi_i, msg.spi_r, msg.exchange_type, msg.message_id, msg.is_response,
                    msg.is_initiator, list(msg.payloads) + payloads, encrypted=True,
-                   minor_version=msg.minor_version)
+                   minor_version=msg.minor_version, inner=inner)
 
 
 def open_sk(data: bytes, body_start: int, cipher: SkProtector) -> bytes:

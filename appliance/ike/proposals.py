@@ -10,6 +10,9 @@ Text form (what users write in the configuration, as strongSwan spells it)::
     aes256gcm16-prfsha384-x25519          IKE, AEAD
     aes256-sha256-modp3072                IKE, AES-CBC + HMAC-SHA2-256-128 (PRF derived: prfsha256)
     aes256gcm16  aes128-sha256-ecp256  aes256gcm16-esn      ESP (optional PFS group, ESN)
+    aes256gcm16-prfsha384-x25519-ke1_mlkem768             IKE, hybrid: an additional key
+                                          exchange (RFC 9370) ADDKE1 = ML-KEM-768; ke1..ke7,
+                                          keN_none makes that one optional (strongSwan 6)
 
 Policy (RFC 8247 guidance, issue 4): DES, 3DES, MD5, SHA-1 (as PRF or integrity), NULL
 encryption and MODP groups below 2048 bits are refused in configuration (:class:`ProposalError`
@@ -45,7 +48,17 @@ _ENUM_OF_TYPE: dict[int, type] = {
     TransformType.INTEG: IntegId,
     TransformType.DH: DhId,
     TransformType.ESN: EsnId,
+    # RFC 9370: Additional Key Exchange 1..7 take Transform Type 4's IDs
+    **{tt: DhId for tt in range(TransformType.ADDKE1, TransformType.ADDKE7 + 1)},
 }
+
+#: Additional Key Exchange transform types (RFC 9370 §2.2.1), in the order they are run.
+ADDKE_TYPES = tuple(TransformType(tt) for tt in range(TransformType.ADDKE1, TransformType.ADDKE7 + 1))
+_ADDKE_SET = frozenset(ADDKE_TYPES)
+#: Key exchange methods allowed as an additional key exchange: the classic groups and ML-KEM
+#: (draft-ietf-ipsecme-ikev2-mlkem; cryptography's mlkem module). ML-KEM only here, never in
+#: IKE_SA_INIT (a 1184/1568-octet KE payload there would need IP fragmentation).
+SUPPORTED_MLKEM = frozenset({DhId.ML_KEM_768, DhId.ML_KEM_1024})
 
 #: Transform types this implementation understands (RFC 7296 §3.3.6: a proposal with any other
 #: type is unacceptable).
@@ -331,12 +344,21 @@ def _build_tables() -> None:
     _tok(["esn"], S, EsnId.ESN)
     _tok(["noesn"], S, EsnId.NO_ESN)
 
+    # RFC 9370 additional key exchanges, strongSwan 6's spelling: ke1_mlkem768, ke2_x25519,
+    # ke1_none (that additional key exchange optional)
+    main_ke = [(n, t) for n, t in list(_TOKENS.items()) if t.type == D]
+    for i, tt in enumerate(ADDKE_TYPES, 1):
+        _tok([f"ke{i}_none"], tt, DhId.NONE)
+        for name, t in main_ke:
+            _tok([f"ke{i}_{name}"], tt, t.id)
+
 
 _build_tables()
 
 _KIND_WORD = {TransformType.ENCR: "encryption", TransformType.PRF: "PRF",
               TransformType.INTEG: "integrity", TransformType.DH: "key exchange",
-              TransformType.ESN: "ESN"}
+              TransformType.ESN: "ESN",
+              **{tt: f"additional key exchange {i} (ke{i}_)" for i, tt in enumerate(ADDKE_TYPES, 1)}}
 
 
 def _bare(t: Transform) -> Transform:
@@ -383,7 +405,8 @@ def _refusal(t: Transform, protocol: ProtocolId) -> str | None:
         )
     ttype = TransformType(t.type)
     weak = {TransformType.ENCR: WEAK_ENCR, TransformType.PRF: WEAK_PRF,
-            TransformType.INTEG: WEAK_INTEG, TransformType.DH: WEAK_DH}.get(ttype, frozenset())
+            TransformType.INTEG: WEAK_INTEG, TransformType.DH: WEAK_DH,
+            **{tt: WEAK_DH for tt in ADDKE_TYPES}}.get(ttype, frozenset())
     if t.id in weak:
         return "weak"
     if ttype == TransformType.ENCR:
@@ -405,6 +428,14 @@ def _refusal(t: Transform, protocol: ProtocolId) -> str | None:
         if protocol == ProtocolId.IKE:
             return "unsupported (ESN is for ESP/AH only)"
         return None if t.id in SUPPORTED_ESN else "unsupported"
+    if ttype in _ADDKE_SET:
+        if t.id == DhId.NONE:
+            return None
+        if protocol != ProtocolId.IKE:
+            return ("unsupported (additional key exchanges for Child SAs need IKE_FOLLOWUP_KE, "
+                    "RFC 9370 §2.2.3, not implemented)")
+        ok = t.id in SUPPORTED_DH or t.id in SUPPORTED_MLKEM
+        return None if ok and t.key_length is None else "unsupported"
     return "unsupported"  # pragma: no cover
 
 
@@ -422,7 +453,11 @@ def _allowed_summary(kind: Kind) -> str:
     types = [TransformType.ENCR, TransformType.INTEG, TransformType.PRF, TransformType.DH]
     if kind == "esp":
         types = [TransformType.ENCR, TransformType.INTEG, TransformType.DH, TransformType.ESN]
-    return "; ".join(f"{_KIND_WORD[t]}: {', '.join(allowed_tokens(t, kind))}" for t in types)
+    out = "; ".join(f"{_KIND_WORD[t]}: {', '.join(allowed_tokens(t, kind))}" for t in types)
+    if kind == "ike":
+        out += ("; additional key exchanges (RFC 9370): keN_<key exchange> for N = 1..7, e.g. "
+                "ke1_mlkem768, ke1_mlkem1024, ke2_x25519, or keN_none to make one optional")
+    return out
 
 
 # --------------------------------------------------------------------------- parsing
@@ -456,6 +491,18 @@ def parse_proposal(text: str, kind: Kind) -> Proposal:
                                       f"proposals: {_allowed_summary(kind)}", w)
         ttype = TransformType(t.type)
         what = f"{_KIND_WORD[ttype]} {t.id.name}" + (f" {t.key_length}-bit" if t.key_length else "")
+        if ttype == TransformType.DH and t.id in SUPPORTED_MLKEM:
+            raise ProposalError(text, f"{w!r}: ML-KEM is supported as an additional key exchange "
+                                      f"(RFC 9370), not as the {'IKE_SA_INIT' if kind == 'ike' else 'PFS'} "
+                                      f"key exchange; write it as ke1_{w} after a classic group, "
+                                      f"e.g. {DEFAULT_IKE_PROPOSAL}-ke1_{w}"
+                                      + (" (in IKE proposals: Child SAs with ML-KEM are not "
+                                         "supported)" if kind == "esp" else ""), w)
+        if kind == "esp" and ttype in _ADDKE_SET:
+            raise ProposalError(text, f"{w!r}: additional key exchanges for Child SAs "
+                                      "(IKE_FOLLOWUP_KE, RFC 9370 §2.2.3) are not supported; use "
+                                      f"{w} in the IKE proposals (the Child SA keys come from the "
+                                      "IKE SA's SK_d, which the additional key exchange feeds)", w)
         if kind == "ike" and ttype == TransformType.ESN:
             raise ProposalError(text, f"{w!r}: ESN is not allowed in IKE proposals (ESP only)", w)
         if kind == "esp" and ttype == TransformType.PRF:
@@ -504,7 +551,8 @@ def parse_proposal(text: str, kind: Kind) -> Proposal:
         if not dh:
             raise ProposalError(text, "IKE proposals need a key exchange method; allowed: "
                                 + ", ".join(allowed_tokens(TransformType.DH, kind)))
-        ordered = encr + integ + prf + dh
+        addke = sorted((t for t in transforms if t.type in _ADDKE_SET), key=lambda t: int(t.type))
+        ordered = encr + integ + prf + dh + addke
     else:
         if not esn:
             esn = [Transform(TransformType.ESN, EsnId.NO_ESN)]
@@ -530,7 +578,7 @@ def format_proposal(p: Proposal) -> str:
 
 def _format_proposal(p: Proposal) -> str:
     order = [TransformType.ENCR, TransformType.INTEG, TransformType.PRF, TransformType.DH,
-             TransformType.ESN]
+             *ADDKE_TYPES, TransformType.ESN]
     words: list[str] = []
     for tt in order:
         ts = p.of_type(tt)
@@ -553,11 +601,13 @@ def _effective(p: Proposal, tt: TransformType) -> tuple[Transform, ...]:
         return (Transform.plain(tt, DhId.NONE),)
     if tt == TransformType.ESN and p.protocol in (ProtocolId.ESP, ProtocolId.AH):
         return (Transform.plain(tt, EsnId.NO_ESN),)
+    if tt in _ADDKE_SET:
+        return (Transform.plain(tt, DhId.NONE),)   # RFC 9370 §2.2.1: absent = NONE
     return ()
 
 
 _SELECTION_ORDER = (TransformType.ENCR, TransformType.PRF, TransformType.INTEG, TransformType.DH,
-                    TransformType.ESN)
+                    TransformType.ESN, *ADDKE_TYPES)
 
 
 def _match(ours: Proposal, theirs: Proposal) -> Proposal | None:
@@ -603,7 +653,56 @@ def _structurally_valid(p: Proposal) -> bool:
             return False
     elif p.prf:
         return False
-    return True
+    return all(len(p.of_type(tt)) <= 1 for tt in ADDKE_TYPES)
+
+
+def additional_kes(p: Proposal) -> list[tuple[TransformType, int]]:
+    """The additional key exchanges of a *selected* proposal, in the order RFC 9370 §2.2.2 runs
+    them (ADDKE1 first), NONE left out: [(transform type, key exchange method)]."""
+    out = []
+    for tt in ADDKE_TYPES:
+        t = p.only(tt)
+        if t is not None and t.id != DhId.NONE:
+            out.append((tt, int(t.id)))
+    return out
+
+
+def has_additional_ke(proposals: Iterable[Proposal]) -> bool:
+    """Whether any proposal offers an additional key exchange other than NONE."""
+    return any(t.type in _ADDKE_SET and t.id != DhId.NONE for p in proposals for t in p.transforms)
+
+
+def initiator_offer(proposals: Sequence[Proposal]) -> list[Proposal]:
+    """What an initiator offers in IKE_SA_INIT: the proposals, then, for each whose additional
+    key exchanges are all optional (``keN_none``), the same proposal without them. A responder
+    that does not know Transform Types 6..12 refuses a proposal containing them (RFC 7296
+    §3.3.6; strongSwan 5.9 does), so only the copy lets it choose the classic suite the policy
+    allows; a responder that knows them picks the hybrid proposal first."""
+    out = list(proposals)
+    for p in proposals:
+        types = {t.type for t in p.transforms if t.type in _ADDKE_SET}
+        if types and all(any(t.type == tt and t.id == DhId.NONE for t in p.transforms) for tt in types):
+            q = Proposal(p.protocol, tuple(t for t in p.transforms if t.type not in _ADDKE_SET),
+                         p.number, p.spi)
+            if all(q.transforms != o.transforms for o in out):
+                out.append(q)
+    return out
+
+
+def offer_without_intermediate(theirs: Sequence[Proposal]) -> list[Proposal]:
+    """A peer that did not announce IKE_INTERMEDIATE cannot run additional key exchanges
+    (RFC 9370 §2.2.1): of its offer, keep the proposals where every additional key exchange
+    type it lists allows NONE, without the other transforms of those types."""
+    out: list[Proposal] = []
+    for p in theirs:
+        types = {t.type for t in p.transforms if t.type in _ADDKE_SET}
+        if not types:
+            out.append(p)
+            continue
+        if all(any(t.type == tt and t.id == DhId.NONE for t in p.transforms) for tt in types):
+            out.append(Proposal(p.protocol, tuple(t for t in p.transforms if t.type not in _ADDKE_SET
+                                                  or t.id == DhId.NONE), p.number, p.spi))
+    return out
 
 
 #: Bounds on a peer's offer, checked before selection: a larger offer is refused (NO_PROPOSAL_
@@ -703,7 +802,12 @@ def accepts_selection(offered: Sequence[Proposal], chosen: Proposal) -> Proposal
 
 
 __all__ = [
+    "ADDKE_TYPES",
     "AEAD_ENCR",
+    "additional_kes",
+    "has_additional_ke",
+    "initiator_offer",
+    "offer_without_intermediate",
     "DEFAULT_ESP_PROPOSAL",
     "DEFAULT_IKE_PROPOSAL",
     "Kind",

@@ -149,6 +149,16 @@ class IkeSa:
     frag_ours = False       # we announced IKEV2_FRAGMENTATION_SUPPORTED
     frag_peer = False       # the peer did
     reassembly: "fragmentation.Reassembly | None" = None
+    # IKE_INTERMEDIATE (RFC 9242) and additional key exchanges (RFC 9370): intermediate.py
+    intermediate_ours = False   # we announced INTERMEDIATE_EXCHANGE_SUPPORTED
+    intermediate_peer = False   # the peer did
+    addke_todo: tuple[int, ...] = ()    # additional key exchange methods still to run
+    addke_done: tuple[int, ...] = ()    # those done (status)
+    intermediate_count = 0      # IKE_INTERMEDIATE exchanges completed
+    int_auth_i = b""            # IntAuth_i(n), IntAuth_r(n) chains (§3.3.2)
+    int_auth_r = b""
+    cipher_in_prev: SkCipher | None = None   # responder: key of a retransmitted request
+    followup: "object | None" = None    # a peer's IKE SA rekey awaiting IKE_FOLLOWUP_KE (additional_ke)
 
     # message windows (§2.3)
     my_mid = 0
@@ -358,7 +368,11 @@ class IkeSa:
                 if msg is None:
                     return   # stored, or dropped; nothing else changes
             else:
-                msg = decrypt_message(data, outer, enc, self.cipher_in)
+                cipher_in = self.cipher_in
+                if (self.cipher_in_prev is not None and not hdr.is_response
+                        and hdr.message_id != self.peer_mid):
+                    cipher_in = self.cipher_in_prev   # keys updated since (intermediate.py)
+                msg = decrypt_message(data, outer, enc, cipher_in)
                 if self.reassembly is not None:   # a whole message: its set is not needed
                     fragmentation.forget(self, hdr)
         except AuthenticParseError as e:
@@ -400,6 +414,7 @@ class IkeSa:
                 return
             self._heard(src, dst, now)
             self.peer_mid = (self.peer_mid + 1) & 0xFFFFFFFF
+            self.cipher_in_prev = None
             self._dispatch_request(msg, src, dst, now)
         self.engine.after_activity(self, now)
 
@@ -417,8 +432,9 @@ class IkeSa:
         answer, so no message ID is used up."""
         if not self.in_initial_exchanges:
             return False
-        if not self.initiator and msg.exchange_type == ExchangeType.IKE_AUTH:
-            return False
+        if not self.initiator and msg.exchange_type in (ExchangeType.IKE_AUTH,
+                                                        ExchangeType.IKE_INTERMEDIATE):
+            return False    # IKE_INTERMEDIATE: RFC 9242 (intermediate.respond checks the rest)
         what = f"{_exchange_name(msg.exchange_type)} request {msg.message_id}"
         if self.initiator:
             log.info("%s: ignoring %s before IKE_AUTH completed", self, what)
@@ -489,12 +505,16 @@ class IkeSa:
         self.kick(now)
 
     def _dispatch_request(self, msg: Message, src: Endpoint, dst: Endpoint, now: float) -> None:
-        from appliance.ike import child_create, ike_auth, informational
+        from appliance.ike import additional_ke, child_create, ike_auth, informational, intermediate
 
         if msg.exchange_type == ExchangeType.IKE_AUTH:
             payloads = ike_auth.respond(self, msg, src, dst, now)
+        elif msg.exchange_type == ExchangeType.IKE_INTERMEDIATE and self.in_initial_exchanges:
+            payloads = intermediate.respond(self, msg, now)
         elif msg.exchange_type == ExchangeType.CREATE_CHILD_SA:
             payloads = child_create.respond(self, msg, now)
+        elif msg.exchange_type == ExchangeType.IKE_FOLLOWUP_KE:
+            payloads = additional_ke.respond_followup(self, msg, now)    # RFC 9370 §2.2.4
         elif msg.exchange_type == ExchangeType.INFORMATIONAL:
             payloads = informational.respond(self, msg, now)
         else:

@@ -360,9 +360,10 @@ def gen_forged(rng, w: World, sc: Scenario, corpus: Corpus):
         if focus:
             # before IKE_AUTH completed: the IKE_AUTH message the SA waits for (an attacker's
             # own half-open SA on B is the path that needs no PSK)
-            xchg, response = 35, sa.initiator
+            # (IKE_INTERMEDIATE while additional key exchanges remain, RFC 9370)
+            xchg, response = (43 if sa.addke_todo else 35), sa.initiator
         else:
-            xchg = rng.choice((35, 36, 36, 37, 37, 34, rng.choice(mutate.EXCHANGES)))
+            xchg = rng.choice((35, 36, 36, 37, 37, 34, 43, 44, rng.choice(mutate.EXCHANGES)))
             response = rng.random() < 0.45
         ps, desc = payloads.chain_for(rng, _ctx(w, sa), xchg, response)
         links = None

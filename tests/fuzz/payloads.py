@@ -13,13 +13,15 @@ from tests.fuzz.wire import Raw
 
 T = TransformType
 GROUPS = (DhId.CURVE25519, DhId.CURVE448, DhId.ECP_256, DhId.ECP_384, DhId.ECP_521,
-          DhId.MODP_2048, 0, 1, 5, 24, 99, 0xFFFF)
+          DhId.MODP_2048, 0, 1, 5, 24, 99, 0xFFFF, DhId.ML_KEM_768, DhId.ML_KEM_1024)
 NOTIFIES = tuple(int(n) for n in NotifyType) + (8, 12, 16, 100, 8191, 16383, 40959, 40960, 65535)
 
 
-def _ke_len(group: int) -> int:
+def _ke_len(group: int, rng: random.Random) -> int:
     return {DhId.CURVE25519: 32, DhId.CURVE448: 56, DhId.ECP_256: 64, DhId.ECP_384: 96,
-            DhId.ECP_521: 132, DhId.MODP_2048: 256}.get(group, 32)
+            DhId.ECP_521: 132, DhId.MODP_2048: 256,
+            # ML-KEM (RFC 9370 additional key exchanges): encapsulation key / ciphertext
+            DhId.ML_KEM_768: rng.choice((1184, 1088)), DhId.ML_KEM_1024: 1568}.get(group, 32)
 
 
 def transform(rng: random.Random, protocol: int) -> Transform:
@@ -95,7 +97,7 @@ def payload(rng: random.Random, ctx: Ctx, kind: str | None = None) -> Raw:
         return Raw(33, 0, M.SA(proposals(rng, ctx)).body() if rng.random() < 0.95 else b"")
     if kind == "KE":
         g = rng.choice(GROUPS)
-        n = _ke_len(g) if rng.random() < 0.7 else rng.choice((0, 1, 31, 33, 64, 300))
+        n = _ke_len(g, rng) if rng.random() < 0.7 else rng.choice((0, 1, 31, 33, 64, 300, 1183, 1185, 1087))
         data = rng.randbytes(n) if rng.random() < 0.8 else bytes(n)
         return Raw(34, 0, struct.pack("!HH", g, 0) + data)
     if kind == "Nonce":
@@ -154,6 +156,12 @@ TEMPLATES = {
     (36, True): [["SA", "Nonce", "TSi", "TSr"], ["N"], ["SA", "Nonce", "KE"], ["SA", "Nonce", "KE", "TSi", "TSr", "N"]],
     (37, False): [[], ["D"], ["D", "D"], ["N"], ["N", "D"], ["CP"]],
     (37, True): [[], ["D"], ["N"], ["D", "N"]],
+    # IKE_INTERMEDIATE (RFC 9242) with RFC 9370's additional key exchange
+    (43, False): [["KE"], ["KE"], [], ["N"], ["KE", "N"], ["KE", "KE"]],
+    (43, True): [["KE"], ["KE"], ["N"], [], ["KE", "N"]],
+    # IKE_FOLLOWUP_KE (RFC 9370 §2.2.4): KE and N(ADDITIONAL_KEY_EXCHANGE) link
+    (44, False): [["KE", "N"], ["N", "KE"], ["KE"], ["N"], []],
+    (44, True): [["KE"], ["KE", "N"], ["N"], []],
 }
 
 
@@ -174,6 +182,7 @@ def chain_for(rng: random.Random, ctx: Ctx, exchange: int, response: bool) -> tu
                              NotifyType.TEMPORARY_FAILURE, NotifyType.AUTHENTICATION_FAILED,
                              NotifyType.INVALID_SYNTAX, NotifyType.COOKIE, NotifyType.CHILD_SA_NOT_FOUND,
                              NotifyType.TS_UNACCEPTABLE, NotifyType.SINGLE_PAIR_REQUIRED,
-                             NotifyType.NAT_DETECTION_SOURCE_IP, NotifyType.ESP_TFC_PADDING_NOT_SUPPORTED))
+                             NotifyType.NAT_DETECTION_SOURCE_IP, NotifyType.ESP_TFC_PADDING_NOT_SUPPORTED,
+                             NotifyType.ADDITIONAL_KEY_EXCHANGE, NotifyType.STATE_NOT_FOUND))
             p.body = p.body[:2] + struct.pack("!H", nt) + p.body[4:]
     return ps, desc

@@ -22,6 +22,8 @@ SUITES = {
     # name: (IKE proposal, ESP proposal)
     "gcm": ("aes256gcm16-prfsha384-x25519", "aes256gcm16"),
     "cbc": ("aes128-sha256-ecp256", "aes128-sha256"),
+    # hybrid post-quantum: IKE_INTERMEDIATE with ML-KEM-768 (RFC 9242, RFC 9370)
+    "pq": ("aes256gcm16-prfsha384-x25519-ke1_mlkem768", "aes256gcm16"),
 }
 
 
@@ -141,6 +143,19 @@ def build(suite: str = "gcm", seed: int = 7, nat: bool = False) -> list[Scenario
     for sc in out[:2]:
         sc.first_spi_i = w.held[0].data[:8]
 
+    if suite == "pq":
+        # A's IKE_INTERMEDIATE request in flight (ML-KEM encapsulation key), then B's response
+        # (B has updated its keys, A not yet)
+        w = fresh_world()
+        w.hold = lambda d: _is(d, 43, False)
+        w.call("start", w.engines[A_ADDR].start, w.now)
+        w.pump()
+        spi_i = w.held[0].data[:8]
+        out.append(_freeze(f"{label}/intermediate-request", w, seen, negotiating_spi_i=spi_i))
+        w.hold = lambda d: _is(d, 43, True)
+        w.release_held()
+        out.append(_freeze(f"{label}/intermediate-response", w, seen, negotiating_spi_i=spi_i))
+
     # A's IKE_AUTH request in flight (B has a half-open SA with keys)
     w = fresh_world()
     w.hold = lambda d: _is(d, 35, False)
@@ -199,6 +214,12 @@ def build(suite: str = "gcm", seed: int = 7, nat: bool = False) -> list[Scenario
     w.release_held()
     out.append(_freeze(f"{label}/ike-rekey-response", w, seen, ike_rekey=True))
     w.release_held()
+    if suite == "pq" and w.held and _is(w.held[0], 44):
+        # RFC 9370 §2.2.4: the IKE_FOLLOWUP_KE (ML-KEM) on the old SA, request then response
+        out.append(_freeze(f"{label}/ike-followup-request", w, seen, ike_rekey=True))
+        w.release_held()
+        out.append(_freeze(f"{label}/ike-followup-response", w, seen, ike_rekey=True))
+        w.release_held()
     if w.held:
         out.append(_freeze(f"{label}/ike-delete-request", w, seen, ike_rekey=True))
         w.release_held()
@@ -233,4 +254,5 @@ def _attacker_half_open(w: World, suite: str, seed: int) -> None:
 
 
 def build_all(seed: int = 7) -> list[Scenario]:
-    return build("gcm", seed) + build("cbc", seed + 1) + build("gcm", seed + 2, nat=True)
+    return (build("gcm", seed) + build("cbc", seed + 1) + build("gcm", seed + 2, nat=True)
+            + build("pq", seed + 3))

@@ -141,14 +141,15 @@ class World:
 # -------------------------------------------------------------------- snapshots
 def _shared_types() -> tuple[type, ...]:
     """Immutable objects a snapshot shares instead of copying (and that cannot be pickled)."""
-    from cryptography.hazmat.primitives.asymmetric import ec, x448, x25519
+    from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x448, x25519
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
     from appliance.ike.policy import TunnelConfig
     out = [AESGCM, ChaCha20Poly1305, TunnelConfig]
     # the key classes are abstract; pickling looks the concrete (Rust) types up
     for make in (lambda: x25519.X25519PrivateKey.generate(), lambda: x448.X448PrivateKey.generate(),
-                 lambda: ec.generate_private_key(ec.SECP256R1())):
+                 lambda: ec.generate_private_key(ec.SECP256R1()),
+                 lambda: mlkem.MLKEM768PrivateKey.generate(), lambda: mlkem.MLKEM1024PrivateKey.generate()):
         out.append(type(make()))
     return tuple(out)
 

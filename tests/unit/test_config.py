@@ -435,3 +435,44 @@ def test_ike_fragmentation_keys(tmp_path):
         path = write_config(tmp_path, tunnel(text), "c.yaml")
         issue = one_issue(path)
         assert fragment in issue.message and issue.line == line_of(path, "fragment"), text
+
+
+def test_hybrid_post_quantum_proposals(tmp_path):
+    write_psk(tmp_path)
+    path = write_config(tmp_path, tunnel("""
+        ike:
+          proposals:
+            - aes256gcm16-prfsha384-x25519-ke1_mlkem768
+            - aes256gcm16-prfsha384-x25519-ke1_mlkem1024-ke1_none
+            - aes256gcm16-prfsha384-x25519
+    """))
+    t = load_config(path).tunnels["to-b"]
+    assert t.ike.proposal_strings[0] == "aes256gcm16-prfsha384-x25519-ke1_mlkem768"
+    assert [int(x.id) for x in t.ike.proposals[0].transforms if x.type == 6] == [36]
+
+
+@pytest.mark.parametrize("bad, word", [
+    ("aes256gcm16-prfsha384-x25519-ke1_mlkem", "unknown algorithm 'ke1_mlkem'"),
+    ("aes256gcm16-prfsha384-mlkem768", "ke1_mlkem768"),
+    ("aes256gcm16-prfsha384-x25519-ke9_mlkem768", "N = 1..7"),
+])
+def test_bad_hybrid_proposal_spellings(tmp_path, bad, word):
+    write_psk(tmp_path)
+    path = write_config(tmp_path, tunnel(f"""
+        ike:
+          proposals:
+            - aes256gcm16-prfsha384-x25519
+            - {bad}
+    """))
+    issue = one_issue(path)
+    assert (issue.line, issue.path) == (line_of(path, bad), "tunnels.to-b.ike.proposals[1]")
+    assert word in issue.message
+
+
+def test_ml_kem_in_esp_proposals_is_refused(tmp_path):
+    write_psk(tmp_path)
+    path = write_config(tmp_path, tunnel("""
+        esp: {proposals: [aes256gcm16-ke1_mlkem768]}
+    """))
+    issue = one_issue(path)
+    assert issue.path == "tunnels.to-b.esp.proposals[0]" and "IKE_FOLLOWUP_KE" in issue.message

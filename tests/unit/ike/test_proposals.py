@@ -195,8 +195,13 @@ def test_select_ignores_weak_transforms_on_the_wire():
 
 def test_select_refuses_unknown_transform_type_and_attributes():
     base = ike(DEFAULT_IKE_PROPOSAL)
+    unknown_type = Proposal(ProtocolId.IKE, base.transforms + (Transform(13, 0),))
+    assert select_proposal([base], [unknown_type]) is None  # RFC 7296 §3.3.6
+    # transform types 6..12 are RFC 9370's additional key exchanges (tests/unit/ike/test_hybrid_pq.py):
+    # NONE is acceptable to a proposal without one, ML-KEM-768 only to one that has it
     with_addke = Proposal(ProtocolId.IKE, base.transforms + (Transform(6, 0),))
-    assert select_proposal([base], [with_addke]) is None  # RFC 7296 §3.3.6
+    assert select_proposal([base], [with_addke]) is not None
+    assert select_proposal([base], [Proposal(ProtocolId.IKE, base.transforms + (Transform(6, 36),))]) is None
     odd_attr = Proposal(ProtocolId.IKE, (
         Transform(E, EncrId.AES_GCM_16, 256, ((99, b"\x00\x01"),)),) + base.transforms[1:])
     assert select_proposal([base], [odd_attr]) is None
