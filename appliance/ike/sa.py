@@ -73,6 +73,9 @@ class Exchange:
     encrypted: bool = True
     #: Give up after this many seconds even if retransmissions remain (DPD timeout).
     give_up_after: float | None = None
+    #: The response may move the SA to where it came from (§2.23); MOBIKE's exchanges set
+    #: their addresses themselves (mobike.py).
+    implicit_address_update = True
 
     def build(self, sa: "IkeSa", now: float) -> list[Payload] | None:
         """Payloads of the request, or None when there is nothing to do any more."""
@@ -149,6 +152,11 @@ class IkeSa:
     frag_ours = False       # we announced IKEV2_FRAGMENTATION_SUPPORTED
     frag_peer = False       # the peer did
     reassembly: "fragmentation.Reassembly | None" = None
+    # MOBIKE (RFC 4555, mobike.py)
+    mobike_ours = False     # we sent MOBIKE_SUPPORTED in IKE_AUTH
+    mobike_peer = False     # the peer did
+    peer_additional: tuple[str, ...] = ()   # the peer's ADDITIONAL_IP4/IP6_ADDRESS
+    mobike_moves = 0        # address updates completed (UPDATE_SA_ADDRESSES answered)
 
     # message windows (§2.3)
     my_mid = 0
@@ -206,6 +214,11 @@ class IkeSa:
     @property
     def udp_encap(self) -> bool:
         return self.nat_local or self.nat_remote or self.nat_fake
+
+    @property
+    def mobike(self) -> bool:
+        """Both sides announced MOBIKE_SUPPORTED (RFC 4555 §3.2)."""
+        return self.mobike_ours and self.mobike_peer
 
     @property
     def established(self) -> bool:
@@ -388,8 +401,13 @@ class IkeSa:
             log.info("%s: dropping message %d that fails its integrity check", self, hdr.message_id)
             return
         # Authentic from here on; a retransmitted request changes nothing either.
+        from appliance.ike import mobike
+
         if hdr.is_response:
-            self._heard(src, dst, now)
+            if self.pending is not None and not self.pending.exchange.implicit_address_update:
+                self.last_heard = now
+            else:
+                self._heard(src, dst, now)
             log.debug("%s: received %s", self, _Summary(msg))
             self._finish_pending(msg, now)
         else:
@@ -398,7 +416,10 @@ class IkeSa:
             log.debug("%s: received %s", self, _Summary(msg))
             if self._refused_before_auth(msg, now):
                 return
-            self._heard(src, dst, now)
+            if mobike.is_update(msg):
+                self.last_heard = now   # the addresses change in mobike.respond, not implicitly
+            else:
+                self._heard(src, dst, now)
             self.peer_mid = (self.peer_mid + 1) & 0xFFFFFFFF
             self._dispatch_request(msg, src, dst, now)
         self.engine.after_activity(self, now)
@@ -489,14 +510,17 @@ class IkeSa:
         self.kick(now)
 
     def _dispatch_request(self, msg: Message, src: Endpoint, dst: Endpoint, now: float) -> None:
-        from appliance.ike import child_create, ike_auth, informational
+        from appliance.ike import child_create, ike_auth, informational, mobike
 
         if msg.exchange_type == ExchangeType.IKE_AUTH:
             payloads = ike_auth.respond(self, msg, src, dst, now)
         elif msg.exchange_type == ExchangeType.CREATE_CHILD_SA:
             payloads = child_create.respond(self, msg, now)
         elif msg.exchange_type == ExchangeType.INFORMATIONAL:
-            payloads = informational.respond(self, msg, now)
+            if mobike.handles(msg):   # RFC 4555: UPDATE_SA_ADDRESSES, COOKIE2, ADDITIONAL_*
+                payloads = mobike.respond(self, msg, src, dst, now)
+            else:
+                payloads = informational.respond(self, msg, now)
         else:
             log.info("%s: ignoring request of unknown exchange type %d", self, msg.exchange_type)
             return
