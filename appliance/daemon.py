@@ -36,6 +36,7 @@ to the peers), then routes, SAs, policies, MSS rules and interfaces of ours are 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import concurrent.futures
 import contextlib
 import logging
@@ -146,6 +147,9 @@ class Daemon:
         self._crl_executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="isthmus-crl")
         self._crl_urls: dict[str, None] = {}
         self._crl_inflight: set[str] = set()
+        # MOBIKE (appliance/mobility.py): our address changes, from rtnetlink
+        self.address_watch = None
+        self.selector = None
 
     # ================================================================== life cycle
     async def run(self) -> int:
@@ -237,9 +241,54 @@ class Daemon:
                           host, port, e.strerror or e)
                 self.http = None
         await self._start_bgp(config)
+        self._start_mobility()
         self._engine_call(self.engine.start)
         self._tasks.append(asyncio.ensure_future(self._liveness()))
         self._tasks.append(asyncio.ensure_future(self._crl_refresh()))
+
+    def _start_mobility(self) -> None:
+        """Watch rtnetlink for address and route changes (tunnels with mobike: true follow our
+        address with MOBIKE, RFC 4555); without netlink the tunnels just do not move."""
+        from appliance.mobility import AddressWatch, SourceSelector
+
+        try:
+            self.selector = SourceSelector()
+            self.address_watch = AddressWatch(self._loop, self._local_addresses_changed)
+        except OSError as e:
+            log.warning("address changes are not followed (MOBIKE): rtnetlink unavailable: %s", e)
+            self.address_watch = None
+
+    def _local_addresses_changed(self) -> None:
+        """Our addresses or routes changed: every mobike tunnel whose route to the peer now
+        leaves from another address of ours moves there (engine.local_address_changed). A
+        configured `local:` is kept as long as it exists."""
+        if self.engine is None or self.selector is None:
+            return
+        for name, plan in list(self.plans.items()):
+            if not plan.tunnel.mobike:
+                continue
+            current = self.engine.local_address(name)
+            pinned = plan.tunnel.local is not None
+            if pinned and current is not None and self.selector.has_address(current):
+                continue
+            remote = str(plan.tunnel.remote)
+            new = self.selector.source_for(remote)
+            if new is None:
+                log.warning("no usable route to the peer %s any more (outside our XFRM interfaces); the "
+                            "tunnel stays at %s", remote, current, extra={"tunnel": name})
+                continue
+            if new == current:
+                continue
+            result = self._engine_call(lambda now, n=name, a=new: self.engine.local_address_changed(n, a, now))
+            what = {"update": "the IKE SA follows (MOBIKE UPDATE_SA_ADDRESSES)",
+                    "no-mobike": "the peer does not do MOBIKE: the IKE SA is deleted and made again",
+                    "responder": "the peer initiated: it decides the addresses",
+                    "no-sa": "no IKE SA up: the next one starts from there"}.get(result, result)
+            log.info("our address towards %s is now %s (was %s): %s", remote, new, current, what,
+                     extra={"tunnel": name})
+            self.bus.publish("local_address_changed", name, address=new, previous=current, action=result)
+            # a reload finds the tunnel unchanged when the route still picks the new address
+            self.plans[name] = dataclasses.replace(plan, ike=dataclasses.replace(plan.ike, local_addr=new))
 
     async def _crl_refresh(self) -> None:
         """Fetch the CRL distribution points of the peers' chains the engine validated (it does
@@ -361,6 +410,12 @@ class Daemon:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.address_watch is not None:
+            self.address_watch.close()
+            self.address_watch = None
+        if self.selector is not None:
+            self.selector.close()
+            self.selector = None
         if self.sockets is not None:
             self.sockets.close()
         if self.http is not None:
