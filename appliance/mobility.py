@@ -34,7 +34,7 @@ OUR_ROUTE_PROTOCOLS = frozenset({73, 74})
 IFA_F_SECONDARY, IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x01, 0x08, 0x40
 RT_SCOPE_UNIVERSE = 0
 MAIN_TABLE = 254
-DEBOUNCE = 0.3   # seconds: an address swap is an add and a delete (and route changes) in a row
+DEBOUNCE = 0.1   # seconds: a renumbering is several messages in a row (address, routes)
 
 
 def relevant(data: bytes) -> bool:
