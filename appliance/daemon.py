@@ -539,7 +539,8 @@ class Daemon:
     def _on_event(self, e: ev.Event) -> None:
         name = e.tunnel
         if isinstance(e, ev.IkeSaAddressesUpdated):
-            log.info("peer now at %s; Child SAs follow (no rekey)", _endpoint(e.remote), extra={"tunnel": name})
+            log.info("IKE SA now between %s and the peer at %s; Child SAs follow (no rekey)", _endpoint(e.local),
+                     _endpoint(e.remote), extra={"tunnel": name})
             self.bus.publish("ike_sa_moved", name, local=_endpoint(e.local), remote=_endpoint(e.remote),
                              spi_i=_spi8(e.spi_i), spi_r=_spi8(e.spi_r))
             self._dp_submit(e)
