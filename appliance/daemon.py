@@ -280,6 +280,15 @@ class Daemon:
             if new == current:
                 continue
             result = self._engine_call(lambda now, n=name, a=new: self.engine.local_address_changed(n, a, now))
+            sa = self.engine.current_sa(name)
+            if result == "update" and sa is not None and sa.children_in_use():
+                # The UPDATE_SA_ADDRESSES request is out; our old address is gone, so our side of
+                # the Child SAs moves now, during the round trip (the engine's own event after the
+                # answer then finds them in place, or corrects the encapsulation if a NAT appeared).
+                # Whatever we send next (the answer to the peer's return routability check, after
+                # which it sends to the new address) waits for this job, as always.
+                self._dp_submit(ev.IkeSaAddressesUpdated(tunnel=name, spi_i=sa.spi_i, spi_r=sa.spi_r,
+                                                         local=sa.local, remote=sa.remote, udp_encap=sa.udp_encap))
             what = {"update": "the IKE SA follows (MOBIKE UPDATE_SA_ADDRESSES)",
                     "no-mobike": "the peer does not do MOBIKE: the IKE SA is deleted and made again",
                     "responder": "the peer initiated: it decides the addresses",
@@ -674,8 +683,8 @@ class Daemon:
                 st.spis = (r.spi_in, r.spi_out)
             st.error, st.failures = None, 0
         elif r.kind == "moved":
-            log.info("Child SAs moved to %s (MTU %s)", _endpoint(e.remote), r.mtu.mtu if r.mtu else None,
-                     extra={"tunnel": name})
+            log.info("Child SAs moved to %s - %s (MTU %s)", _endpoint(e.local), _endpoint(e.remote),
+                     r.mtu.mtu if r.mtu else None, extra={"tunnel": name})
         elif r.kind == "down":
             self._went_down(name, st, r)
 
