@@ -208,6 +208,7 @@ def adopt(old: IkeSa, new: IkeSa, now: float) -> None:
                                     new.proposal_text))
     log.info("%s: rekeyed to %s", old, new)
     old.engine.on_ike_rekeyed(old, new, now)
+    mobike.adopted(old, new, now)     # RFC 4555: an address update owed goes on the new SA
     new.kick(now)
 
 

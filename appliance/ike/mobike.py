@@ -89,9 +89,29 @@ def _note_additional(sa: IkeSa, msg: Message) -> None:
 
 
 def inherit(new: IkeSa, old: IkeSa) -> None:
-    """An IKE SA rekey keeps what IKE_AUTH negotiated (§2.18)."""
+    """An IKE SA rekey keeps what IKE_AUTH negotiated (§2.18), and who decides the addresses:
+    the original initiator, whoever rekeyed (RFC 4555 §3.1)."""
     new.mobike_ours, new.mobike_peer = old.mobike_ours, old.mobike_peer
     new.peer_additional = old.peer_additional
+    new.original_initiator = original_initiator(old)
+
+
+def original_initiator(sa: IkeSa) -> bool:
+    """Did we initiate the first IKE SA of this chain of rekeys (RFC 4555 §3.1's "initiator")?"""
+    return sa.initiator if sa.original_initiator is None else sa.original_initiator
+
+
+def adopted(old: IkeSa, new: IkeSa, now: float) -> None:
+    """`new` replaced `old` (an IKE SA rekey): an address update the old SA still owed - queued,
+    in flight, or a move since `new` was made from it - is sent on the new one."""
+    owed = any(isinstance(e, UpdateSaAddresses) for e in old.queue) or (
+        old.pending is not None and isinstance(old.pending.exchange, UpdateSaAddresses))
+    old.queue = [e for e in old.queue if not isinstance(e, UpdateSaAddresses)]
+    if new.local[0] != old.local[0]:
+        new.local = (old.local[0], new.local[1])
+        owed = True
+    if owed and new.mobike and original_initiator(new):
+        new.queue_exchange(UpdateSaAddresses(), now, front=True)
 
 
 # ------------------------------------------------------------------ initiator (§3.5)
@@ -164,7 +184,7 @@ def local_address_changed(sa: IkeSa, address: str, now: float) -> str:
     if sa.state != IkeState.ESTABLISHED or sa.closing:
         sa.local = (address, sa.local[1])
         return "unchanged"
-    if not sa.initiator:
+    if not original_initiator(sa):
         return "responder"
     old = sa.local
     sa.local = (address, sa.local[1])      # everything from now leaves from the new address
@@ -210,9 +230,9 @@ def respond(sa: IkeSa, msg: Message, src: Endpoint, dst: Endpoint, now: float) -
 
 
 def _update(sa: IkeSa, msg: Message, src: Endpoint, dst: Endpoint, now: float) -> list[Payload]:
-    if not sa.mobike or sa.initiator or sa.state != IkeState.ESTABLISHED:
+    if not sa.mobike or original_initiator(sa) or sa.state != IkeState.ESTABLISHED:
         log.info("%s: UPDATE_SA_ADDRESSES ignored: %s", sa,
-                 "we initiated this IKE SA (only the initiator moves it, RFC 4555 §3.1)" if sa.initiator
+                 "we initiated this IKE SA (only the initiator moves it, RFC 4555 §3.1)" if original_initiator(sa)
                  else "MOBIKE was not negotiated" if not sa.mobike else "the IKE SA is not established")
         return []
     nat = natd.check(msg, dst, src) if sa.config.nat_traversal != "off" else None

@@ -157,6 +157,7 @@ class IkeSa:
     mobike_peer = False     # the peer did
     peer_additional: tuple[str, ...] = ()   # the peer's ADDITIONAL_IP4/IP6_ADDRESS
     mobike_moves = 0        # address updates completed (UPDATE_SA_ADDRESSES answered)
+    original_initiator: bool | None = None   # after an IKE SA rekey: we initiated the first one
 
     # message windows (§2.3)
     my_mid = 0

@@ -173,6 +173,33 @@ def test_mobike_survives_an_ike_sa_rekey():
     assert _events(net, B_ADDR, ev.IkeSaAddressesUpdated)
 
 
+def test_the_original_initiator_still_decides_after_the_responder_rekeyed_the_ike_sa():
+    # RFC 4555 §3.1: "initiator" is who initiated the first IKE SA, whoever rekeyed since
+    net, a, b = _net()
+    b.rekey_ike("to-a", net.now)
+    net.run(5)
+    sa_a, sa_b = a.current_sa("to-b"), b.current_sa("to-a")
+    assert not sa_a.initiator and sa_b.initiator       # the rekeyed SA was initiated by B
+    assert _move_a(net, a) == "update"
+    net.run(5)
+    assert sa_b.remote == (A_NEW, 500) and _events(net, B_ADDR, ev.IkeSaAddressesUpdated)
+    assert b.local_address_changed("to-a", "192.0.2.22", net.now) == "responder"
+
+
+def test_a_move_while_an_ike_sa_rekey_is_in_flight_is_sent_on_the_new_ike_sa():
+    net, a, b = _net(faults=Faults(base_delay=0.2))
+    a.rekey_ike("to-b", net.now)
+    net.run(0.05)                      # the rekey request is on its way
+    assert _move_a(net, a) == "update"
+    net.run(20)
+    assert _events(net, A_NEW, ev.IkeSaRekeyed) and _events(net, B_ADDR, ev.IkeSaRekeyed)
+    sa_a, sa_b = a.current_sa("to-b"), b.current_sa("to-a")
+    assert sa_a.local == (A_NEW, 500) and sa_b.remote == (A_NEW, 500)
+    assert _events(net, B_ADDR, ev.IkeSaAddressesUpdated)[-1].remote == (A_NEW, 500)
+    assert (sa_b.spi_i, sa_b.spi_r) == (_events(net, B_ADDR, ev.IkeSaAddressesUpdated)[-1].spi_i,
+                                        _events(net, B_ADDR, ev.IkeSaAddressesUpdated)[-1].spi_r)
+
+
 def test_the_responder_sends_nothing_when_its_own_address_changes():
     net, a, b = _net()
     n = len(net.delivered)
