@@ -482,7 +482,11 @@ class IkeSa:
         if src == self.remote and dst == self.local:
             return
         if self.nat_remote and not self.nat_local:
-            pass
+            if self.mobike and src[0] != self.remote[0]:
+                # RFC 4555 §3.8: with MOBIKE an address changes only by UPDATE_SA_ADDRESSES (and
+                # its return routability check, mobike.py); a NAT rebinding's new port is followed
+                log.debug("%s: message from %s:%d; MOBIKE: the SA stays with %s:%d", self, *src, *self.remote)
+                return
         elif not (self.in_initial_exchanges and src[0] == self.remote[0]):
             log.debug("%s: message from %s:%d to %s:%d; the SA stays with %s:%d", self, *src, *dst,
                       *self.remote)

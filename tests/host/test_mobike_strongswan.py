@@ -109,3 +109,40 @@ def test_without_mobike_on_strongswan_the_ike_sa_is_made_again_from_the_new_addr
                                              None), 15, "strongSwan's new IKE SA")
         assert after.uniqueid != before.uniqueid
         assert not us.of("IkeSaAddressesUpdated", since=m)
+
+
+def test_strongswan_initiator_moves_and_our_responder_follows_after_its_return_routability_check(
+        tmp_path, sides, strongswan_factory):
+    """The other way round: strongSwan (initiator, mobike=yes) changes its address; charon's
+    kernel-netlink sees it and sends UPDATE_SA_ADDRESSES; our responder moves the IKE SA, checks
+    the new address with COOKIE2 (charon echoes it) and only then moves the Child SAs."""
+    a, b = sides
+    b.ns.run(["sysctl", "-qw", f"net.ipv4.conf.{b.ifname}.promote_secondaries=1"])
+    sw = strongswan_factory(b, "sw")
+    sw.load(Conn(remote_addrs=[a.addr4], local_id="b.example.net", remote_id="a.example.net", psk=PSK,
+                 mobike=True, dpd_delay=None, children=[Child()]))
+    t = tunnel_json(a, b, "to-b", local_id="a.example.net", remote_id="b.example.net", psk=PSK.encode(),
+                    mobike=True, start=False, dpd={"interval": 0, "timeout": 30, "action": "clear"})
+    with EngineProc(tmp_path / "a", a, [t]) as us:
+        sw.initiate(child="c")
+        us.wait_event(lambda e: e["event"] == "ChildSaInstalled", 20, what="Child SA")
+        before = sw.wait_ike_up()
+        m = us.mark()
+        b_new = "192.0.2.12"
+        b.ns.run(["ip", "addr", "add", f"{b_new}/24", "dev", b.ifname])
+        b.ns.run(["ip", "addr", "del", f"{b.addr4}/24", "dev", b.ifname])
+        moved = us.wait_event(lambda e: e["event"] == "IkeSaAddressesUpdated", 30, since=m, what="SA moved")
+        assert moved["remote"][0] == b_new and moved["local"][0] == a.addr4
+        after = sw.wait_for(lambda sas: next((s for s in sas if s.local_host == b_new), None), 15,
+                            "strongSwan's IKE SA at its new address")
+        assert (after.uniqueid, after.spi_i, after.spi_r) == (before.uniqueid, before.spi_i, before.spi_r)
+        log = sw.log_path.read_text()
+        assert "N(UPD_SA_ADDR)" in log
+        # our return routability check (our first request on this SA), echoed by charon
+        assert "parsed INFORMATIONAL request 0 [ N(COOKIE2) ]" in log, log[-3000:]
+        assert "generating INFORMATIONAL response 0 [ N(COOKIE2) ]" in log
+        assert log.index("N(UPD_SA_ADDR)") < log.index("parsed INFORMATIONAL request 0 [ N(COOKIE2) ]")
+        assert len(us.of("IkeSaAddressesUpdated", since=m)) == 1
+        (st,) = _status(us)
+        assert st["remote"][0] == b_new and st["mobike"] is True
+        assert not us.of("IkeSaUp", since=m) and not us.of("IkeSaDown", since=m)

@@ -307,3 +307,27 @@ def test_without_mobike_no_update_is_sent_and_the_tunnel_is_made_again_from_the_
     assert new_a is not None and new_a is not old_a and new_a.local == (A_NEW, 500)
     assert new_b is not None and new_b.remote == (A_NEW, 500)
     assert a.local_address("to-b") == A_NEW
+
+
+def test_with_mobike_an_implicit_update_follows_a_new_port_but_never_a_new_address():
+    # RFC 4555 §3.8: with MOBIKE the address changes by UPDATE_SA_ADDRESSES only; a NAT rebinding
+    # (same public address, another port) is still followed as RFC 7296 §2.23 says
+    dpd = DpdConfig(interval=30, timeout=60, action="restart")
+    a = IkeEngine([tunnel("a", local_addr=A_PRIV, mobike=True, dpd=dpd)], random=random.Random(1).randbytes)
+    b = IkeEngine([tunnel("b", remote_addr=None, mobike=True)], random=random.Random(2).randbytes)
+    net = SimNet({A_PRIV: a, B_ADDR: b}, now=T0,
+                 nat={(A_PRIV, 500): (A_PUB, 40500), (A_PRIV, 4500): (A_PUB, 41500)})
+    a.start(net.now)
+    net.run(5)
+    sa_b = b.current_sa("to-a")
+    assert sa_b.mobike and sa_b.nat_remote and sa_b.remote == (A_PUB, 41500)
+    net.rebind((A_PRIV, 4500), (A_PUB, 52000))          # new port: followed on the next message
+    a.rekey_child("to-b", net.now)
+    net.run(5)
+    assert sa_b.remote == (A_PUB, 52000)
+    n = len(_events(net, B_ADDR, ev.IkeSaAddressesUpdated))
+    assert n == 1
+    net.rebind((A_PRIV, 4500), ("198.51.100.99", 52000))  # another public address: not followed
+    a.rekey_child("to-b", net.now)
+    net.run(5)
+    assert sa_b.remote == (A_PUB, 52000) and len(_events(net, B_ADDR, ev.IkeSaAddressesUpdated)) == n
