@@ -244,11 +244,10 @@ def test_a_forged_or_broken_update_changes_nothing():
     # 2. an UPDATE_SA_ADDRESSES protected with keys that are not the SA's
     from appliance.ike.crypto import IkeSuite, sk_ciphers
     fake = type(sa_b.keys)(*[bytes(len(getattr(sa_b.keys, f))) for f in sa_b.keys._FIELDS])
-    if True:
-        c_i, _c_r = sk_ciphers(sa_b.proposal.derived("ike_suite", IkeSuite.from_proposal), fake)
-        msg = M.Message(sa_b.spi_i, sa_b.spi_r, ExchangeType.INFORMATIONAL, sa_b.peer_mid, False, True,
-                        [M.Notify(NotifyType.UPDATE_SA_ADDRESSES)], encrypted=True)
-        b.receive_datagram(M.encode_message(msg, c_i, bytes(c_i.iv_size)), (ATTACKER, 500), (B_ADDR, 500), net.now)
+    c_i, _c_r = sk_ciphers(sa_b.proposal.derived("ike_suite", IkeSuite.from_proposal), fake)
+    msg = M.Message(sa_b.spi_i, sa_b.spi_r, ExchangeType.INFORMATIONAL, sa_b.peer_mid, False, True,
+                    [M.Notify(NotifyType.UPDATE_SA_ADDRESSES)], encrypted=True)
+    b.receive_datagram(M.encode_message(msg, c_i, bytes(c_i.iv_size)), (ATTACKER, 500), (B_ADDR, 500), net.now)
     # 3. an unprotected one
     plain = M.Message(sa_b.spi_i, sa_b.spi_r, ExchangeType.INFORMATIONAL, sa_b.peer_mid, False, True,
                       [M.Notify(NotifyType.UPDATE_SA_ADDRESSES)])
