@@ -131,6 +131,7 @@ class ControlHandlers:
                 "local_id": str(cfg.local_id) if cfg is not None else None,
                 "remote_id": sa.remote_id_text or None, "spi_i": _spi8(sa.spi_i), "spi_r": _spi8(sa.spi_r),
                 "proposal": str(sa.proposal) if sa.proposal is not None else None, "nat": nat,
+                "mobike": sa.mobike,
                 "age": round(now - (sa.established_at or sa.created_at), 1),
                 "rekey_in": round(sa.rekey_at - now, 1) if sa.rekey_at is not None else None,
             })

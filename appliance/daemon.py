@@ -36,6 +36,7 @@ to the peers), then routes, SAs, policies, MSS rules and interfaces of ours are 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import concurrent.futures
 import contextlib
 import logging
@@ -146,6 +147,9 @@ class Daemon:
         self._crl_executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="isthmus-crl")
         self._crl_urls: dict[str, None] = {}
         self._crl_inflight: set[str] = set()
+        # MOBIKE (appliance/mobility.py): our address changes, from rtnetlink
+        self.address_watch = None
+        self.selector = None
 
     # ================================================================== life cycle
     async def run(self) -> int:
@@ -237,9 +241,63 @@ class Daemon:
                           host, port, e.strerror or e)
                 self.http = None
         await self._start_bgp(config)
+        self._start_mobility()
         self._engine_call(self.engine.start)
         self._tasks.append(asyncio.ensure_future(self._liveness()))
         self._tasks.append(asyncio.ensure_future(self._crl_refresh()))
+
+    def _start_mobility(self) -> None:
+        """Watch rtnetlink for address and route changes (tunnels with mobike: true follow our
+        address with MOBIKE, RFC 4555); without netlink the tunnels just do not move."""
+        from appliance.mobility import AddressWatch, SourceSelector
+
+        try:
+            self.selector = SourceSelector()
+            self.address_watch = AddressWatch(self._loop, self._local_addresses_changed)
+        except OSError as e:
+            log.warning("address changes are not followed (MOBIKE): rtnetlink unavailable: %s", e)
+            self.address_watch = None
+
+    def _local_addresses_changed(self) -> None:
+        """Our addresses or routes changed: every mobike tunnel whose route to the peer now
+        leaves from another address of ours moves there (engine.local_address_changed). A
+        configured `local:` is kept as long as it exists."""
+        if self.engine is None or self.selector is None:
+            return
+        for name, plan in list(self.plans.items()):
+            if not plan.tunnel.mobike:
+                continue
+            current = self.engine.local_address(name)
+            pinned = plan.tunnel.local is not None
+            if pinned and current is not None and self.selector.has_address(current):
+                continue
+            remote = str(plan.tunnel.remote)
+            new = self.selector.source_for(remote)
+            if new is None:
+                log.warning("no usable route to the peer %s any more (outside our XFRM interfaces); the "
+                            "tunnel stays at %s", remote, current, extra={"tunnel": name})
+                continue
+            if new == current:
+                continue
+            result = self._engine_call(lambda now, n=name, a=new: self.engine.local_address_changed(n, a, now))
+            sa = self.engine.current_sa(name)
+            if result == "update" and sa is not None and sa.children_in_use():
+                # The UPDATE_SA_ADDRESSES request is out; our old address is gone, so our side of
+                # the Child SAs moves now, during the round trip (the engine's own event after the
+                # answer then finds them in place, or corrects the encapsulation if a NAT appeared).
+                # Whatever we send next (the answer to the peer's return routability check, after
+                # which it sends to the new address) waits for this job, as always.
+                self._dp_submit(ev.IkeSaAddressesUpdated(tunnel=name, spi_i=sa.spi_i, spi_r=sa.spi_r,
+                                                         local=sa.local, remote=sa.remote, udp_encap=sa.udp_encap))
+            what = {"update": "the IKE SA follows (MOBIKE UPDATE_SA_ADDRESSES)",
+                    "no-mobike": "the peer does not do MOBIKE: the IKE SA is deleted and made again",
+                    "responder": "the peer initiated: it decides the addresses",
+                    "no-sa": "no IKE SA up: the next one starts from there"}.get(result, result)
+            log.info("our address towards %s is now %s (was %s): %s", remote, new, current, what,
+                     extra={"tunnel": name})
+            self.bus.publish("local_address_changed", name, address=new, previous=current, action=result)
+            # a reload finds the tunnel unchanged when the route still picks the new address
+            self.plans[name] = dataclasses.replace(plan, ike=dataclasses.replace(plan.ike, local_addr=new))
 
     async def _crl_refresh(self) -> None:
         """Fetch the CRL distribution points of the peers' chains the engine validated (it does
@@ -361,6 +419,12 @@ class Daemon:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.address_watch is not None:
+            self.address_watch.close()
+            self.address_watch = None
+        if self.selector is not None:
+            self.selector.close()
+            self.selector = None
         if self.sockets is not None:
             self.sockets.close()
         if self.http is not None:
@@ -484,7 +548,8 @@ class Daemon:
     def _on_event(self, e: ev.Event) -> None:
         name = e.tunnel
         if isinstance(e, ev.IkeSaAddressesUpdated):
-            log.info("peer now at %s; Child SAs follow (no rekey)", _endpoint(e.remote), extra={"tunnel": name})
+            log.info("IKE SA now between %s and the peer at %s; Child SAs follow (no rekey)", _endpoint(e.local),
+                     _endpoint(e.remote), extra={"tunnel": name})
             self.bus.publish("ike_sa_moved", name, local=_endpoint(e.local), remote=_endpoint(e.remote),
                              spi_i=_spi8(e.spi_i), spi_r=_spi8(e.spi_r))
             self._dp_submit(e)
@@ -618,8 +683,8 @@ class Daemon:
                 st.spis = (r.spi_in, r.spi_out)
             st.error, st.failures = None, 0
         elif r.kind == "moved":
-            log.info("Child SAs moved to %s (MTU %s)", _endpoint(e.remote), r.mtu.mtu if r.mtu else None,
-                     extra={"tunnel": name})
+            log.info("Child SAs moved to %s - %s (MTU %s)", _endpoint(e.local), _endpoint(e.remote),
+                     r.mtu.mtu if r.mtu else None, extra={"tunnel": name})
         elif r.kind == "down":
             self._went_down(name, st, r)
 

@@ -80,27 +80,34 @@ class IkeRunner:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         for li in self.listen:
-            family = socket.AF_INET6 if ":" in li.address else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if li.natt:
-                    try:
-                        sock.setsockopt(SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP)
-                    except OSError as e:  # e.g. a kernel without ESP-in-UDP: IKE still works
-                        log.info("UDP_ENCAP on %s:%d not available: %s", li.address, li.port, e)
-                sock.bind((li.address, li.port))
-                sock.setblocking(False)
-            except OSError:
-                sock.close()
-                raise
-            key = (li.address, li.port)
-            self._socks[key] = sock
-            self._natt[key] = li.natt
-            self._loop.add_reader(sock.fileno(), self._readable, sock, li)
+            self.add_listen(li)
         self.engine.set_wall_offset(time.time() - self.clock())   # certificate validity
         self.engine.start(self.clock())
         self._flush()
+
+    def add_listen(self, li: Listen) -> None:
+        """Open (once) the socket for `li` (our new address, MOBIKE)."""
+        assert self._loop is not None
+        if (li.address, li.port) in self._socks:
+            return
+        family = socket.AF_INET6 if ":" in li.address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if li.natt:
+                try:
+                    sock.setsockopt(SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP)
+                except OSError as e:  # e.g. a kernel without ESP-in-UDP: IKE still works
+                    log.info("UDP_ENCAP on %s:%d not available: %s", li.address, li.port, e)
+            sock.bind((li.address, li.port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        key = (li.address, li.port)
+        self._socks[key] = sock
+        self._natt[key] = li.natt
+        self._loop.add_reader(sock.fileno(), self._readable, sock, li)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -272,7 +279,7 @@ def sa_status(sa) -> dict:
     return {"tunnel": sa.tunnel, "spi_i": sa.spi_i.hex(), "spi_r": sa.spi_r.hex(), "state": sa.state.value,
             "local": list(sa.local), "remote": list(sa.remote), "nat_local": sa.nat_local,
             "nat_remote": sa.nat_remote, "nat_fake": sa.nat_fake, "udp_encap": sa.udp_encap,
-            "keepalives_sent": sa.keepalives_sent}
+            "keepalives_sent": sa.keepalives_sent, "mobike": sa.mobike, "mobike_moves": sa.mobike_moves}
 
 
 def tunnel_from_json(d: dict) -> TunnelConfig:
@@ -348,6 +355,29 @@ async def _amain(cfg: dict) -> int:
 
     runner = IkeRunner(engine, listen, emit)
     await runner.start()
+    watch = selector = None
+    if cfg.get("follow_addresses"):
+        # MOBIKE (appliance/mobility.py, as the daemon does): our address changes from rtnetlink
+        from appliance.mobility import AddressWatch, SourceSelector
+
+        selector = SourceSelector()
+        ports = sorted({(li.port, li.natt) for li in listen})
+
+        def moved() -> None:
+            for t in tunnels:
+                if not t.mobike or t.remote_addr is None:
+                    continue
+                new = selector.source_for(t.remote_addr)
+                cur = engine.local_address(t.name)
+                if new is None or new == cur:
+                    continue
+                for port, natt in ports:
+                    runner.add_listen(Listen(new, port, natt))
+                result = []
+                runner.command(lambda now, n=t.name, a=new: result.append(engine.local_address_changed(n, a, now)))
+                say({"event": "local_address_changed", "tunnel": t.name, "address": new, "previous": cur,
+                     "action": result[0] if result else None})
+        watch = AddressWatch(loop, moved)
     say({"event": "ready"})
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -377,6 +407,9 @@ async def _amain(cfg: dict) -> int:
         for t in tunnels:
             runner.command(lambda now, n=t.name: engine.terminate(n, now))
         await asyncio.sleep(cfg.get("shutdown_wait", 0.5))
+        if watch is not None:
+            watch.close()
+            selector.close()
         runner.close()
         write_out()
     return 0

@@ -141,7 +141,7 @@ def _plan(t: Tunnel, resolve_local: LocalResolver) -> TunnelPlan:
             child_lifetime=float(t.esp.lifetime), child_rekey_margin=float(max(1, t.esp.rekey_margin)),
             rekey_jitter=_jitter(t), dpd=DpdConfig(float(t.dpd.interval), float(t.dpd.timeout), t.dpd.action),
             fragmentation=_fragmentation(t), nat_traversal=t.nat_traversal,
-            nat_keepalive=float(t.nat_keepalive))
+            nat_keepalive=float(t.nat_keepalive), mobike=t.mobike)
     except PolicyError as e:
         raise _Refused("", str(e)) from None
     mtu = t.interface.mtu

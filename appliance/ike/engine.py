@@ -70,6 +70,7 @@ class _Tunnel:
     child_retry_at: float | None = None
     child_failures: int = 0
     order: int = 0                     # position among the tunnels (they are maintained in order)
+    local_addr: str | None = None      # our address now, when it moved from the config's (MOBIKE)
     on_due_change: Callable[["_Tunnel"], None] | None = field(default=None, repr=False)
 
     def __setattr__(self, name: str, value) -> None:
@@ -270,6 +271,34 @@ class IkeEngine:
         if sa is None:
             raise LookupError(f"tunnel {name} has no established IKE SA")
         ike_rekey.start(sa, now)
+
+    def local_address_changed(self, name: str, address: str, now: float) -> str:
+        """Our address towards the tunnel's peer is now `address` (the driver saw it in the
+        routing table). The tunnel's IKE SAs move (MOBIKE, RFC 4555: mobike.py) and later
+        initiations start from it. Returns what happened to the current IKE SA: "update"
+        (UPDATE_SA_ADDRESSES sent), "no-mobike" (deleted, to be initiated again from the new
+        address), "responder" (the peer decides, nothing sent), "unchanged" or "no-sa"."""
+        from appliance.ike import mobike
+
+        t = self._tunnels[name]
+        if _ip(address) is None:
+            raise ValueError(f"tunnel {name}: {address!r} is not an IP address")
+        t.local_addr = None if _same_ip(address, t.config.local_addr or "") else address
+        self._by_remote = None
+        self._touch_tunnel(name)
+        sa = self.current_sa(name)
+        result = "no-sa" if sa is None else mobike.local_address_changed(sa, address, now)
+        for o in self._alive_sas(name):
+            if o is not sa and o.initiator and o.state == IkeState.CONNECTING and o.local[0] != address:
+                # an initiation from the old address cannot complete: start again from the new one
+                o.die(now, f"local address moved to {address} during the initial exchanges")
+        self._maintain(now)
+        return result
+
+    def local_address(self, name: str) -> str | None:
+        """Our address for the tunnel: the configured one, or where it moved to."""
+        t = self._tunnels[name]
+        return t.local_addr or t.config.local_addr
 
     def traffic_sent(self, name: str, now: float) -> None:
         """The data plane sent ESP for the tunnel: the NAT mapping is fresh (defers the NAT
@@ -558,7 +587,8 @@ class IkeEngine:
         out = []
         for t in tunnels:
             c = t.config
-            if c.local_addr is not None and not _same_ip(c.local_addr, local[0]):
+            mine = t.local_addr or c.local_addr
+            if mine is not None and not _same_ip(mine, local[0]):
                 continue
             out.append(c)
         return out
@@ -690,7 +720,8 @@ class IkeEngine:
         if cfg.remote_addr is None or cfg.local_addr is None:   # callers check _can_initiate
             return
         sa = IkeSa(self, initiator=True, config=cfg, candidates=[cfg],
-                   local=(cfg.local_addr, cfg.local_port), remote=(cfg.remote_addr, cfg.remote_port),
+                   local=(t.local_addr or cfg.local_addr, cfg.local_port),
+                   remote=(cfg.remote_addr, cfg.remote_port),
                    spi_i=self.new_ike_spi(), spi_r=ZERO_SPI, now=now)
         sa.half_open_deadline = now + cfg.retransmit.timeout * sum(
             cfg.retransmit.base ** n for n in range(cfg.retransmit.tries + 1)) + cfg.half_open_timeout

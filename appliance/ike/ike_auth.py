@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from appliance.ike import child_create, intermediate, signature_auth
+from appliance.ike import child_create, intermediate, mobike, signature_auth
 from appliance.ike import events as ev
 from appliance.ike.child_create import ChildError, ChildRequest
 from appliance.ike.constants import AuthMethod, ExchangeType, NotifyType, ProtocolId
@@ -147,6 +147,7 @@ class IkeAuth(Exchange):
         payloads.append(own[-1])
         self.req = child_create.new_request(sa, in_auth=True)
         payloads += self.req.payloads(in_auth=True)
+        payloads += mobike.auth_payloads(sa, request=True)   # RFC 4555 §3.2
         return payloads
 
     def on_response(self, sa: IkeSa, msg: Message, now: float) -> None:
@@ -194,6 +195,7 @@ class IkeAuth(Exchange):
                 sa.fail(now, why, auth=True)
                 return
         sa.remote_id_text = str(peer)
+        mobike.note_peer(sa, msg)
         sa.establish(now)
         try:
             child = child_create.complete_initiator(sa, msg, self.req, sa.nonce_i, sa.nonce_r, now)
@@ -261,6 +263,8 @@ def respond(sa: IkeSa, msg: Message, src: Endpoint, dst: Endpoint, now: float) -
         reason = f"cannot authenticate to peer {peer}: {e.reason}"
         sa.after_response(lambda t: sa.fail(t, reason, auth=True))
         return [Notify(NotifyType.AUTHENTICATION_FAILED)]
+    mobike.note_peer(sa, msg)
+    reply += mobike.auth_payloads(sa, request=False)   # RFC 4555 §3.2
     sa.establish(now)
     try:
         child_payloads, child = child_create.negotiate_responder(sa, msg, now, in_auth=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 
 from appliance.ike import events as ev
-from appliance.ike import fragmentation
+from appliance.ike import fragmentation, mobike
 from appliance.ike.constants import ExchangeType, NotifyType, ProtocolId, TransformType
 from appliance.ike.crypto import CryptoError, InvalidKeyExchange, KeyExchange, derive_rekeyed_ike_keys
 from appliance.ike.ike_init import NONCE_LEN, _group_name, nonce_too_short, numbered, offered_groups, selected_group
@@ -199,6 +199,7 @@ def new_sa(old: IkeSa, *, initiator: bool, spi_i: bytes, spi_r: bytes, proposal:
     new.nat_local, new.nat_remote, new.nat_fake = old.nat_local, old.nat_remote, old.nat_fake
     new.last_sent = old.last_sent
     fragmentation.inherit(new, old)   # RFC 7383: negotiated in IKE_SA_INIT, kept on rekey
+    mobike.inherit(new, old)          # RFC 4555: negotiated in IKE_AUTH, kept on rekey
     new.remote_id_text = old.remote_id_text
     # the authentication carries over (§2.18): the peer's certificate, for revocation and expiry
     new.peer_cert_chain, new.peer_cert_not_after = old.peer_cert_chain, old.peer_cert_not_after
@@ -235,6 +236,7 @@ def adopt(old: IkeSa, new: IkeSa, now: float) -> None:
                                     new.proposal_text))
     log.info("%s: rekeyed to %s", old, new)
     old.engine.on_ike_rekeyed(old, new, now)
+    mobike.adopted(old, new, now)     # RFC 4555: an address update owed goes on the new SA
     new.kick(now)
 
 

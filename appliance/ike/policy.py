@@ -397,6 +397,9 @@ class TunnelConfig:
     #: Seconds between NAT keepalives (RFC 3948 §2.3) from the side behind a NAT while nothing
     #: else was sent to the peer; 0 sends none.
     nat_keepalive: float = 20.0
+    #: MOBIKE (RFC 4555, mobike.py): announce MOBIKE_SUPPORTED in IKE_AUTH; an IKE SA we
+    #: initiated then follows our address changes with UPDATE_SA_ADDRESSES (no rekey).
+    mobike: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -73,6 +73,9 @@ class Exchange:
     encrypted: bool = True
     #: Give up after this many seconds even if retransmissions remain (DPD timeout).
     give_up_after: float | None = None
+    #: The response may move the SA to where it came from (§2.23); MOBIKE's exchanges set
+    #: their addresses themselves (mobike.py).
+    implicit_address_update = True
 
     def build(self, sa: "IkeSa", now: float) -> list[Payload] | None:
         """Payloads of the request, or None when there is nothing to do any more."""
@@ -159,6 +162,12 @@ class IkeSa:
     int_auth_r = b""
     cipher_in_prev: SkCipher | None = None   # responder: key of a retransmitted request
     followup: "object | None" = None    # a peer's IKE SA rekey awaiting IKE_FOLLOWUP_KE (additional_ke)
+    # MOBIKE (RFC 4555, mobike.py)
+    mobike_ours = False     # we sent MOBIKE_SUPPORTED in IKE_AUTH
+    mobike_peer = False     # the peer did
+    peer_additional: tuple[str, ...] = ()   # the peer's ADDITIONAL_IP4/IP6_ADDRESS
+    mobike_moves = 0        # address updates completed (UPDATE_SA_ADDRESSES answered)
+    original_initiator: bool | None = None   # after an IKE SA rekey: we initiated the first one
 
     # message windows (§2.3)
     my_mid = 0
@@ -216,6 +225,11 @@ class IkeSa:
     @property
     def udp_encap(self) -> bool:
         return self.nat_local or self.nat_remote or self.nat_fake
+
+    @property
+    def mobike(self) -> bool:
+        """Both sides announced MOBIKE_SUPPORTED (RFC 4555 §3.2)."""
+        return self.mobike_ours and self.mobike_peer
 
     @property
     def established(self) -> bool:
@@ -402,8 +416,13 @@ class IkeSa:
             log.info("%s: dropping message %d that fails its integrity check", self, hdr.message_id)
             return
         # Authentic from here on; a retransmitted request changes nothing either.
+        from appliance.ike import mobike
+
         if hdr.is_response:
-            self._heard(src, dst, now)
+            if self.pending is not None and not self.pending.exchange.implicit_address_update:
+                self.last_heard = now
+            else:
+                self._heard(src, dst, now)
             log.debug("%s: received %s", self, _Summary(msg))
             self._finish_pending(msg, now)
         else:
@@ -412,7 +431,10 @@ class IkeSa:
             log.debug("%s: received %s", self, _Summary(msg))
             if self._refused_before_auth(msg, now):
                 return
-            self._heard(src, dst, now)
+            if mobike.is_update(msg):
+                self.last_heard = now   # the addresses change in mobike.respond, not implicitly
+            else:
+                self._heard(src, dst, now)
             self.peer_mid = (self.peer_mid + 1) & 0xFFFFFFFF
             self.cipher_in_prev = None
             self._dispatch_request(msg, src, dst, now)
@@ -476,7 +498,11 @@ class IkeSa:
         if src == self.remote and dst == self.local:
             return
         if self.nat_remote and not self.nat_local:
-            pass
+            if self.mobike and src[0] != self.remote[0]:
+                # RFC 4555 §3.8: with MOBIKE an address changes only by UPDATE_SA_ADDRESSES (and
+                # its return routability check, mobike.py); a NAT rebinding's new port is followed
+                log.debug("%s: message from %s:%d; MOBIKE: the SA stays with %s:%d", self, *src, *self.remote)
+                return
         elif not (self.in_initial_exchanges and src[0] == self.remote[0]):
             log.debug("%s: message from %s:%d to %s:%d; the SA stays with %s:%d", self, *src, *dst,
                       *self.remote)
@@ -505,7 +531,7 @@ class IkeSa:
         self.kick(now)
 
     def _dispatch_request(self, msg: Message, src: Endpoint, dst: Endpoint, now: float) -> None:
-        from appliance.ike import additional_ke, child_create, ike_auth, informational, intermediate
+        from appliance.ike import additional_ke, child_create, ike_auth, informational, intermediate, mobike
 
         if msg.exchange_type == ExchangeType.IKE_AUTH:
             payloads = ike_auth.respond(self, msg, src, dst, now)
@@ -516,7 +542,10 @@ class IkeSa:
         elif msg.exchange_type == ExchangeType.IKE_FOLLOWUP_KE:
             payloads = additional_ke.respond_followup(self, msg, now)    # RFC 9370 §2.2.4
         elif msg.exchange_type == ExchangeType.INFORMATIONAL:
-            payloads = informational.respond(self, msg, now)
+            if mobike.handles(msg):   # RFC 4555: UPDATE_SA_ADDRESSES, COOKIE2, ADDITIONAL_*
+                payloads = mobike.respond(self, msg, src, dst, now)
+            else:
+                payloads = informational.respond(self, msg, now)
         else:
             log.info("%s: ignoring request of unknown exchange type %d", self, msg.exchange_type)
             return

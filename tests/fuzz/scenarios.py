@@ -67,7 +67,7 @@ def _road_warriors(ike: str, esp: str) -> TunnelConfig:
 
 def _engines(suite: str, seed: int, nat: bool = False) -> tuple[IkeEngine, IkeEngine]:
     ike, esp = SUITES[suite]
-    kw = dict(dpd=DPD, ike=ike, esp=esp)
+    kw = dict(dpd=DPD, ike=ike, esp=esp, mobike=True)
     a, b = make_engines(seed, dict(kw), dict(kw, remote_addr=NAT_PUBLIC) if nat else dict(kw))
     b.add_tunnel(_road_warriors(ike, esp))
     return a, b

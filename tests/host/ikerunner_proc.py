@@ -32,13 +32,13 @@ def tunnel_json(side: Side, peer: Side, name: str, *, local_id: str, remote_id: 
 
 class EngineProc:
     def __init__(self, workdir: Path, side: Side, tunnels: list[dict], *, listen: list[dict] | None = None,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", extra: dict | None = None) -> None:
         self.workdir = workdir
         self.side = side
         workdir.mkdir(parents=True, exist_ok=True)
         cfg = {"listen": listen or [{"address": side.addr4, "port": 500},
                                     {"address": side.addr4, "port": 4500, "natt": True}],
-               "tunnels": tunnels}
+               "tunnels": tunnels, **(extra or {})}
         self.config_path = workdir / "ikerunner.json"
         self.config_path.write_text(json.dumps(cfg))
         self.config_path.chmod(0o600)

@@ -158,6 +158,11 @@ class SimNet:
         self.nat[private] = public
         self._unnat[public] = private
 
+    def readdress(self, old: str, new: str) -> None:
+        """The engine at `old` now has address `new` (MOBIKE): datagrams to `old` go nowhere."""
+        for d in (self.engines, self.planes, self.events):
+            d[new] = d.pop(old)
+
     def _collect(self) -> None:
         for ip, e in self.engines.items():
             for d in e.datagrams_to_send():
