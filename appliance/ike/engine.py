@@ -114,6 +114,8 @@ class IkeEngine:
         self.dos_counters = {"cookies_sent": 0, "refused_per_source": 0, "refused_global": 0,
                              "invalid_ike_spi_sent": 0, "invalid_ike_spi_limited": 0}
         self.invalid_ike_spi_limit = outside_ike_sa.RateLimit()
+        #: lines about refused unauthenticated IKE_SA_INIT requests, rate-limited
+        self.unauthenticated_log = outside_ike_sa.LogLimit()
         #: COOKIEs are being required (§2.6): set from `cookie_threshold` half-open SAs on,
         #: cleared at half of it; both changes are logged
         self.cookies_required = False

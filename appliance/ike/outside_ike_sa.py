@@ -64,3 +64,25 @@ def unknown_spi(engine: "IkeEngine", hdr: Header, src: "Endpoint", dst: "Endpoin
     msg = Message(hdr.spi_i, hdr.spi_r, hdr.exchange_type, hdr.message_id, True, not hdr.is_initiator,
                   [Notify(NotifyType.INVALID_IKE_SPI)])
     engine.send(encode_message(msg), dst, src)
+
+
+class LogLimit:
+    """Log lines about unauthenticated input that is dropped or refused before any state (an
+    IKE_SA_INIT matching no tunnel, malformed, with no acceptable proposal...): anyone can
+    send those from forged addresses as fast as the link goes, so at most `rate` lines per
+    second (burst the same) get through; the next one that does says how many were left out."""
+
+    def __init__(self, rate: float = 5.0) -> None:
+        self.rate = rate
+        self.bucket = RateLimit()
+        self.left_out = 0
+
+    def info(self, now: float, fmt: str, *args) -> None:
+        if not self.bucket.take(self.rate, now):
+            self.left_out += 1
+            return
+        if self.left_out:
+            fmt += " (%d similar lines left out)"
+            args += (self.left_out,)
+            self.left_out = 0
+        log.info(fmt, *args)

@@ -5,6 +5,7 @@ a half-open SA, and the COOKIE switch logged once each way."""
 from __future__ import annotations
 
 import logging
+import re
 import random as _random
 import struct
 
@@ -157,3 +158,19 @@ def test_the_cookie_switch_is_logged_once_each_way(caplog):
     assert [r.getMessage() for r in caplog.records if "no longer" in r.getMessage()] == [
         "0 half-open IKE SAs: COOKIEs no longer required"]
     assert b.half_open_count == 1 and not b.cookies_required
+
+
+def test_lines_about_refused_ike_sa_init_requests_are_rate_limited(caplog):
+    """A responder with a fixed remote address gets a flood from forged sources: every request
+    matches no tunnel. Its log gets 5 lines a second, not one per datagram, and says how many
+    it left out."""
+    b = IkeEngine([tunnel("b", start=False)], random=_random.Random(8).randbytes)
+    caplog.set_level(logging.INFO, "isthmus.ike")
+    for i in range(5000):
+        b.receive_datagram(init_request(b"S" + i.to_bytes(7, "big"), ke=SPOOF_KE),
+                           (f"10.7.{i >> 8}.{i & 255}", 500), DST, 20.0 + i / 1000)   # 5 s of flood
+    lines = [r.getMessage() for r in caplog.records if "matches no tunnel" in r.getMessage()]
+    assert 20 <= len(lines) <= 5 + 5 * 5 + 1
+    left_out = sum(int(m.group(1)) for x in lines if (m := re.search(r"\((\d+) similar lines left out\)", x)))
+    assert left_out + len(lines) >= 5000 - 200     # the ones still untold are those of the last 1/5 s
+    assert b.sas() == [] and b.datagrams_to_send() == []
