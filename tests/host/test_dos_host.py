@@ -38,11 +38,12 @@ def flooder(ns_pair):
             f.finish(0)
 
 
-def _ours(tmp_path, us, sw, dos=None) -> EngineProc:
+def _ours(tmp_path, us, sw, dos=None, *, any_remote: bool = True) -> EngineProc:
     # a responder that accepts its peer from any address (remote_addr None): the forged
     # sources reach IKE_SA_INIT processing (with a fixed remote they match no tunnel at all)
+    kw = {"remote_addr": None} if any_remote else {}
     t = tunnel_json(us, sw, "to-b", local_id="a.example.net", remote_id="b.example.net", psk=PSK.encode(),
-                    start=False, remote_addr=None)
+                    start=False, **kw)
     return EngineProc(tmp_path / "ours", us, [t], dos=dos)
 
 
@@ -74,6 +75,7 @@ def test_a_spoofed_flood_switches_cookies_on_and_strongswan_still_connects(tmp_p
         rss0 = rss_kib(pid)
         flooder.start(rate=RATE, count=RATE * 40, seconds=40)
         _wait(lambda: ours.status()["cookies_required"], 20, "COOKIEs required")
+        time.sleep(1.0)               # well into COOKIE mode
         peak_half_open, peak_rss = 0, rss0
         t0 = time.monotonic()
         swan.initiate_async("c")
@@ -125,3 +127,28 @@ def test_raised_thresholds_let_a_load_test_through(tmp_path, ns_pair, flooder):
     print(f"\n{flood['sent']} spoofed IKE_SA_INIT, cookies off: {st['half_open']} half-open SAs, {st['dos']}")
     assert st["dos"]["cookies_sent"] == 0 and not st["cookies_required"]
     assert st["half_open"] > COOKIE_THRESHOLD
+
+
+def test_a_flood_from_forged_sources_against_a_fixed_remote_costs_little_and_logs_little(
+        tmp_path, ns_pair, flooder, strongswan_factory):
+    """The daemon's tunnels name their remote: forged sources match no tunnel, get no answer, and
+    the log gets a few lines a second (it said one per datagram before)."""
+    us, sw = ns_pair
+    swan = _swan(strongswan_factory, sw, us)
+    with _ours(tmp_path, us, sw, any_remote=False) as ours:
+        flooder.start(rate=RATE, count=RATE * 30, seconds=30)
+        time.sleep(2.0)
+        t0 = time.monotonic()
+        swan.initiate_async("c")
+        ours.wait_event(lambda e: e["event"] == "ChildSaInstalled", 30, what="Child SA under the flood")
+        took = time.monotonic() - t0
+        assert flooder.running()
+        flood = flooder.finish(0)
+        st = ours.status()
+        answered = flooder.answers()
+        log = ours.log_text()
+    lines = log.count("matches no tunnel")
+    print(f"\nfixed remote: {flood['sent']} forged IKE_SA_INIT in {flood['seconds']} s, {answered} answered, "
+          f"{lines} log lines about them; strongSwan's SA up after {took:.2f} s")
+    assert answered == 0 and st["half_open"] == 0 and st["dos"]["cookies_sent"] == 0
+    assert 0 < lines <= 5 * (flood["seconds"] + 2) + 5 and "similar lines left out" in log
