@@ -5,8 +5,8 @@ a half-open SA, and the COOKIE switch logged once each way."""
 from __future__ import annotations
 
 import logging
-import re
 import random as _random
+import re
 import struct
 
 import pytest
