@@ -152,3 +152,31 @@ def test_a_flood_from_forged_sources_against_a_fixed_remote_costs_little_and_log
           f"{lines} log lines about them; strongSwan's SA up after {took:.2f} s")
     assert answered == 0 and st["half_open"] == 0 and st["dos"]["cookies_sent"] == 0
     assert 0 < lines <= 5 * (flood["seconds"] + 2) + 5 and "similar lines left out" in log
+
+
+def test_after_our_restart_strongswan_is_told_invalid_ike_spi(tmp_path, ns_pair, strongswan_factory):
+    """We lose our state (the runner is killed and started again); strongSwan's next request on
+    its old IKE SA names SPIs we no longer know and is answered with an unprotected
+    INVALID_IKE_SPI (RFC 7296 §1.5), nothing kept here. (The rate limit is a unit test:
+    tests/unit/ike/test_outside_ike_sa.py.)"""
+    us, sw = ns_pair
+    swan = _swan(strongswan_factory, sw, us)
+    first = _ours(tmp_path / "1", us, sw, any_remote=False)
+    try:
+        swan.initiate("c")
+        first.wait_event(lambda e: e["event"] == "ChildSaInstalled", 20, what="Child SA")
+    finally:
+        first.kill()
+    with _ours(tmp_path / "2", us, sw, any_remote=False) as again:
+        old = swan.list_sas()[0]
+        swan.rekey(ike="p")                  # CREATE_CHILD_SA (IKE rekey) on the old SA
+        st = _wait(lambda: (s := again.status())["dos"]["invalid_ike_spi_sent"] >= 1 and s, 20,
+                   "INVALID_IKE_SPI sent")
+        log = swan.log_text()
+    print(f"\nafter our restart: {st['dos']}")
+    assert st["sas"] == [] and st["half_open"] == 0
+    # strongSwan 5.9.8 got it (28-octet header + 8-octet Notify) and, the answer being
+    # unprotected, took it for no answer (§2.21): it is a hint, its SA goes on retransmitting
+    assert re.search(rf"<p\|{old.uniqueid}> received packet: from {us.addr4}\[\d+\] to {sw.addr4}\[\d+\] \(36 bytes\)",
+                     log), log[-3000:]
+    assert "payload type NOTIFY was not encrypted" in log
