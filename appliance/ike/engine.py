@@ -108,7 +108,6 @@ class IkeEngine:
         self._cookie_cur: tuple[int, bytes] | None = None       # (version, secret)
         self._cookie_prev: tuple[int, bytes] | None = None
         self._cookie_rotate_at = 0.0
-        #: IKE_SA_INIT requests answered with a COOKIE / dropped by a half-open cap
         #: IKE_SA_INIT requests answered with a COOKIE / dropped by a half-open cap; requests
         #: for unknown SPIs answered with INVALID_IKE_SPI / not answered (rate limit)
         self.dos_counters = {"cookies_sent": 0, "refused_per_source": 0, "refused_global": 0,
