@@ -906,6 +906,7 @@ class Daemon:
         ike = Counter(sa.state.value for sa in sas if sa.state != IkeState.CONNECTING)
         child = Counter(c.state.value for sa in sas for c in sa.children if c.alive)
         self.metrics.set_sa_states(dict(ike), dict(child), sum(1 for sa in sas if sa.state == IkeState.CONNECTING))
+        self.metrics.set_dos(self.engine.dos_counters, self.engine.cookies_required)
         for name, plan in self.plans.items():
             self.metrics.tunnel_up.set(1 if self._tunnel_state_name(name) == "up" else 0, tunnel=name)
             days = self._cert_days(name, plan)

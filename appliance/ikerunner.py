@@ -395,7 +395,9 @@ async def _amain(cfg: dict) -> int:
                     break
                 if cmd == "status":
                     say({"event": "status", "sas": [repr(sa) for sa in engine.sas()],
-                         "detail": [sa_status(sa) for sa in engine.sas()]})
+                         "detail": [sa_status(sa) for sa in engine.sas()],
+                         "half_open": engine.half_open_count, "cookies_required": engine.cookies_required,
+                         "dos": dict(engine.dos_counters)})
                 elif cmd in ("rekey_child", "rekey_ike", "terminate", "connect"):
                     fn = getattr(engine, cmd)
                     runner.command(lambda now, fn=fn: fn(args[0], now))

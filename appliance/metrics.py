@@ -245,6 +245,14 @@ class IsthmusMetrics:
         self.child_sas = r.gauge("isthmus_child_sas", "Child SAs by state.", ["state"])
         self.half_open_ike_sas = r.gauge(
             "isthmus_half_open_ike_sas", "IKE SAs past IKE_SA_INIT but not yet authenticated (RFC 7296 §2.6).")
+        self.cookies_required = r.gauge(
+            "isthmus_ike_cookies_required",
+            "1 while IKE_SA_INIT requests must carry a COOKIE (RFC 7296 §2.6: cookie_threshold half-open SAs), "
+            "else 0.")
+        self.unauthenticated = r.counter(
+            "isthmus_ike_unauthenticated_requests_total",
+            "Unauthenticated requests answered or dropped by DoS protection (action: cookie_sent, refused_per_source, "
+            "refused_global, invalid_ike_spi_sent, invalid_ike_spi_limited).", ["action"])
         self.tunnel_up = r.gauge("isthmus_tunnel_up", "1 if the tunnel has an installed Child SA, else 0.",
                                  ["tunnel"])
         self.sa_bytes = r.counter("isthmus_child_sa_bytes_total", "Bytes carried by a Child SA (kernel XFRM counters).",
@@ -284,6 +292,12 @@ class IsthmusMetrics:
         for state, n in child.items():
             self.child_sas.set(n, state=state)
         self.half_open_ike_sas.set(half_open)
+
+    def set_dos(self, counters: Mapping[str, int], cookies_required: bool) -> None:
+        """Mirror the IKE engine's DoS protection state (IkeEngine.dos_counters, .cookies_required)."""
+        self.cookies_required.set(1 if cookies_required else 0)
+        for key, n in counters.items():
+            self.unauthenticated.set_total(n, action="cookie_sent" if key == "cookies_sent" else key)
 
     def set_sa_traffic(self, tunnel: str, *, spi_in: int, spi_out: int, bytes_in: int, bytes_out: int,
                        packets_in: int, packets_out: int) -> None:

@@ -42,7 +42,7 @@ _MISSING = object()
 
 TOP_KEYS = ("appliance", "tunnels", "bgp")
 APPLIANCE_KEYS = ("name", "router_id", "delete_on_shutdown", "dos_protection")
-DOS_KEYS = ("half_open_max", "half_open_per_source", "cookie_threshold", "max_init_request")
+DOS_KEYS = ("half_open_max", "half_open_per_source", "cookie_threshold", "max_init_request", "invalid_ike_spi_rate")
 TUNNEL_KEYS = ("remote", "local", "local_id", "remote_id", "auth", "ike", "esp", "dpd", "nat_traversal",
                "nat_keepalive", "mobike", "start", "interface", "bgp", "peer_profile", "routes")
 AUTH_KEYS = ("psk_file", "certificate", "key", "ca", "crl")
@@ -475,6 +475,9 @@ def _dos_protection(ctx: Ctx, m: MarkedMap) -> DosProtection:
     default = DosProtection()
     if m.get("dos_protection") is None:
         return default
+    if m["dos_protection"] is False or m["dos_protection"] == "off":
+        # a load test's set-up (strongSwan's dos_protection = no): no COOKIEs, no half-open caps
+        return DosProtection(half_open_max=None, half_open_per_source=None, cookie_threshold=None)
     dm = ctx.mapping(m["dos_protection"], "appliance.dos_protection", m.value_line("dos_protection"),
                      "{half_open_max: 1000, half_open_per_source: 10, cookie_threshold: 30}")
     if dm is None:
@@ -483,7 +486,8 @@ def _dos_protection(ctx: Ctx, m: MarkedMap) -> DosProtection:
     ctx.keys(dm, path, DOS_KEYS)
     kw: dict[str, Any] = {}
     for key, conv in (("half_open_max", _limit(1, 10_000_000)), ("half_open_per_source", _limit(1, 10_000_000)),
-                      ("cookie_threshold", _limit(0, 10_000_000)), ("max_init_request", int_range(1000, 65535))):
+                      ("cookie_threshold", _limit(0, 10_000_000)), ("max_init_request", int_range(1000, 65535)),
+                      ("invalid_ike_spi_rate", _limit(1, 1_000_000))):
         if key in dm:
             bad = len(ctx.issues)
             value = ctx.field(dm, key, path, conv)

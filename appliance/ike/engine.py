@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from appliance.ike import child_create, ike_init, ike_rekey, informational, liveness
+from appliance.ike import child_create, ike_init, ike_rekey, informational, liveness, outside_ike_sa
 from appliance.ike import events as ev
 from appliance.ike.child import ChildSa
 from appliance.ike.constants import NotifyType
@@ -109,8 +109,16 @@ class IkeEngine:
         self._cookie_cur: tuple[int, bytes] | None = None       # (version, secret)
         self._cookie_prev: tuple[int, bytes] | None = None
         self._cookie_rotate_at = 0.0
-        #: IKE_SA_INIT requests answered with a COOKIE / dropped by a half-open cap
-        self.dos_counters = {"cookies_sent": 0, "refused_per_source": 0, "refused_global": 0}
+        #: IKE_SA_INIT requests answered with a COOKIE / dropped by a half-open cap; requests
+        #: for unknown SPIs answered with INVALID_IKE_SPI / not answered (rate limit)
+        self.dos_counters = {"cookies_sent": 0, "refused_per_source": 0, "refused_global": 0,
+                             "invalid_ike_spi_sent": 0, "invalid_ike_spi_limited": 0}
+        self.invalid_ike_spi_limit = outside_ike_sa.RateLimit()
+        #: lines about refused unauthenticated IKE_SA_INIT requests, rate-limited
+        self.unauthenticated_log = outside_ike_sa.LogLimit()
+        #: COOKIEs are being required (§2.6): set from `cookie_threshold` half-open SAs on,
+        #: cleared at half of it; both changes are logged
+        self.cookies_required = False
         self._child_spis: set[bytes] = set()
         # alive SAs by tunnel name, and the timer bookkeeping: each SA's next timer is cached
         # and recomputed only for SAs touched since (every entry point touches what it acts on)
@@ -348,11 +356,13 @@ class IkeEngine:
                 sa = self._sas.get(hdr.spi_r)
                 if sa is None or sa.initiator or sa.spi_i != hdr.spi_i:
                     log.debug("no IKE SA for %s_i %s_r", hdr.spi_i.hex(), hdr.spi_r.hex())
+                    outside_ike_sa.unknown_spi(self, hdr, src, dst, now)
                     return
             else:
                 sa = self._sas.get(hdr.spi_i)
                 if sa is None or not sa.initiator:
                     log.debug("no IKE SA for %s_i %s_r", hdr.spi_i.hex(), hdr.spi_r.hex())
+                    outside_ike_sa.unknown_spi(self, hdr, src, dst, now)
                     return
                 if sa.spi_r != ZERO_SPI and sa.spi_r != hdr.spi_r:
                     return
@@ -444,6 +454,11 @@ class IkeEngine:
         """Alive IKE SAs (of one tunnel), for status output."""
         return [sa for sa in self._sas.values() if sa.alive and (name is None or sa.tunnel == name)]
 
+    @property
+    def half_open_count(self) -> int:
+        """Responder IKE SAs past IKE_SA_INIT whose IKE_AUTH has not completed (§2.6)."""
+        return len(self._half_open)
+
     def current_sa(self, name: str) -> IkeSa | None:
         """The tunnel's established IKE SA (not replaced, not a duplicate being deleted)."""
         for sa in self._alive_sas(name):
@@ -525,7 +540,17 @@ class IkeEngine:
         global cap (refused requests are dropped without an answer)."""
         dos = self.dos
         n = len(self._half_open)
-        if dos.cookie_threshold is not None and n >= dos.cookie_threshold:
+        required = dos.cookie_threshold is not None and n >= dos.cookie_threshold
+        # logged when it changes, not per request; "off" only below half the threshold, so a
+        # count hovering at the threshold under a flood does not log every expiry
+        if required and not self.cookies_required:
+            self.cookies_required = True
+            log.warning("%d half-open IKE SAs: COOKIEs required (RFC 7296 §2.6, cookie_threshold %d)",
+                        n, dos.cookie_threshold)
+        elif self.cookies_required and (dos.cookie_threshold is None or n <= dos.cookie_threshold // 2):
+            self.cookies_required = False
+            log.warning("%d half-open IKE SAs: COOKIEs no longer required", n)
+        if required:
             if cookie is None or not self._cookie_valid(cookie, nonce, hdr.spi_i, src[0], now):
                 self.dos_counters["cookies_sent"] += 1
                 ike_init.send_cookie(self, hdr, self._cookie(nonce, hdr.spi_i, src[0], now), src, dst)

@@ -115,6 +115,27 @@ def max_message_len(sa: "IkeSa") -> int:
     return _config(sa).size_for(sa.remote[0]) - overhead(sa.local, sa.remote)
 
 
+def unanswered_hint(sa: "IkeSa", sent_len: int) -> str:
+    """Why an IKE_AUTH request may have gone unanswered, for the failure's reason: it went as
+    one datagram larger than a fragment, i.e. in IP fragments, which some paths drop (§1)."""
+    if sa.frag_ours and sa.frag_peer:
+        return ""
+    limit = max_message_len(sa)
+    if sent_len <= limit:
+        return ""
+    why = "off here" if not _config(sa).enabled else "not supported by the peer"
+    return (f" (it went as one {sent_len}-octet message, larger than {limit}, so in IP fragments: IKE "
+            f"fragmentation (RFC 7383) is {why}; a path that drops IP fragments loses it)")
+
+
+def half_open_hint(sa: "IkeSa") -> str:
+    """For a responder whose IKE_AUTH never came: the peer offered fragmentation and we did not."""
+    if sa.frag_peer and not sa.frag_ours:
+        return (" (the peer supports IKE fragmentation, RFC 7383, but it is off here: a large IKE_AUTH "
+                "over a path that drops IP fragments never arrives)")
+    return ""
+
+
 def content_per_fragment(limit: int, cipher: SkProtector) -> int:
     """Inner payload octets one fragment of at most `limit` octets can hold."""
     room = limit - IKE_HEADER_LEN - SKF_HEADER_LEN - cipher.iv_size - cipher.icv_size

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from appliance.ike import child_create, intermediate, mobike, signature_auth
+from appliance.ike import child_create, fragmentation, intermediate, mobike, signature_auth
 from appliance.ike import events as ev
 from appliance.ike.child_create import ChildError, ChildRequest
 from appliance.ike.constants import AuthMethod, ExchangeType, NotifyType, ProtocolId
@@ -123,6 +123,14 @@ class IkeAuth(Exchange):
 
     def __init__(self) -> None:
         self.req: ChildRequest | None = None
+        self.size = 0          # octets of the request's first datagram
+
+    def sent(self, sa: IkeSa, datagram: bytes) -> None:
+        self.size = len(datagram)
+
+    def on_give_up(self, sa: IkeSa, now: float) -> None:
+        sa.peer_unreachable(now, f"no response to {self.name} after retransmissions"
+                            + fragmentation.unanswered_hint(sa, self.size))
 
     def build(self, sa: IkeSa, now: float):
         cfg = sa.config

@@ -297,7 +297,7 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
     try:
         msg, enc = parse_message(data, hdr)
     except ParseError as e:
-        log.info("IKE_SA_INIT from %s:%d malformed: %s", src[0], src[1], e.reason)
+        engine.unauthenticated_log.info(now, "IKE_SA_INIT from %s:%d malformed: %s", src[0], src[1], e.reason)
         if e.notify in (NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD,):
             _stateless(engine, hdr, [Notify(e.notify, data=e.notify_data)], src, dst)
         return None
@@ -305,7 +305,7 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
         return None
     candidates = engine.configs_for(dst, src)
     if not candidates:
-        log.info("IKE_SA_INIT from %s:%d to %s:%d matches no tunnel; ignored", *src, *dst)
+        engine.unauthenticated_log.info(now, "IKE_SA_INIT from %s:%d to %s:%d matches no tunnel; ignored", *src, *dst)
         return None
     sa_p, ke_p, nonce = msg.get(SA), msg.get(KE), msg.get(Nonce)
     if sa_p is None or ke_p is None or nonce is None:
@@ -324,12 +324,13 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
     chosen = select_proposal(ours, offer)
     if chosen is None or len(chosen.spi) not in (0,):
         n, total = offer_size(sa_p.proposals)
-        log.info("IKE_SA_INIT from %s: no acceptable proposal among %d (%d transforms)", src[0], n, total)
+        engine.unauthenticated_log.info(now, "IKE_SA_INIT from %s: no acceptable proposal among %d (%d transforms)",
+                                        src[0], n, total)
         _stateless(engine, hdr, [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], src, dst)
         return None
     short = nonce_too_short(chosen, nonce.data)
     if short is not None:
-        log.info("IKE_SA_INIT from %s: %s", src[0], short)
+        engine.unauthenticated_log.info(now, "IKE_SA_INIT from %s: %s", src[0], short)
         _stateless(engine, hdr, [Notify(NotifyType.INVALID_SYNTAX)], src, dst)
         return None
     # The SA can end up with only those tunnels whose own proposals contain the chosen one
@@ -344,7 +345,7 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
         ke = KeyExchange.generate(group, engine.random)
         g_ir = ke.shared_secret(ke_p.data)
     except InvalidKeyExchange as e:
-        log.info("IKE_SA_INIT from %s: invalid KE payload: %s", src[0], e)
+        engine.unauthenticated_log.info(now, "IKE_SA_INIT from %s: invalid KE payload: %s", src[0], e)
         _stateless(engine, hdr, [Notify(NotifyType.INVALID_SYNTAX)], src, dst)
         return None
     sa = IkeSa(engine, initiator=False, config=None, candidates=candidates, local=dst, remote=src,
@@ -355,7 +356,7 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
         _skeyseed, keys = derive_ike_keys(chosen, g_ir, sa.nonce_i, sa.nonce_r, sa.spi_i, sa.spi_r)
         sa.set_keys(chosen, keys)
     except CryptoError as e:
-        log.info("IKE_SA_INIT from %s: %s", src[0], e)
+        engine.unauthenticated_log.info(now, "IKE_SA_INIT from %s: %s", src[0], e)
         _stateless(engine, hdr, [Notify(NotifyType.NO_PROPOSAL_CHOSEN)], src, dst)
         return None
     intermediate.after_init(sa)

@@ -310,13 +310,16 @@ class DosProtection:
     (0: always, None: never). Cookies are verified without state from a secret replaced every
     `cookie_secret_lifetime` seconds (the previous one is still accepted). `max_init_request`:
     a larger IKE_SA_INIT request (octets) is dropped, which bounds what a half-open SA keeps
-    (the request is RealMessage1 of the AUTH computation, §2.15)."""
+    (the request is RealMessage1 of the AUTH computation, §2.15). `invalid_ike_spi_rate`:
+    encrypted requests for unknown IKE SPIs answered with INVALID_IKE_SPI (§1.5) per second,
+    engine-wide (None: never answered)."""
 
     half_open_max: int | None = 1000
     half_open_per_source: int | None = 10
     cookie_threshold: int | None = 30
     cookie_secret_lifetime: float = 120.0
     max_init_request: int = 10000
+    invalid_ike_spi_rate: float | None = 10.0
 
     def __post_init__(self) -> None:
         for name in ("half_open_max", "half_open_per_source", "cookie_threshold"):
@@ -327,6 +330,9 @@ class DosProtection:
             raise PolicyError("dos protection: cookie_secret_lifetime must be > 0 seconds")
         if not isinstance(self.max_init_request, int) or self.max_init_request < 1000:
             raise PolicyError("dos protection: max_init_request must be at least 1000 octets")
+        r = self.invalid_ike_spi_rate
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0):
+            raise PolicyError("dos protection: invalid_ike_spi_rate must be > 0 per second or None")
 
 
 def _nets(values: tuple[str, ...], what: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

@@ -642,7 +642,8 @@ class IkeSa:
         if self.half_open_deadline is not None and now >= self.half_open_deadline:
             self.half_open_deadline = None
             if self.state == IkeState.CONNECTING:
-                self.fail(now, "half-open IKE SA expired: IKE_AUTH did not complete in time")
+                self.fail(now, "half-open IKE SA expired: IKE_AUTH did not complete in time"
+                          + fragmentation.half_open_hint(self))
                 return
         if self.delete_deadline is not None and now >= self.delete_deadline:
             from appliance.ike import informational

@@ -32,13 +32,15 @@ def tunnel_json(side: Side, peer: Side, name: str, *, local_id: str, remote_id: 
 
 class EngineProc:
     def __init__(self, workdir: Path, side: Side, tunnels: list[dict], *, listen: list[dict] | None = None,
-                 log_level: str = "INFO", extra: dict | None = None) -> None:
+                 log_level: str = "INFO", extra: dict | None = None, dos: dict | None = None) -> None:
         self.workdir = workdir
         self.side = side
         workdir.mkdir(parents=True, exist_ok=True)
         cfg = {"listen": listen or [{"address": side.addr4, "port": 500},
                                     {"address": side.addr4, "port": 4500, "natt": True}],
                "tunnels": tunnels, **(extra or {})}
+        if dos is not None:    # DosProtection's fields; None (JSON null) is "no limit"
+            cfg["dos"] = dos
         self.config_path = workdir / "ikerunner.json"
         self.config_path.write_text(json.dumps(cfg))
         self.config_path.chmod(0o600)
@@ -91,6 +93,18 @@ class EngineProc:
         assert self.proc.stdin is not None
         self.proc.stdin.write((line + "\n").encode())
         self.proc.stdin.flush()
+
+    def status(self, timeout: float = 15) -> dict:
+        """The runner's `status` answer (IKE SAs, half-open count, COOKIE state, DoS counters)."""
+        since = self.mark()
+        self.send("status")
+        return self.wait_event(lambda e: e["event"] == "status", timeout, since=since, what="status")
+
+    def log_text(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, n: int = 40) -> str:
         try:

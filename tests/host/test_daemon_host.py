@@ -257,7 +257,7 @@ def test_wrong_psk_is_an_auth_failure_in_events_metrics_and_logs(pair):
         wait_for("auth_failed on A", lambda: ev.of("auth_failed"), 60, log_of=a)
         m = wait_for("the auth failure counted",
                      lambda: (t := a.metrics()) and 'isthmus_auth_failures_total{tunnel="to-b"}' in t and t, 30)
-        assert "isthmus_half_open_ike_sas" in m
+        assert "isthmus_half_open_ike_sas" in m and "\nisthmus_ike_cookies_required 0\n" in m
         text = a.log_text() + b.log_text() + json.dumps(ev.items) + m
         for secret in (PSK, PSK + "-different"):
             assert secret not in text and secret.encode().hex() not in text

@@ -2,8 +2,8 @@
 made with `cryptography` by the tests themselves (no strongSwan `pki`, nothing checked in).
 
 - `TestPKI(kind)`: root CA -> intermediate CA -> end entities, for kind "ecdsa" (P-256),
-  "ecdsa384", "rsa" (RSA-2048, the CAs sign with PKCS#1 v1.5 SHA-256), "rsapss" (the CAs sign
-  with RSASSA-PSS) or "ed25519" (Ed25519 end entities under ECDSA CAs: cryptography's verifier
+  "ecdsa384", "rsa" (RSA-2048, the CAs sign with PKCS#1 v1.5 SHA-256), "rsa4096" (the same with
+  RSA-4096 keys: big chains, for fragmentation), "rsapss" (the CAs sign with RSASSA-PSS) or "ed25519" (Ed25519 end entities under ECDSA CAs: cryptography's verifier
   does not accept Ed25519-signed certificates). `pki.issue("a.example.net")` gives a Credential
   whose SAN carries the IKE ID (dNSName, iPAddress, rfc822Name); `expired=True`, `san=` and
   `not_before/not_after` make the broken ones; `pki.revoke(cred)` + `pki.crl_pem()` a CRL of the
@@ -102,6 +102,8 @@ class TestPKI:
             return ec.generate_private_key(ec.SECP384R1())
         if self.kind in ("rsa", "rsapss"):
             return rsa.generate_private_key(65537, 2048)
+        if self.kind == "rsa4096":
+            return rsa.generate_private_key(65537, 4096)
         return ec.generate_private_key(ec.SECP256R1())
 
     def _ee_key(self):

@@ -96,3 +96,19 @@ def test_dos_protection(tmp_path):
     assert issue.path == "appliance.dos_protection.cookie_threshold" and "whole number" in issue.message
     issue = one_issue(write_config(tmp_path, "appliance:\n  dos_protection: {half_open: 5}\n" + tunnel(""), "d.yaml"))
     assert issue.path == "appliance.dos_protection.half_open" and "half_open_max" in issue.message
+    cfg = load_config(write_config(tmp_path, "appliance:\n  dos_protection: {invalid_ike_spi_rate: 50}\n"
+                                   + tunnel(""), "e.yaml"))
+    assert cfg.appliance.dos_protection == DosProtection(invalid_ike_spi_rate=50)
+    cfg = load_config(write_config(tmp_path, "appliance:\n  dos_protection: {invalid_ike_spi_rate: off}\n"
+                                   + tunnel(""), "f.yaml"))
+    assert cfg.appliance.dos_protection.invalid_ike_spi_rate is None
+    issue = one_issue(write_config(tmp_path, "appliance:\n  dos_protection: {invalid_ike_spi_rate: 0}\n"
+                                   + tunnel(""), "g.yaml"))
+    assert issue.path == "appliance.dos_protection.invalid_ike_spi_rate" and issue.line == 2
+    # a load test switches it all off, as strongSwan's dos_protection = no
+    for text in ("off", "false"):
+        cfg = load_config(write_config(tmp_path, f"appliance:\n  dos_protection: {text}\n" + tunnel(""), "h.yaml"))
+        assert cfg.appliance.dos_protection == DosProtection(half_open_max=None, half_open_per_source=None,
+                                                             cookie_threshold=None)
+    issue = one_issue(write_config(tmp_path, "appliance:\n  dos_protection: on\n" + tunnel(""), "i.yaml"))
+    assert issue.path == "appliance.dos_protection"

@@ -187,7 +187,11 @@ def test_isthmus_families():
     m.dpd_failures.inc(tunnel="to-c")
     m.auth_failures.inc(tunnel="")
     m.tunnel_up.set(1, tunnel="to-b")
+    m.set_dos({"cookies_sent": 7, "refused_global": 2, "invalid_ike_spi_sent": 0}, True)
     fams = parse_exposition(r.render())
+    assert sample(fams, "isthmus_ike_cookies_required") == 1
+    assert sample(fams, "isthmus_ike_unauthenticated_requests_total", action="cookie_sent") == 7
+    assert sample(fams, "isthmus_ike_unauthenticated_requests_total", action="refused_global") == 2
     assert sample(fams, "isthmus_build_info", version=__version__) == 1
     assert fams["isthmus_ike_sas"]["samples"] == {("isthmus_ike_sas", (("state", "established"),)): 2}
     assert sample(fams, "isthmus_child_sas", state="installed") == 2
