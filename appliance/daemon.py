@@ -52,7 +52,7 @@ from typing import Any
 
 import click
 
-from appliance import __version__, sdnotify
+from appliance import __version__, profiling, sdnotify
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, ConfigReadError, load_config
 from appliance.access import policy_from_system
 from appliance.control import (ControlError, ControlServer, ControlSocketInUse, EventBus, RunDirError, format_spi,
@@ -131,7 +131,9 @@ class Daemon:
         self.control: ControlServer | None = None
         self.http: MetricsServer | None = None
         self.worker = DataplaneWorker()
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="isthmus-dataplane")
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="isthmus-dataplane",
+            initializer=profiling.profile_this_thread, initargs=("dataplane",))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
@@ -885,6 +887,7 @@ def main(config_file: str, run_dir: str | None, metrics_listen: str, log_format:
     setup_logging(log_level, log_format)
     logging.getLogger("pyroute2").setLevel(logging.WARNING)   # its debug output is per netlink message
     daemon = Daemon(config_file, run_dir, metrics_listen=listen, hooks_dir=hooks_dir)
+    profiling.profile_this_thread("main")   # ISTHMUS_PROFILE only (appliance/profiling.py)
     try:
         status = asyncio.run(daemon.run())
     except StartError as e:
