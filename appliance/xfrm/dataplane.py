@@ -284,10 +284,13 @@ class Dataplane:
         self.hooks = UserHooks(hooks_dir, hook_timeout, netns, on_hook_result) if hooks_dir else None
         self._tunnels: dict[str, _Tunnel] = {}
         self._clamps: dict[str, nft.MssClamp] = {}
+        self._clamp_table = nft.ClampTable(netns) if nft_enabled else None
 
     def close(self) -> None:
         if self.hooks is not None:
             self.hooks.close()
+        if self._clamp_table is not None:
+            self._clamp_table.close()
         self.xfrm.close()
         self.links.close()
 
@@ -359,8 +362,10 @@ class Dataplane:
                      lambda b=back: self.xfrm.add_policy(b, update=True))
 
     def _apply_clamps(self, clamps: dict[str, nft.MssClamp]) -> None:
-        if self.nft_enabled:
-            nft.apply(clamps.values(), self.netns)
+        """The table goes from clamping self._clamps to `clamps`: only the tunnels that differ
+        are touched (one nft transaction), never the whole table unless its state is unknown."""
+        if self._clamp_table is not None:
+            self._clamp_table.sync(self._clamps, clamps)
         self._clamps = clamps
 
     def _hook_up(self, tx: _Transaction, t: _Tunnel, link: LinkInfo, child: ChildSa) -> TunnelMtu:
@@ -695,7 +700,8 @@ class Dataplane:
             if self.nft_enabled:
                 previous = nft.read_clamps(self.netns) or []
                 stale = sorted({c.tunnel for c in previous})
-                nft.apply([], self.netns)
+                if self._clamp_table is not None:
+                    self._clamp_table.reset([])
         except _FAILURES as e:
             raise DataplaneError("(all)", "reconciling", _explain(e), code=getattr(e, "code", None)) from None
         self._clamps = {}
@@ -713,6 +719,8 @@ class Dataplane:
         self.xfrm.flush_ours()
         if self.nft_enabled:
             nft.remove(self.netns)
+            if self._clamp_table is not None:
+                self._clamp_table.forget()
         self._tunnels.clear()
         self._clamps = {}
 
