@@ -144,18 +144,27 @@ class Request:
 class XfrmSocket:
     """Requests to the kernel's XFRM netlink interface, from one thread at a time."""
 
+    PROTOCOL = NETLINK_XFRM
+
     def __init__(self, netns: str | None = None):
         self.netns = netns
-        self.sock = open_netlink_socket(NETLINK_XFRM, netns)
+        self.sock = open_netlink_socket(self.PROTOCOL, netns)
         _size_buffers(self.sock, 4 << 20)
         try:
             self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
         except OSError:  # pragma: no cover - every supported kernel has extended acks
             pass
+        self._setup()
         self.sock.bind((0, 0))
-        self.marshal = MarshalXfrm()
+        self.marshal = self._marshal()
         self._seq = itertools.count(int.from_bytes(os.urandom(2), "big") + 1)
         self._buf = bytearray(_RECV_BUFSIZE)
+
+    def _setup(self) -> None:
+        pass
+
+    def _marshal(self):
+        return MarshalXfrm()
 
     def close(self) -> None:
         self.sock.close()
@@ -274,6 +283,28 @@ class XfrmSocket:
             size += len(data)
         flush()
         return results
+
+
+_NETLINK_GET_STRICT_CHK = 12
+
+
+class RtnlSocket(XfrmSocket):
+    """The same synchronous requests, acks, dumps and batches on NETLINK_ROUTE (interfaces,
+    addresses, routes), with pyroute2's rtnetlink messages (ifinfmsg, ifaddrmsg, rtmsg). Strict
+    checking is on, so a dump filtered by ifindex is filtered by the kernel (Linux 4.20+), not
+    by reading every object of the namespace."""
+
+    PROTOCOL = socket.NETLINK_ROUTE
+
+    def _setup(self) -> None:
+        try:
+            self.sock.setsockopt(SOL_NETLINK, _NETLINK_GET_STRICT_CHK, 1)
+        except OSError:  # pragma: no cover - older kernels: dumps are filtered here instead
+            pass
+
+    def _marshal(self):
+        from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+        return MarshalRtnl()
 
 
 class XfrmEventSocket:
