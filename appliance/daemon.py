@@ -66,6 +66,7 @@ from appliance.ikesockets import IkeSockets, SocketsError
 from appliance.logs import register_secret, setup_logging
 from appliance.metrics import IsthmusMetrics, MetricsServer, Registry, parse_listen
 from appliance.crl_fetch import CrlFetcher
+from appliance.entropy import KernelRandom
 from appliance.static_routes import static_metric
 from appliance.tunnels import TunnelPlan, diff_plans, plan_tunnels
 from bgp.manager import RouteManager, bgp_wanted
@@ -218,7 +219,7 @@ class Daemon:
                 self.bus.publish("dataplane_error", None, message=err)
 
         # certificate validity needs the wall clock: UNIX time = engine time + offset
-        self.engine = IkeEngine([p.ike for p in plans.values()], random=os.urandom,
+        self.engine = IkeEngine([p.ike for p in plans.values()], random=KernelRandom(),
                                 dos=config.appliance.dos_protection,
                                 wall_offset=time.time() - self.clock())
         self.sockets = IkeSockets(self._datagram)
