@@ -243,8 +243,8 @@ class IsthmusResponder:
             self.app.stop(signal.SIGTERM, timeout=600)
         else:
             self.app.kill()
-            self.ns.run("ip -o link show type xfrm | cut -d: -f2 | cut -d@ -f1 | xargs -rn1 ip link del", check=False)
-        self.ns.run("ip xfrm state flush; ip xfrm policy flush", check=False)
+        # the interfaces go with the namespace
+        self.ns.run("ip xfrm state flush; ip xfrm policy flush", check=False, timeout=600)
 
 
 def one(responder_cls, n: int, tmp: Path, tag: str, profile: str | None = None) -> dict:
