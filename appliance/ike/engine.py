@@ -39,7 +39,7 @@ from appliance.ike import events as ev
 from appliance.ike.child import ChildSa
 from appliance.ike.constants import NotifyType
 from appliance.ike.message import ParseError, parse_header
-from appliance.ike.proposals import contains
+from appliance.ike.proposals import Proposal, contains
 from appliance.ike.policy import DosProtection, Identity, TunnelConfig
 from appliance.ike.sa import Endpoint, IkeSa, IkeState
 
@@ -58,6 +58,25 @@ class Datagram:
     src: Endpoint
     dst: Endpoint
     keepalive: bool = False
+
+
+class ResponderOffer:
+    """Candidate tunnels for an address pair, their proposals without repeats, and (memo) the
+    candidates that accept a given chosen proposal."""
+
+    def __init__(self, candidates: list[TunnelConfig], proposals: list[Proposal]):
+        self.candidates = candidates
+        self.proposals = proposals
+        self._accepting: dict[Proposal, list[TunnelConfig]] = {}
+
+    def accepting(self, chosen: Proposal) -> list[TunnelConfig]:
+        key = Proposal(chosen.protocol, chosen.transforms, chosen.number)   # the SPI plays no part
+        hit = self._accepting.get(key)
+        if hit is None:
+            if len(self._accepting) >= 64:
+                self._accepting.clear()
+            hit = self._accepting[key] = [c for c in self.candidates if contains(c.ike_proposals, key)]
+        return hit
 
 
 @dataclass
@@ -125,6 +144,7 @@ class IkeEngine:
         self._tunnel_heap: list[tuple[float, int, str]] = []
         self._tunnel_order = 0
         self._by_remote: dict | None = None     # configs_for index, rebuilt after tunnel changes
+        self._offers: dict = {}                 # responder_offer cache, emptied with it
         self._out: list[Datagram] = []
         self._events: deque[ev.Event] = deque()
         self._started = False
@@ -200,6 +220,7 @@ class IkeEngine:
         self._tunnels[config.name] = t
         self._dirty_tunnels.add(config.name)
         self._by_remote = None
+        self._offers = {}
 
     def remove_tunnel(self, name: str, now: float) -> None:
         """Delete the tunnel's SAs (DELETE sent for established ones) and forget the tunnel.
@@ -215,6 +236,7 @@ class IkeEngine:
         t.on_due_change = None
         self._dirty_tunnels.discard(name)
         self._by_remote = None
+        self._offers = {}
 
     def tunnels(self) -> list[TunnelConfig]:
         return [t.config for t in self._tunnels.values()]
@@ -562,6 +584,23 @@ class IkeEngine:
                 continue
             out.append(c)
         return out
+
+    def responder_offer(self, local: Endpoint, remote: Endpoint) -> "ResponderOffer":
+        """What an IKE_SA_INIT from `remote` to `local` is answered from: the candidate tunnels
+        (configs_for) and the union of their IKE proposals without repeats, kept per address
+        pair until the tunnels change. Many tunnels to one peer address share their proposals
+        (issue 13: 1,000 tunnels behind one address); without this every IKE_SA_INIT would
+        walk every candidate's proposals."""
+        key = (_ip(local[0]), _ip(remote[0]))
+        offer = self._offers.get(key)
+        if offer is None:
+            candidates = self.configs_for(local, remote)
+            ours = list(dict.fromkeys(p for c in candidates for p in c.ike_proposals))
+            offer = ResponderOffer(candidates, ours)
+            if len(self._offers) >= 1024:     # addresses come from the wire: stay bounded
+                self._offers.clear()
+            self._offers[key] = offer
+        return offer
 
     def select_config(self, sa: IkeSa, peer: Identity, wanted: Identity | None) -> TunnelConfig | None:
         """The tunnel an authenticating responder SA belongs to (by the peer's IDi/IDr), in the

@@ -298,7 +298,8 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
         return None
     if enc is not None:
         return None
-    candidates = engine.configs_for(dst, src)
+    offer = engine.responder_offer(dst, src)
+    candidates = offer.candidates
     if not candidates:
         log.info("IKE_SA_INIT from %s:%d to %s:%d matches no tunnel; ignored", *src, *dst)
         return None
@@ -310,10 +311,7 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
     if not engine.admit_half_open(hdr, cookie.data if cookie is not None else None, nonce.data,
                                   src, dst, now):
         return None    # a COOKIE was asked for, or a half-open limit holds (no DH done)
-    ours: list[Proposal] = []
-    for c in candidates:
-        ours.extend(c.ike_proposals)
-    chosen = select_proposal(ours, sa_p.proposals)
+    chosen = select_proposal(offer.proposals, sa_p.proposals)
     if chosen is None or len(chosen.spi) not in (0,):
         n, total = offer_size(sa_p.proposals)
         log.info("IKE_SA_INIT from %s: no acceptable proposal among %d (%d transforms)", src[0], n, total)
@@ -326,7 +324,7 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
         return None
     # The SA can end up with only those tunnels whose own proposals contain the chosen one
     # (it is chosen from their union: the peer's identity is not known before IKE_AUTH).
-    candidates = [c for c in candidates if contains(c.ike_proposals, chosen)]
+    candidates = offer.accepting(chosen)
     group = selected_group(chosen)
     if ke_p.dh_group != group:
         _stateless(engine, hdr, [Notify(NotifyType.INVALID_KE_PAYLOAD, data=group.to_bytes(2, "big"))],
