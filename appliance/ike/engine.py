@@ -133,6 +133,7 @@ class IkeEngine:
         # alive SAs by tunnel name, and the timer bookkeeping: each SA's next timer is cached
         # and recomputed only for SAs touched since (every entry point touches what it acts on)
         self._by_tunnel: dict[str, set[IkeSa]] = {}
+        self._registered = 0                    # registration order (IkeSa.registered)
         self._timer_of: dict[IkeSa, float] = {}
         self._timer_heap: list[tuple[float, int, IkeSa]] = []
         self._dirty: set[IkeSa] = set()
@@ -434,8 +435,12 @@ class IkeEngine:
 
     # ------------------------------------------------------------------ status
     def sas(self, name: str | None = None) -> list[IkeSa]:
-        """Alive IKE SAs (of one tunnel), for status output."""
-        return [sa for sa in self._sas.values() if sa.alive and (name is None or sa.tunnel == name)]
+        """Alive IKE SAs (of one tunnel), for status output, oldest first. One tunnel's come from
+        its own index: the daemon asks per event, which must not walk every tunnel's SAs."""
+        if name is None:
+            return [sa for sa in self._sas.values() if sa.alive]
+        members = self._by_tunnel.get(name, ())
+        return sorted((sa for sa in members if sa.alive and sa.tunnel == name), key=lambda sa: sa.registered)
 
     def current_sa(self, name: str) -> IkeSa | None:
         """The tunnel's established IKE SA (not replaced, not a duplicate being deleted)."""
@@ -474,6 +479,8 @@ class IkeEngine:
         self._child_spis.discard(spi)
 
     def register(self, sa: IkeSa) -> None:
+        self._registered += 1
+        sa.registered = self._registered
         self._sas[sa.my_spi] = sa
         self._by_tunnel.setdefault(sa.tunnel, set()).add(sa)
         self._touch(sa)
