@@ -433,6 +433,18 @@ class IkeEngine:
     def next_event(self) -> ev.Event | None:
         return self._events.popleft() if self._events else None
 
+    def tunnel_of_datagram(self, data: bytes) -> str | None:
+        """The tunnel of the IKE SA one of our own datagrams belongs to (from its IKE header:
+        our SPI is SPIi when we are the original initiator, SPIr otherwise); None for a
+        keepalive, an SA not (or no longer) known, or a half-open responder SA whose tunnel is
+        not decided yet."""
+        if len(data) < 28:
+            return None
+        sa = self._sas.get(data[0:8] if data[19] & 0x08 else data[8:16])
+        if sa is None or sa.config is None:
+            return None
+        return sa.config.name
+
     # ------------------------------------------------------------------ status
     def sas(self, name: str | None = None) -> list[IkeSa]:
         """Alive IKE SAs (of one tunnel), for status output, oldest first. One tunnel's come from

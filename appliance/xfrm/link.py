@@ -23,14 +23,12 @@ import errno
 import ipaddress
 import os
 import socket
+import struct
 from dataclasses import dataclass
 
 from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
 from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELLINK, RTM_GETADDR, RTM_GETLINK, RTM_GETROUTE, RTM_NEWADDR,
                                    RTM_NEWLINK)
-from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from appliance.xfrm.model import IF_ID_MAX, IF_ID_MIN, IPAddress, IPInterface, TunnelInterface
 from appliance.xfrm.netlink import NetlinkError, Request, RtnlSocket
@@ -64,48 +62,91 @@ class LinkInfo:
         return None
 
 
-def _link_msg(index: int = 0, attrs: list | None = None, flags: int = 0, change: int = 0) -> ifinfmsg:
-    m = ifinfmsg()
-    m["family"] = socket.AF_UNSPEC
-    m["index"] = index
-    m["flags"] = flags
-    m["change"] = change
-    m["attrs"] = attrs or []
-    return m
+# rtnetlink structures (linux/rtnetlink.h, if_link.h, if_addr.h): only what the data plane reads
+_IFINFO = struct.Struct("BxHiII")          # family, type, index, flags, change
+_IFADDR = struct.Struct("BBBBI")           # family, prefixlen, flags, scope, index
+_RTMSG = struct.Struct("BBBBBBBBI")        # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_IFSTATS = struct.Struct("BBHII")         # if_stats_msg: family, pad, pad, ifindex, filter_mask
+_NLA = struct.Struct("HH")
+RTM_GETSTATS = 94
+IFLA_STATS_LINK_64 = 1
+IFLA_STATS_FILTER_LINK_64 = 1 << (IFLA_STATS_LINK_64 - 1)
+_NLMSG_HDRLEN = 16
+IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_STATS64, IFLA_EXT_MASK = 3, 4, 18, 20, 23, 29
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_XFRM_LINK, IFLA_XFRM_IF_ID = 1, 2
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTA_DST, RTA_OIF, RTA_METRICS, RTAX_MTU = 1, 4, 8, 2
+RTEXT_FILTER_SKIP_STATS = 1 << 3
+_SKIP_STATS = struct.pack("HHI", 8, IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
 
 
-def _addr_msg(index: int, a: IPInterface | None = None) -> ifaddrmsg:
-    m = ifaddrmsg()
-    m["family"] = socket.AF_UNSPEC if a is None else (socket.AF_INET if a.version == 4 else socket.AF_INET6)
-    m["index"] = index
-    m["attrs"] = []
-    if a is not None:
-        m["prefixlen"] = a.network.prefixlen
-        m["attrs"] = [("IFA_LOCAL", str(a.ip)), ("IFA_ADDRESS", str(a.ip))] if a.version == 4 else \
-            [("IFA_ADDRESS", str(a.ip))]
-        if a.version == 6:
-            m["flags"] = IFA_F_NODAD
-    return m
+def _nla(atype: int, payload: bytes) -> bytes:
+    n = _NLA.size + len(payload)
+    return _NLA.pack(n, atype) + payload + b"\0" * (-n % 4)
 
 
-def _new_link_msg(iface: TunnelInterface, underlay: int | None) -> ifinfmsg:
-    data = [("IFLA_XFRM_IF_ID", iface.if_id)]
-    if underlay is not None:
-        data.append(("IFLA_XFRM_LINK", underlay))
-    return _link_msg(attrs=[("IFLA_IFNAME", iface.ifname),
-                            ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "xfrm"),
-                                                         ("IFLA_INFO_DATA", {"attrs": data})]})])
+def _u32(atype: int, v: int) -> bytes:
+    return _nla(atype, struct.pack("I", v))
 
 
+def _cstr(atype: int, text: str) -> bytes:
+    return _nla(atype, text.encode() + b"\0")
 
-def _info(msg) -> LinkInfo:
-    kind = msg.get(("linkinfo", "kind"))
-    if_id = link = None
-    if kind == "xfrm":
-        if_id = msg.get(("linkinfo", "data", "xfrm_if_id"))
-        link = msg.get(("linkinfo", "data", "xfrm_link"))
-    return LinkInfo(index=msg["index"], ifname=msg.get("ifname"), kind=kind, if_id=if_id, link=link,
-                    mtu=msg.get("mtu") or 0, up=bool(msg["flags"] & IFF_UP), alias=msg.get("ifalias"))
+
+def _attrs(data: bytes, offset: int, end: int | None = None) -> dict[int, bytes]:
+    """Attributes (type without the nested/byte-order flags -> payload), the first of a type."""
+    out: dict[int, bytes] = {}
+    end = len(data) if end is None else end
+    while offset + 4 <= end:
+        alen, atype = _NLA.unpack_from(data, offset)
+        if alen < 4:
+            break
+        out.setdefault(atype & 0x3FFF, data[offset + 4:offset + alen])
+        offset += (alen + 3) & ~3
+    return out
+
+
+def _text(raw: bytes | None) -> str | None:
+    return raw.split(b"\0", 1)[0].decode(errors="replace") if raw is not None else None
+
+
+def _link_msg(index: int = 0, attrs: bytes = b"", flags: int = 0, change: int = 0) -> bytes:
+    return _IFINFO.pack(socket.AF_UNSPEC, 0, index, flags, change) + attrs
+
+
+def _addr_msg(index: int, a: IPInterface | None = None) -> bytes:
+    if a is None:
+        return _IFADDR.pack(socket.AF_UNSPEC, 0, 0, 0, index)
+    if a.version == 4:
+        return (_IFADDR.pack(socket.AF_INET, a.network.prefixlen, 0, 0, index)
+                + _nla(IFA_LOCAL, a.ip.packed) + _nla(IFA_ADDRESS, a.ip.packed))
+    return _IFADDR.pack(socket.AF_INET6, a.network.prefixlen, IFA_F_NODAD, 0, index) + _nla(IFA_ADDRESS, a.ip.packed)
+
+
+def _new_link_msg(iface: TunnelInterface, underlay: int | None) -> bytes:
+    data = _u32(IFLA_XFRM_IF_ID, iface.if_id) + (_u32(IFLA_XFRM_LINK, underlay) if underlay is not None else b"")
+    info = _cstr(IFLA_INFO_KIND, "xfrm") + _nla(IFLA_INFO_DATA, data)
+    return _link_msg(attrs=_cstr(IFLA_IFNAME, iface.ifname) + _nla(IFLA_LINKINFO, info))
+
+
+def _info(raw: bytes) -> LinkInfo:
+    """A LinkInfo from an RTM_NEWLINK message (netlink header included)."""
+    _fam, _type, index, flags, _change = _IFINFO.unpack_from(raw, _NLMSG_HDRLEN)
+    a = _attrs(raw, _NLMSG_HDRLEN + _IFINFO.size)
+    kind = if_id = link = None
+    li = a.get(IFLA_LINKINFO)
+    if li is not None:
+        info = _attrs(li, 0)
+        kind = _text(info.get(IFLA_INFO_KIND))
+        if kind == "xfrm" and IFLA_INFO_DATA in info:
+            data = _attrs(info[IFLA_INFO_DATA], 0)
+            if IFLA_XFRM_IF_ID in data:
+                (if_id,) = struct.unpack_from("I", data[IFLA_XFRM_IF_ID])
+            (link,) = struct.unpack_from("I", data[IFLA_XFRM_LINK]) if IFLA_XFRM_LINK in data else (0,)
+    mtu = struct.unpack_from("I", a[IFLA_MTU])[0] if IFLA_MTU in a else 0
+    return LinkInfo(index=index, ifname=_text(a.get(IFLA_IFNAME)) or "", kind=kind, if_id=if_id, link=link,
+                    mtu=mtu, up=bool(flags & IFF_UP), alias=_text(a.get(IFLA_IFALIAS)) or None)
 
 
 class Links:
@@ -121,7 +162,7 @@ class Links:
 
     # --- reading -------------------------------------------------------------------------------
 
-    def _get(self, msg: ifinfmsg, what: str) -> LinkInfo | None:
+    def _get(self, msg: bytes, what: str) -> LinkInfo | None:
         try:
             msgs = self.nl.get(msg, RTM_GETLINK, what)
         except NetlinkError as e:
@@ -131,14 +172,27 @@ class Links:
         return _info(msgs[0]) if msgs else None
 
     def get(self, ifname: str) -> LinkInfo | None:
-        return self._get(_link_msg(attrs=[("IFLA_IFNAME", ifname)]), f"reading interface {ifname}")
+        return self._get(_link_msg(attrs=_cstr(IFLA_IFNAME, ifname) + _SKIP_STATS), f"reading interface {ifname}")
 
     def by_index(self, index: int) -> LinkInfo | None:
-        return self._get(_link_msg(index), f"reading interface #{index}")
+        return self._get(_link_msg(index, _SKIP_STATS), f"reading interface #{index}")
 
     def all_links(self) -> list[LinkInfo]:
         """Every interface of the namespace (one dump)."""
-        return [_info(msg) for msg in self.nl.dump(_link_msg(), RTM_GETLINK, "listing interfaces")]
+        return [_info(msg) for msg in self.nl.dump(_link_msg(attrs=_SKIP_STATS), RTM_GETLINK, "listing interfaces")]
+
+    def packet_counters(self) -> dict[int, tuple[int, int]]:
+        """ifindex -> (packets received, packets sent) of every interface, in one RTM_GETSTATS
+        dump of the 64-bit link counters only (small messages, nothing else decoded). On an XFRM
+        interface these count what its SAs decrypted and encrypted."""
+        out = {}
+        req = _IFSTATS.pack(socket.AF_UNSPEC, 0, 0, 0, IFLA_STATS_FILTER_LINK_64)
+        for msg in self.nl.dump(req, RTM_GETSTATS, "reading interface counters"):
+            index = _IFSTATS.unpack_from(msg, _NLMSG_HDRLEN)[3]
+            st = _attrs(msg, _NLMSG_HDRLEN + _IFSTATS.size).get(IFLA_STATS_LINK_64)
+            if st is not None and len(st) >= 16:
+                out[index] = struct.unpack_from("QQ", st)
+        return out
 
     def xfrm_links(self) -> list[LinkInfo]:
         """Every XFRM interface of the namespace (ours or not)."""
@@ -147,33 +201,35 @@ class Links:
     def addresses(self, index: int) -> set[IPInterface]:
         out = set()
         for a in self.nl.dump(_addr_msg(index), RTM_GETADDR, f"reading the addresses of interface #{index}"):
-            if a["index"] != index:      # a kernel without strict checking does not filter
+            family, prefixlen, _flags, _scope, aindex = _IFADDR.unpack_from(a, _NLMSG_HDRLEN)
+            if aindex != index:      # a kernel without strict checking does not filter
                 continue
-            addr = a.get("IFA_LOCAL") or a.get("IFA_ADDRESS")
-            if addr and not (a["family"] == socket.AF_INET6 and ipaddress.ip_address(addr).is_link_local):
-                out.add(ipaddress.ip_interface(f"{addr}/{a['prefixlen']}"))
+            attrs = _attrs(a, _NLMSG_HDRLEN + _IFADDR.size)
+            raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+            if raw is None or len(raw) not in (4, 16):
+                continue
+            addr = ipaddress.ip_address(raw)
+            if not (family == socket.AF_INET6 and addr.is_link_local):
+                out.add(ipaddress.ip_interface(f"{addr}/{prefixlen}"))
         return out
 
     def underlay_mtu(self, remote: IPAddress) -> int:
         """The MTU towards `remote` on the underlay: the route's MTU if it has one, else its
         device's. 1500 when there is no route (the SA will not carry traffic either)."""
-        m = rtmsg()
-        m["family"] = socket.AF_INET if remote.version == 4 else socket.AF_INET6
-        m["dst_len"] = remote.max_prefixlen
-        m["attrs"] = [("RTA_DST", str(remote))]
+        family = socket.AF_INET if remote.version == 4 else socket.AF_INET6
+        m = _RTMSG.pack(family, remote.max_prefixlen, 0, 0, 0, 0, 0, 0, 0) + _nla(RTA_DST, remote.packed)
         try:
             routes = self.nl.get(m, RTM_GETROUTE, f"looking up the route to {remote}")
         except NetlinkError:
             return DEFAULT_UNDERLAY_MTU
         if not routes:
             return DEFAULT_UNDERLAY_MTU
-        route = routes[0]
-        metrics = route.get("RTA_METRICS")
-        if metrics is not None:
-            mtu = metrics.get("RTAX_MTU")
-            if mtu:
-                return int(mtu)
-        oif = route.get("RTA_OIF")
+        route = _attrs(routes[0], _NLMSG_HDRLEN + _RTMSG.size)
+        if RTA_METRICS in route:
+            mtu = _attrs(route[RTA_METRICS], 0).get(RTAX_MTU)
+            if mtu is not None and struct.unpack_from("I", mtu)[0]:
+                return struct.unpack_from("I", mtu)[0]
+        oif = struct.unpack_from("I", route[RTA_OIF])[0] if RTA_OIF in route else None
         dev = self.by_index(oif) if oif else None
         return dev.mtu if dev and dev.mtu else DEFAULT_UNDERLAY_MTU
 
@@ -228,7 +284,7 @@ class Links:
         if not created:
             return made, failed
         # the alias by name (ifindex 0 + IFLA_IFNAME): no index needed yet
-        reqs = [Request(_link_msg(attrs=[("IFLA_IFNAME", i.ifname), ("IFLA_IFALIAS", ALIAS_PREFIX + i.tunnel)]),
+        reqs = [Request(_link_msg(attrs=_cstr(IFLA_IFNAME, i.ifname) + _cstr(IFLA_IFALIAS, ALIAS_PREFIX + i.tunnel)),
                         RTM_NEWLINK, 0, f"setting the alias of interface {i.ifname}") for i in created]
         errs = self.nl.batch(reqs)
         by_name = {x.ifname: x for x in self.all_links()}
@@ -267,18 +323,18 @@ class Links:
             if e.code not in (errno.ENODEV, errno.ENOENT):
                 raise
 
-    def _set(self, index: int, what: str, attrs: list | None = None, flags: int = 0, change: int = 0) -> None:
+    def _set(self, index: int, what: str, attrs: bytes = b"", flags: int = 0, change: int = 0) -> None:
         self.nl.request(_link_msg(index, attrs, flags, change), RTM_NEWLINK, 0, what)
 
     def set_alias(self, index: int, tunnel: str) -> None:
-        self._set(index, f"setting the alias of interface #{index}", [("IFLA_IFALIAS", ALIAS_PREFIX + tunnel)])
+        self._set(index, f"setting the alias of interface #{index}", _cstr(IFLA_IFALIAS, ALIAS_PREFIX + tunnel))
 
     def set_up(self, index: int, up: bool) -> None:
         self._set(index, f"setting interface #{index} {'up' if up else 'down'}", flags=IFF_UP if up else 0,
                   change=IFF_UP)
 
     def set_mtu(self, index: int, mtu: int) -> None:
-        self._set(index, f"setting the MTU of interface #{index} to {mtu}", [("IFLA_MTU", mtu)])
+        self._set(index, f"setting the MTU of interface #{index} to {mtu}", _u32(IFLA_MTU, mtu))
 
     def sync_addresses(self, index: int, wanted: tuple[IPInterface, ...], fresh: bool = False) -> None:
         """Make the interface's addresses exactly `wanted` (IPv6 link-local ones aside); `fresh`:

@@ -288,11 +288,21 @@ class XfrmSocket:
 _NETLINK_GET_STRICT_CHK = 12
 
 
+class _RawMessages:
+    """A 'marshal' that hands each reply back as its raw bytes (header included)."""
+
+    @staticmethod
+    def parse(chunk: bytes) -> list[bytes]:
+        return [bytes(chunk)]
+
+
 class RtnlSocket(XfrmSocket):
     """The same synchronous requests, acks, dumps and batches on NETLINK_ROUTE (interfaces,
-    addresses, routes), with pyroute2's rtnetlink messages (ifinfmsg, ifaddrmsg, rtmsg). Strict
-    checking is on, so a dump filtered by ifindex is filtered by the kernel (Linux 4.20+), not
-    by reading every object of the namespace."""
+    addresses, routes). Messages are bytes: the caller gives the body after the netlink header
+    (appliance/xfrm/link.py builds and reads the few rtnetlink structures it needs with
+    struct) and gets each reply as raw bytes; decoding a whole link message with pyroute2
+    cost more than the kernel's work (issue 13). Strict checking is on, so a dump filtered by
+    ifindex is filtered by the kernel (Linux 4.20+), not by reading every object."""
 
     PROTOCOL = socket.NETLINK_ROUTE
 
@@ -303,8 +313,11 @@ class RtnlSocket(XfrmSocket):
             pass
 
     def _marshal(self):
-        from pyroute2.netlink.rtnl.marshal import MarshalRtnl
-        return MarshalRtnl()
+        return _RawMessages()
+
+    def _encode(self, msg: bytes, msg_type: int, flags: int) -> tuple[int, bytes]:  # type: ignore[override]
+        seq = next(self._seq) & 0xFFFFFFFF
+        return seq, _NLMSG_HDR.pack(_NLMSG_HDR.size + len(msg), msg_type, flags, seq, 0) + msg
 
 
 class XfrmEventSocket:
