@@ -24,11 +24,14 @@ transaction, someone else editing our table) the next change rewrites the table 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import json
 import socket
 import struct
 import subprocess
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -87,7 +90,67 @@ def _netns_prefix(netns: str | None) -> list[str]:
     return ["nsenter", f"--net={path}", "--"]
 
 
+class _LibNftables:
+    """libnftables (the library the nft command is made of), called in-process through ctypes:
+    the same script text as ``nft -f -``, without starting a program for every Child SA (a
+    fork and exec of nft cost more CPU than the whole IKE exchange in the lab guest, issue 13).
+    Used for the daemon's own namespace; another namespace (tests, benchmarks) goes through
+    ``nsenter ... nft``. One context per thread that uses it."""
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(ctypes.util.find_library("nftables") or "libnftables.so.1")
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+            getattr(lib, name).restype = ctypes.c_int
+        for name in ("nft_ctx_get_output_buffer", "nft_ctx_get_error_buffer"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+            getattr(lib, name).restype = ctypes.c_char_p
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        self.lib = lib
+        self._local = threading.local()
+
+    def _ctx(self) -> int:
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = self.lib.nft_ctx_new(0)
+            if not ctx:
+                raise NftError("nft: libnftables could not make a context")
+            self.lib.nft_ctx_buffer_output(ctx)
+            self.lib.nft_ctx_buffer_error(ctx)
+            self._local.ctx = ctx
+        return ctx
+
+    def run(self, script: str) -> str:
+        ctx = self._ctx()
+        rc = self.lib.nft_run_cmd_from_buffer(ctx, script.encode())
+        out = (self.lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
+        err = (self.lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+        if rc != 0:
+            raise NftError("nft: " + (err.strip() or f"libnftables returned {rc}"))
+        return out
+
+
+_LIB: _LibNftables | None = None
+_LIB_TRIED = False
+
+
+def _library() -> _LibNftables | None:
+    global _LIB, _LIB_TRIED
+    if not _LIB_TRIED:
+        _LIB_TRIED = True
+        try:
+            _LIB = _LibNftables()
+        except (OSError, AttributeError):   # no libnftables: the nft program does the same
+            _LIB = None
+    return _LIB
+
+
 def _nft(args: list[str], netns: str | None, stdin: str | None = None) -> str:
+    if netns is None and args == ["-f", "-"] and stdin is not None and (lib := _library()) is not None:
+        return lib.run(stdin)
     argv = _netns_prefix(netns) + ["nft", *args]
     try:
         r = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
@@ -96,7 +159,7 @@ def _nft(args: list[str], netns: str | None, stdin: str | None = None) -> str:
     except subprocess.TimeoutExpired:
         raise NftError(f"nft {' '.join(args)} did not finish in 30 s") from None
     if r.returncode != 0:
-        raise NftError((r.stderr or r.stdout).strip() or f"nft exited with status {r.returncode}")
+        raise NftError("nft: " + ((r.stderr or r.stdout).strip() or f"exited with status {r.returncode}"))
     return r.stdout
 
 

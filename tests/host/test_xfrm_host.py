@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import sys
 import re
 
 import pytest
@@ -185,6 +187,31 @@ def test_nft_clamps_change_one_tunnel_at_a_time():
             assert _nft_handles(ns)[0] != t0
         finally:
             table.close()
+
+
+_IN_PROCESS = """
+import sys
+from appliance.xfrm import nft
+t = nft.ClampTable(None)
+t.reset([])
+b, c = nft.MssClamp("to-b", "xfrm-b", 1406, 1386), nft.MssClamp("to-c", "xfrm-c", 1382, 1362)
+t.sync({}, {"to-b": b, "to-c": c})
+t.sync({"to-b": b, "to-c": c}, {"to-c": c})
+try:
+    t.sync({"to-c": c}, {"to-c": c, "to-d": nft.MssClamp("to-d", 'x"y', 1300, 1280)})
+except nft.NftError as e:
+    print("refused:", str(e).splitlines()[0])
+"""
+
+
+def test_nft_in_the_daemons_own_namespace_runs_in_process():
+    """The daemon's namespace (netns None): libnftables in-process, no nft program - the child
+    has no PATH at all - and refusals still carry nft's words."""
+    with Netns("x") as ns:
+        r = ns.run(["env", "-i", f"PYTHONPATH={os.getcwd()}", sys.executable, "-c", _IN_PROCESS], check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.startswith("refused: nft: Error:"), r.stdout
+        assert nft.read_clamps(ns.name) == [nft.MssClamp("to-c", "xfrm-c", 1382, 1362)]
 
 
 def test_nft_refusal_carries_nfts_words():
