@@ -64,19 +64,43 @@ class ResponderOffer:
     """Candidate tunnels for an address pair, their proposals without repeats, and (memo) the
     candidates that accept a given chosen proposal."""
 
-    def __init__(self, candidates: list[TunnelConfig], proposals: list[Proposal]):
+    def __init__(self, candidates: list[TunnelConfig], proposals: list[Proposal], generation: int):
         self.candidates = candidates
         self.proposals = proposals
-        self._accepting: dict[Proposal, list[TunnelConfig]] = {}
+        self.generation = generation
+        self._accepting: dict[Proposal, Candidates] = {}
 
-    def accepting(self, chosen: Proposal) -> list[TunnelConfig]:
+    def accepting(self, chosen: Proposal) -> "Candidates":
         key = Proposal(chosen.protocol, chosen.transforms, chosen.number)   # the SPI plays no part
         hit = self._accepting.get(key)
         if hit is None:
             if len(self._accepting) >= 64:
                 self._accepting.clear()
-            hit = self._accepting[key] = [c for c in self.candidates if contains(c.ike_proposals, key)]
+            hit = self._accepting[key] = Candidates((c for c in self.candidates if contains(c.ike_proposals, key)),
+                                                    self.generation)
         return hit
+
+
+class Candidates(list):
+    """A responder SA's candidate tunnels (in tunnel order), shared by the SAs answered from the
+    same offer, with an index by remote_id built on first use: select_config looks at the
+    tunnels that name the peer's identity (or none) instead of comparing it with every
+    candidate's. Valid while the engine's tunnels are those of `generation`."""
+
+    def __init__(self, items, generation: int):
+        super().__init__(items)
+        self.generation = generation
+        self._by_id: dict | None = None
+        self.nat_mode: str | None = None      # natd.mode of these candidates, once computed
+
+    def for_peer(self, peer: Identity) -> list[TunnelConfig]:
+        if self._by_id is None:
+            by_id: dict = {}
+            for i, c in enumerate(self):
+                by_id.setdefault(c.remote_id, []).append((i, c))
+            self._by_id = by_id
+        hits = self._by_id.get(peer, []) + self._by_id.get(None, [])
+        return [c for _, c in sorted(hits, key=lambda x: x[0])] if None in self._by_id else [c for _, c in hits]
 
 
 @dataclass
@@ -146,6 +170,7 @@ class IkeEngine:
         self._tunnel_order = 0
         self._by_remote: dict | None = None     # configs_for index, rebuilt after tunnel changes
         self._offers: dict = {}                 # responder_offer cache, emptied with it
+        self._generation = 0                    # tunnels added or removed so far
         self._out: list[Datagram] = []
         self._events: deque[ev.Event] = deque()
         self._started = False
@@ -222,6 +247,7 @@ class IkeEngine:
         self._dirty_tunnels.add(config.name)
         self._by_remote = None
         self._offers = {}
+        self._generation += 1
 
     def remove_tunnel(self, name: str, now: float) -> None:
         """Delete the tunnel's SAs (DELETE sent for established ones) and forget the tunnel.
@@ -238,6 +264,7 @@ class IkeEngine:
         self._dirty_tunnels.discard(name)
         self._by_remote = None
         self._offers = {}
+        self._generation += 1
 
     def tunnels(self) -> list[TunnelConfig]:
         return [t.config for t in self._tunnels.values()]
@@ -615,7 +642,7 @@ class IkeEngine:
         if offer is None:
             candidates = self.configs_for(local, remote)
             ours = list(dict.fromkeys(p for c in candidates for p in c.ike_proposals))
-            offer = ResponderOffer(candidates, ours)
+            offer = ResponderOffer(candidates, ours, self._generation)
             if len(self._offers) >= 1024:     # addresses come from the wire: stay bounded
                 self._offers.clear()
             self._offers[key] = offer
@@ -626,7 +653,10 @@ class IkeEngine:
         configuration of now: a tunnel reloaded since IKE_SA_INIT is matched as it is now
         configured, provided it would still take an IKE_SA_INIT from these addresses."""
         now_configs: list[TunnelConfig] | None = None
-        for old in sa.candidates:
+        cands = sa.candidates
+        if isinstance(cands, Candidates) and cands.generation == self._generation:
+            cands = cands.for_peer(peer)     # the others have a remote_id that is not the peer's
+        for old in cands:
             t = self._tunnels.get(old.name)
             if t is None:
                 continue
