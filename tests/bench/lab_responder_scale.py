@@ -232,7 +232,25 @@ class IsthmusResponder:
             time.sleep(0.05)
         took = time.monotonic() - t0
         pin(self.app.proc.pid, 0)     # threads started meanwhile
+        self.phases = self._phases(time.time() - took)
         return took
+
+    def _phases(self, started: float) -> str:
+        """Where the start-up went, from the daemon's own log time stamps."""
+        import datetime
+        marks = {}
+        for r in self.app.log_records():
+            msg, ts = r.get("message", ""), r.get("time")
+            if not ts:
+                continue
+            t = datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+                tzinfo=datetime.timezone.utc).timestamp() - started
+            marks.setdefault("first log line (interpreter, imports, config)", t)
+            if msg.startswith("kernel state reconciled"):
+                marks.setdefault("interfaces reconciled", t)
+            if " ready: " in msg:
+                marks.setdefault("ready", t)
+        return ", ".join(f"{k} {v:.1f} s" for k, v in marks.items())
 
     @property
     def pid(self) -> int:
@@ -271,7 +289,8 @@ def one(responder_cls, n: int, tmp: Path, tag: str, profile: str | None = None) 
         done = max(up, 1)
         return dict(label=resp.label, n=n, up=up, failed=failed, states=states, seconds=seconds,
                     rate=up / seconds if seconds else 0.0, cpu_ms=(cpu1 - cpu0) * 1000 / done,
-                    rss_kib=(rss1 - rss0) / done, extra=(udp1 - udp0) - 2 * up, startup=startup)
+                    rss_kib=(rss1 - rss0) / done, extra=(udp1 - udp0) - 2 * up, startup=startup,
+                    phases=getattr(resp, "phases", ""))
 
 
 def ip_batch_links(n: int, tmp: Path) -> float:
@@ -323,7 +342,8 @@ def main() -> int:
             us = one(IsthmusResponder, n, tmp, f"i{n}")
             show(us)
             anchor = ip_batch_links(n, tmp)
-            print(f"  isthmusd start-up with {n} tunnels (ready, {n} interfaces): {us['startup']:.2f} s; "
+            print(f"  isthmusd start-up with {n} tunnels (ready, {n} interfaces): {us['startup']:.2f} s "
+                  f"({us['phases']}); "
                   f"ip -batch making the same interfaces: {anchor:.2f} s; ratio {us['startup'] / anchor:.1f}"
                   + (" (goal <= 10 s)" if n >= 1000 else ""), flush=True)
             print(f"  ratios isthmusd / charon at N={n}: SA/s {us['rate'] / ch['rate']:.2f} (goal >= 1.0), "
@@ -343,7 +363,7 @@ def main() -> int:
                 finally:
                     resp.stop()
             anchor = ip_batch_links(n, tmp)
-            print(f"  isthmusd start-up alone with {n} tunnels: {took:.2f} s; ip -batch {anchor:.2f} s; "
+            print(f"  isthmusd start-up alone with {n} tunnels: {took:.2f} s ({resp.phases}); ip -batch {anchor:.2f} s; "
                   f"ratio {took / anchor:.1f}", flush=True)
     return 0
 
