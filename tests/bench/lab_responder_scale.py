@@ -21,6 +21,8 @@ interfaces with their addresses.
     ISTHMUS_BENCH_SCALE_N=50 python3 tests/bench/lab_responder_scale.py      (a quick run)
     ISTHMUS_BENCH_SCALE_PROFILE=1 ...   isthmusd also runs once more under cProfile (not timed)
     ISTHMUS_BENCH_SCALE_STARTUP=1000 ... also the start-up alone of a 1000-tunnel isthmusd
+    ISTHMUS_BENCH_SCALE_BASELINE=DIR ...  at N <= 200, also isthmusd from the source tree DIR
+                                          (e.g. `git archive OLD appliance bgp | tar -x -C DIR`)
 """
 
 from __future__ import annotations
@@ -199,12 +201,19 @@ def isthmus_config(n: int, psk_file: str) -> str:
 
 
 class BenchAppliance(Appliance):
-    """isthmusd as the image runs it: JSON logs at INFO to a file, metrics served, no hooks."""
+    """isthmusd as the image runs it: JSON logs at INFO to a file, metrics served, no hooks.
+    `code`: run the daemon from another copy of the source (a baseline)."""
 
-    profile: str | None = None
+    code: str | None = None
 
     def argv(self) -> list[str]:
-        cmd = [sys.executable, "-m", "appliance.daemon", "--config", str(self.config_path),
+        if self.code:
+            run = (f"import sys, runpy; sys.path.insert(0, {self.code!r}); "
+                   "runpy.run_module('appliance.daemon', run_name='__main__', alter_sys=True)")
+            start = [sys.executable, "-c", run]
+        else:
+            start = [sys.executable, "-m", "appliance.daemon"]
+        cmd = start + ["--config", str(self.config_path),
                "--run-dir", str(self.run_dir), "--log-format", "json", "--log-level", "info",
                "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--hooks-dir", str(self.etc / "hooks")]
         return ["ip", "netns", "exec", self.ns] + cmd
@@ -213,9 +222,12 @@ class BenchAppliance(Appliance):
 class IsthmusResponder:
     label = "isthmusd"
 
-    def __init__(self, ns: Netns, workdir: Path, n: int, profile: str | None = None):
+    def __init__(self, ns: Netns, workdir: Path, n: int, profile: str | None = None, code: str | None = None):
         self.ns, self.n, self.profile = ns, n, profile
         self.app = BenchAppliance("R", ns.name, workdir)
+        self.app.code = code
+        if code:
+            self.label = "isthmusd (baseline)"
         self.app.write_psk("bench.psk", PSK)
         self.app.write_config(isthmus_config(n, str(self.app.etc / "secrets" / "bench.psk")))
 
@@ -265,13 +277,15 @@ class IsthmusResponder:
         self.ns.run("ip xfrm state flush; ip xfrm policy flush", check=False, timeout=600)
 
 
-def one(responder_cls, n: int, tmp: Path, tag: str, profile: str | None = None) -> dict:
+def one(responder_cls, n: int, tmp: Path, tag: str, profile: str | None = None, code: str | None = None) -> dict:
     with Netns("scl-i") as ni, Netns("scl-r") as nr:
         veth_pair(ni, "wan", nr, "wan")
         ni.run(f"ip addr add {I_ADDR}/24 dev wan")
         nr.run(f"ip addr add {R_ADDR}/24 dev wan")
         time.sleep(0.5)
         kw = {"profile": profile} if profile else {}
+        if code:
+            kw["code"] = code
         resp = responder_cls(nr, tmp / f"{tag}-resp", n, **kw)
         ini = Initiator(ni, tmp / f"{tag}-ini", n)
         try:
@@ -331,6 +345,7 @@ def print_profile(path: str, title: str, limit: int = 30) -> None:
 def main() -> int:
     sizes = [int(x) for x in os.environ.get("ISTHMUS_BENCH_SCALE_N", "200,1000").split(",") if x]
     profile = os.environ.get("ISTHMUS_BENCH_SCALE_PROFILE") == "1"
+    baseline = os.environ.get("ISTHMUS_BENCH_SCALE_BASELINE")   # a copy of older source, N <= 200 only
     print(f"responder at scale: PSK, {IKE_PROPOSAL}, ESP {ESP_PROPOSAL}, window {WINDOW}; initiator charon "
           f"5.9.8 pinned to CPU 1, responder to CPU 0; {os.cpu_count()} CPUs", flush=True)
     with tempfile.TemporaryDirectory(prefix="isthmus-bench-scale-") as d:
@@ -350,6 +365,12 @@ def main() -> int:
                   f"CPU per SA {us['cpu_ms'] / ch['cpu_ms']:.2f} (goal <= 1.0), "
                   f"RSS per SA {us['rss_kib'] / ch['rss_kib'] if ch['rss_kib'] > 0 else float('nan'):.2f} "
                   f"(goal <= 2.0); retransmissions {us['extra']} vs {ch['extra']} (goal 0)", flush=True)
+            if baseline and n <= 200:
+                old = one(IsthmusResponder, n, tmp, f"b{n}", code=baseline)
+                show(old)
+                print(f"  baseline start-up with {n} tunnels: {old['startup']:.2f} s ({old['phases']}); ratios "
+                      f"baseline / charon: SA/s {old['rate'] / ch['rate']:.2f}, CPU per SA "
+                      f"{old['cpu_ms'] / ch['cpu_ms']:.2f}, RSS per SA {old['rss_kib'] / ch['rss_kib']:.2f}", flush=True)
             if profile:
                 prof = str(tmp / f"prof{n}")
                 r = one(IsthmusResponder, n, tmp, f"p{n}", profile=prof)
