@@ -415,8 +415,9 @@ class Dataplane:
         t.active = child.spi_in
         t.policies = child.endpoints
         t.mtu = mtu
-        log.info("tunnel %s up on %s: Child SA %#010x/%#010x, MTU %d", tunnel, t.iface.ifname, child.spi_in,
-                 child.spi_out, mtu.mtu)
+        # debug: the daemon logs the same facts at INFO once the job is done (one line per SA)
+        log.debug("tunnel %s up on %s: Child SA %#010x/%#010x, MTU %d", tunnel, t.iface.ifname, child.spi_in,
+                  child.spi_out, mtu.mtu)
         self._fire("up", t, child)
         return mtu
 
