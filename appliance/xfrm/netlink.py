@@ -177,8 +177,10 @@ class XfrmSocket:
 
     # --- low level -----------------------------------------------------------------------------
 
-    def _encode(self, msg: nlmsg, msg_type: int, flags: int) -> tuple[int, bytes]:
+    def _encode(self, msg: nlmsg | bytes, msg_type: int, flags: int) -> tuple[int, bytes]:
         seq = next(self._seq) & 0xFFFFFFFF
+        if isinstance(msg, bytes):      # a body already encoded (kernel.policy_body)
+            return seq, _NLMSG_HDR.pack(_NLMSG_HDR.size + len(msg), msg_type, flags, seq, 0) + msg
         msg["header"]["type"] = msg_type
         msg["header"]["flags"] = flags
         msg["header"]["sequence_number"] = seq
