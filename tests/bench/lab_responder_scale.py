@@ -196,6 +196,9 @@ def isthmus_config(n: int, psk_file: str) -> str:
         lines += [f"  t{k}:", f"    remote: {I_ADDR}", f"    local: {R_ADDR}", f"    local_id: {R_ID}",
                   f"    remote_id: {ini_id(k)}", f"    auth: {{psk_file: {psk_file}}}", "    start: false",
                   f"    ike: {{proposals: [{IKE_PROPOSAL}]}}", f"    esp: {{proposals: [{ESP_PROPOSAL}]}}",
+                  # as charon here (no dpd_delay): no DPD exchanges in the window, so the datagrams
+                  # beyond 2N are the initiator's retransmissions only
+                  "    dpd: {interval: 1h}",
                   f"    interface: {{name: xr{k}, address: {addr}}}"]
     return "\n".join(lines) + "\n"
 
