@@ -53,7 +53,7 @@ from typing import Any
 
 import click
 
-from appliance import __version__, sdnotify
+from appliance import __version__, profiling, sdnotify
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, ConfigReadError, load_config
 from appliance.access import policy_from_system
 from appliance.control import (ControlError, ControlServer, ControlSocketInUse, EventBus, RunDirError, format_spi,
@@ -67,6 +67,7 @@ from appliance.ikesockets import IkeSockets, SocketsError
 from appliance.logs import register_secret, setup_logging
 from appliance.metrics import IsthmusMetrics, MetricsServer, Registry, parse_listen
 from appliance.crl_fetch import CrlFetcher
+from appliance.entropy import KernelRandom
 from appliance.static_routes import static_metric
 from appliance.tunnels import TunnelPlan, diff_plans, plan_tunnels
 from bgp.manager import RouteManager, bgp_wanted
@@ -132,7 +133,9 @@ class Daemon:
         self.control: ControlServer | None = None
         self.http: MetricsServer | None = None
         self.worker = DataplaneWorker()
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="isthmus-dataplane")
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="isthmus-dataplane",
+            initializer=profiling.profile_this_thread, initargs=("dataplane",))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
@@ -140,7 +143,8 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._pid_file: Path | None = None
         self._dp_outstanding = 0                 # Child SA jobs submitted, not yet handled
-        self._held: list[list] = []              # datagrams waiting for them
+        self._dp_pending: Counter[str] = Counter()   # ... of each tunnel
+        self._held: dict[str, list] = {}         # datagrams of a tunnel waiting for its jobs
         self._tasks: list[asyncio.Future] = []
         # CRL distribution points (appliance/crl_fetch.py): fetched in their own threads, bounded
         self.crl_fetcher = CrlFetcher()
@@ -220,7 +224,7 @@ class Daemon:
                 self.bus.publish("dataplane_error", None, message=err)
 
         # certificate validity needs the wall clock: UNIX time = engine time + offset
-        self.engine = IkeEngine([p.ike for p in plans.values()], random=os.urandom,
+        self.engine = IkeEngine([p.ike for p in plans.values()], random=KernelRandom(),
                                 dos=config.appliance.dos_protection,
                                 wall_offset=time.time() - self.clock())
         self.sockets = IkeSockets(self._datagram)
@@ -351,14 +355,16 @@ class Daemon:
     async def _liveness(self) -> None:
         """Inbound ESP proves the peer alive (RFC 7296 §2.4: liveness checks are for when nothing
         is heard): every LIVENESS_POLL seconds (or a quarter of the shortest DPD interval, at
-        least LIVENESS_POLL_MIN) the inbound SA counters are read and a tunnel whose counters
-        moved has its DPD deferred (engine.traffic_seen), so busy tunnels exchange no empty
-        INFORMATIONAL messages. The packets arrived after the previous poll: that is the time
-        reported as heard, so DPD's timeout (counted from the last time the peer was heard,
-        appliance/ike/liveness.py) is never late by a poll period. Outbound counters that moved
-        tell the engine ESP went out (engine.traffic_sent): behind a NAT, a tunnel that sends
-        needs no NAT keepalives (RFC 3948 §2.3)."""
-        last: dict[tuple[str, int], int] = {}
+        least LIVENESS_POLL_MIN) the packet counters of the tunnels' XFRM interfaces are read
+        (what their SAs decrypted and encrypted, one dump for all tunnels: issue 13) and a
+        tunnel whose inbound count moved has its DPD deferred (engine.traffic_seen), so busy
+        tunnels exchange no empty INFORMATIONAL messages. The packets arrived after the
+        previous poll: that is the time reported as heard, so DPD's timeout (counted from the
+        last time the peer was heard, appliance/ike/liveness.py) is never late by a poll
+        period. An outbound count that moved tells the engine ESP went out
+        (engine.traffic_sent): behind a NAT, a tunnel that sends needs no NAT keepalives
+        (RFC 3948 §2.3)."""
+        last: dict[str, tuple[int, int]] = {}
         polled = self.clock()
         while True:
             intervals = [p.ike.dpd.interval for p in self.plans.values() if p.ike.dpd.interval > 0]
@@ -366,15 +372,9 @@ class Daemon:
             if self.engine is None:
                 continue
             since, polled = polled, self.clock()
-            seen: dict[tuple[str, int], int] = {}
-            for name, cs in (await self._counters()).items():
-                for c in cs:
-                    if c.inbound is not None:
-                        seen[(name, c.spi_in)] = c.inbound.packets
-                    if c.outbound is not None:
-                        seen[(name, -1 - c.spi_out)] = c.outbound.packets
-            moved_in = {name for (name, spi), n in seen.items() if spi >= 0 and n > last.get((name, spi), 0)}
-            moved_out = {name for (name, spi), n in seen.items() if spi < 0 and n > last.get((name, spi), 0)}
+            seen: dict[str, tuple[int, int]] = await self._dp(self.worker.traffic)
+            moved_in = {name for name, (rx, _tx) in seen.items() if name in last and rx > last[name][0]}
+            moved_out = {name for name, (_rx, tx) in seen.items() if name in last and tx > last[name][1]}
             last = seen
             for name in moved_in:
                 if name in self.plans:
@@ -514,18 +514,21 @@ class Daemon:
             self._timer = self._loop.call_later(max(0.0, when - self.clock()), self._on_timer)
 
     def _send(self, datagrams: list) -> None:
-        """Send what the engine produced - but only once the kernel holds what the events before
-        it asked for. The peer acts on our messages at once: it sends on a new Child SA when our
-        IKE_AUTH or CREATE_CHILD_SA answer arrives, and removes an old inbound SA when our DELETE
-        or its answer does (RFC 7296 §1.4.1, §2.8). Sent before the data plane finished, those
-        messages would let traffic reach SAs we have not installed yet or have just stopped
-        using; so while data plane jobs are pending, datagrams wait (in order) behind them."""
-        if not datagrams:
-            return
-        if self._dp_outstanding or self._held:
-            self._held.append(datagrams)
-            return
-        self._transmit(datagrams)
+        """Send what the engine produced - but a tunnel's datagrams only once the kernel holds
+        what the events before them asked for. The peer acts on our messages at once: it sends
+        on a new Child SA when our IKE_AUTH or CREATE_CHILD_SA answer arrives, and removes an
+        old inbound SA when our DELETE or its answer does (RFC 7296 §1.4.1, §2.8). Sent before
+        the data plane finished, those messages would let traffic reach SAs we have not
+        installed yet or have just stopped using; so while a tunnel has data plane jobs
+        pending, its datagrams wait (in order) behind them. Other tunnels' datagrams, and those
+        of SAs whose tunnel is not decided yet (IKE_SA_INIT answers), do not wait: one tunnel's
+        kernel work never delays another's answers (issue 13)."""
+        for d in datagrams:
+            name = None if d.keepalive or self.engine is None else self.engine.tunnel_of_datagram(d.data)
+            if name is not None and (self._dp_pending.get(name) or name in self._held):
+                self._held.setdefault(name, []).append(d)
+            else:
+                self._transmit([d])
 
     def _transmit(self, datagrams: list) -> None:
         if self.sockets is None:
@@ -534,10 +537,10 @@ class Daemon:
             # a NAT keepalive is the bare 0xFF octet, without the non-ESP marker (RFC 3948 §2.3)
             self.sockets.send(d.data, d.src, d.dst, marker=not d.keepalive)
 
-    def _release_held(self) -> None:
-        held, self._held = self._held, []
-        for batch in held:
-            self._transmit(batch)
+    def _release_held(self, name: str) -> None:
+        held = self._held.pop(name, None)
+        if held:
+            self._transmit(held)
 
     def _later(self, fn: Callable[[float], Any]) -> None:
         """An engine command from inside event handling: run it after the current flush."""
@@ -630,6 +633,7 @@ class Daemon:
     def _dp_submit(self, e: ev.Event) -> None:
         fut = self.executor.submit(self.worker.apply, e)
         self._dp_outstanding += 1
+        self._dp_pending[e.tunnel] += 1
         loop = self._loop
         assert loop is not None
 
@@ -642,11 +646,13 @@ class Daemon:
         # jobs finish in submission order (one thread), so at zero every job before the held
         # datagrams is done
         self._dp_outstanding -= 1
+        self._dp_pending[e.tunnel] -= 1
         try:
             self._dp_done(e, fut)
         finally:
-            if self._dp_outstanding == 0:
-                self._release_held()
+            if self._dp_pending[e.tunnel] <= 0:
+                del self._dp_pending[e.tunnel]
+                self._release_held(e.tunnel)
 
     def _dp_done(self, e: ev.Event, fut: concurrent.futures.Future) -> None:
         try:
@@ -951,6 +957,7 @@ def main(config_file: str, run_dir: str | None, metrics_listen: str, log_format:
     setup_logging(log_level, log_format)
     logging.getLogger("pyroute2").setLevel(logging.WARNING)   # its debug output is per netlink message
     daemon = Daemon(config_file, run_dir, metrics_listen=listen, hooks_dir=hooks_dir)
+    profiling.profile_this_thread("main")   # ISTHMUS_PROFILE only (appliance/profiling.py)
     try:
         status = asyncio.run(daemon.run())
     except StartError as e:

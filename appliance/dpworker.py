@@ -249,6 +249,16 @@ class DataplaneWorker:
                 log.debug("counters of %s: %s", name, e)
         return out
 
+    def traffic(self) -> dict[str, tuple[int, int]]:
+        """tunnel -> (packets in, packets out) of its interface (one dump); {} if unreadable."""
+        if self.dp is None:
+            return {}
+        try:
+            return self.dp.packet_counters()
+        except _FAILURES as e:
+            log.debug("interface counters: %s", e)
+            return {}
+
     def installed_routes(self) -> set[tuple[str, int]]:
         """(prefix text, ifindex) of our routes in the kernel now."""
         try:

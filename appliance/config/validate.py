@@ -1370,11 +1370,49 @@ def _prefix_match(ctx: Ctx, item: Any, line: int, path: str) -> PrefixMatch | No
 
 # --- across tunnels ---
 
+class _Networks:
+    """Networks seen so far, for overlap checks in time proportional to the prefix length, not
+    to the number of tunnels (a 1,000-tunnel config, issue 13). Two CIDR networks overlap when
+    one contains the other: the earlier networks containing a new one are found among its own
+    supernets, those inside it by the supernets every earlier network was filed under."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._exact: dict[tuple[int, int, int], list[tuple[int, Any, Any]]] = {}
+        self._under: dict[tuple[int, int, int], list[tuple[int, Any, Any]]] = {}
+
+    @staticmethod
+    def _keys(net: Any):
+        bits = net.max_prefixlen
+        value = int(net.network_address)
+        for plen in range(net.prefixlen + 1):
+            yield (net.version, plen, value >> (bits - plen))
+
+    def overlapping(self, net: Any) -> list[tuple[Any, Any]]:
+        """Earlier (network, owner) pairs overlapping `net`, in the order they were added."""
+        found: dict[int, tuple[int, Any, Any]] = {}
+        for key in self._keys(net):
+            for entry in self._exact.get(key, ()):
+                found[entry[0]] = entry
+        own = (net.version, net.prefixlen, int(net.network_address) >> (net.max_prefixlen - net.prefixlen))
+        for entry in self._under.get(own, ()):
+            found[entry[0]] = entry
+        return [(e[1], e[2]) for _, e in sorted(found.items())]
+
+    def add(self, net: Any, owner: Any) -> None:
+        self._n += 1
+        entry = (self._n, net, owner)
+        keys = list(self._keys(net))
+        self._exact.setdefault(keys[-1], []).append(entry)
+        for key in keys[:-1]:
+            self._under.setdefault(key, []).append(entry)
+
+
 def _cross_tunnel(ctx: Ctx) -> None:
     """Interface names, if_ids and inside networks are unique; (remote, remote_id) tells tunnels apart."""
     names: dict[str, _Partial] = {}
     if_ids: dict[int, _Partial] = {}
-    nets: list[tuple[Any, _Partial]] = []
+    nets = _Networks()
     peers: dict[tuple[Any, Any], _Partial] = {}
     routed: dict[Any, _Partial] = {}
     for t in ctx.partials:
@@ -1400,11 +1438,11 @@ def _cross_tunnel(ctx: Ctx) -> None:
             else:
                 if_ids[t.if_id] = t
         for net, field_name in t.networks:
-            for other_net, o in nets:
-                if other_net.version == net.version and other_net.overlaps(net):
-                    ctx.error(t.seen.line(f"interface.{field_name}"), f"{path}.interface.{field_name}",
-                              f"inside network {net} overlaps {other_net} of tunnel '{o.name}' (line {o.line})")
-        nets.extend((net, t) for net, _ in t.networks)
+            for other_net, o in nets.overlapping(net):
+                ctx.error(t.seen.line(f"interface.{field_name}"), f"{path}.interface.{field_name}",
+                          f"inside network {net} overlaps {other_net} of tunnel '{o.name}' (line {o.line})")
+        for net, _ in t.networks:
+            nets.add(net, t)
         for net, line in t.routes:
             o = routed.get(net)
             if o is not None:

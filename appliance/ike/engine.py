@@ -39,7 +39,7 @@ from appliance.ike import events as ev
 from appliance.ike.child import ChildSa
 from appliance.ike.constants import NotifyType
 from appliance.ike.message import ParseError, parse_header
-from appliance.ike.proposals import contains
+from appliance.ike.proposals import Proposal, contains
 from appliance.ike.policy import DosProtection, Identity, TunnelConfig
 from appliance.ike.sa import Endpoint, IkeSa, IkeState
 
@@ -58,6 +58,49 @@ class Datagram:
     src: Endpoint
     dst: Endpoint
     keepalive: bool = False
+
+
+class ResponderOffer:
+    """Candidate tunnels for an address pair, their proposals without repeats, and (memo) the
+    candidates that accept a given chosen proposal."""
+
+    def __init__(self, candidates: list[TunnelConfig], proposals: list[Proposal], generation: int):
+        self.candidates = candidates
+        self.proposals = proposals
+        self.generation = generation
+        self._accepting: dict[Proposal, Candidates] = {}
+
+    def accepting(self, chosen: Proposal) -> "Candidates":
+        key = Proposal(chosen.protocol, chosen.transforms, chosen.number)   # the SPI plays no part
+        hit = self._accepting.get(key)
+        if hit is None:
+            if len(self._accepting) >= 64:
+                self._accepting.clear()
+            hit = self._accepting[key] = Candidates((c for c in self.candidates if contains(c.ike_proposals, key)),
+                                                    self.generation)
+        return hit
+
+
+class Candidates(list):
+    """A responder SA's candidate tunnels (in tunnel order), shared by the SAs answered from the
+    same offer, with an index by remote_id built on first use: select_config looks at the
+    tunnels that name the peer's identity (or none) instead of comparing it with every
+    candidate's. Valid while the engine's tunnels are those of `generation`."""
+
+    def __init__(self, items, generation: int):
+        super().__init__(items)
+        self.generation = generation
+        self._by_id: dict | None = None
+        self.nat_mode: str | None = None      # natd.mode of these candidates, once computed
+
+    def for_peer(self, peer: Identity) -> list[TunnelConfig]:
+        if self._by_id is None:
+            by_id: dict = {}
+            for i, c in enumerate(self):
+                by_id.setdefault(c.remote_id, []).append((i, c))
+            self._by_id = by_id
+        hits = self._by_id.get(peer, []) + self._by_id.get(None, [])
+        return [c for _, c in sorted(hits, key=lambda x: x[0])] if None in self._by_id else [c for _, c in hits]
 
 
 @dataclass
@@ -123,6 +166,7 @@ class IkeEngine:
         # alive SAs by tunnel name, and the timer bookkeeping: each SA's next timer is cached
         # and recomputed only for SAs touched since (every entry point touches what it acts on)
         self._by_tunnel: dict[str, set[IkeSa]] = {}
+        self._registered = 0                    # registration order (IkeSa.registered)
         self._timer_of: dict[IkeSa, float] = {}
         self._timer_heap: list[tuple[float, int, IkeSa]] = []
         self._dirty: set[IkeSa] = set()
@@ -134,6 +178,8 @@ class IkeEngine:
         self._tunnel_heap: list[tuple[float, int, str]] = []
         self._tunnel_order = 0
         self._by_remote: dict | None = None     # configs_for index, rebuilt after tunnel changes
+        self._offers: dict = {}                 # responder_offer cache, emptied with it
+        self._generation = 0                    # tunnels added or removed so far
         self._out: list[Datagram] = []
         self._events: deque[ev.Event] = deque()
         self._started = False
@@ -209,6 +255,8 @@ class IkeEngine:
         self._tunnels[config.name] = t
         self._dirty_tunnels.add(config.name)
         self._by_remote = None
+        self._offers = {}
+        self._generation += 1
 
     def remove_tunnel(self, name: str, now: float) -> None:
         """Delete the tunnel's SAs (DELETE sent for established ones) and forget the tunnel.
@@ -224,6 +272,8 @@ class IkeEngine:
         t.on_due_change = None
         self._dirty_tunnels.discard(name)
         self._by_remote = None
+        self._offers = {}
+        self._generation += 1
 
     def tunnels(self) -> list[TunnelConfig]:
         return [t.config for t in self._tunnels.values()]
@@ -293,6 +343,8 @@ class IkeEngine:
             raise ValueError(f"tunnel {name}: {address!r} is not an IP address")
         t.local_addr = None if _same_ip(address, t.config.local_addr or "") else address
         self._by_remote = None
+        self._offers = {}         # configs_for depends on the tunnel's local address
+        self._generation += 1
         self._touch_tunnel(name)
         sa = self.current_sa(name)
         result = "no-sa" if sa is None else mobike.local_address_changed(sa, address, now)
@@ -449,10 +501,26 @@ class IkeEngine:
     def next_event(self) -> ev.Event | None:
         return self._events.popleft() if self._events else None
 
+    def tunnel_of_datagram(self, data: bytes) -> str | None:
+        """The tunnel of the IKE SA one of our own datagrams belongs to (from its IKE header:
+        our SPI is SPIi when we are the original initiator, SPIr otherwise); None for a
+        keepalive, an SA not (or no longer) known, or a half-open responder SA whose tunnel is
+        not decided yet."""
+        if len(data) < 28:
+            return None
+        sa = self._sas.get(data[0:8] if data[19] & 0x08 else data[8:16])
+        if sa is None or sa.config is None:
+            return None
+        return sa.config.name
+
     # ------------------------------------------------------------------ status
     def sas(self, name: str | None = None) -> list[IkeSa]:
-        """Alive IKE SAs (of one tunnel), for status output."""
-        return [sa for sa in self._sas.values() if sa.alive and (name is None or sa.tunnel == name)]
+        """Alive IKE SAs (of one tunnel), for status output, oldest first. One tunnel's come from
+        its own index: the daemon asks per event, which must not walk every tunnel's SAs."""
+        if name is None:
+            return [sa for sa in self._sas.values() if sa.alive]
+        members = self._by_tunnel.get(name, ())
+        return sorted((sa for sa in members if sa.alive and sa.tunnel == name), key=lambda sa: sa.registered)
 
     @property
     def half_open_count(self) -> int:
@@ -496,6 +564,8 @@ class IkeEngine:
         self._child_spis.discard(spi)
 
     def register(self, sa: IkeSa) -> None:
+        self._registered += 1
+        sa.registered = self._registered
         self._sas[sa.my_spi] = sa
         self._by_tunnel.setdefault(sa.tunnel, set()).add(sa)
         self._touch(sa)
@@ -618,12 +688,32 @@ class IkeEngine:
             out.append(c)
         return out
 
+    def responder_offer(self, local: Endpoint, remote: Endpoint) -> "ResponderOffer":
+        """What an IKE_SA_INIT from `remote` to `local` is answered from: the candidate tunnels
+        (configs_for) and the union of their IKE proposals without repeats, kept per address
+        pair until the tunnels change. Many tunnels to one peer address share their proposals
+        (issue 13: 1,000 tunnels behind one address); without this every IKE_SA_INIT would
+        walk every candidate's proposals."""
+        key = (_ip(local[0]), _ip(remote[0]))
+        offer = self._offers.get(key)
+        if offer is None:
+            candidates = self.configs_for(local, remote)
+            ours = list(dict.fromkeys(p for c in candidates for p in c.ike_proposals))
+            offer = ResponderOffer(candidates, ours, self._generation)
+            if len(self._offers) >= 1024:     # addresses come from the wire: stay bounded
+                self._offers.clear()
+            self._offers[key] = offer
+        return offer
+
     def select_config(self, sa: IkeSa, peer: Identity, wanted: Identity | None) -> TunnelConfig | None:
         """The tunnel an authenticating responder SA belongs to (by the peer's IDi/IDr), in the
         configuration of now: a tunnel reloaded since IKE_SA_INIT is matched as it is now
         configured, provided it would still take an IKE_SA_INIT from these addresses."""
         now_configs: list[TunnelConfig] | None = None
-        for old in sa.candidates:
+        cands = sa.candidates
+        if isinstance(cands, Candidates) and cands.generation == self._generation:
+            cands = cands.for_peer(peer)     # the others have a remote_id that is not the peer's
+        for old in cands:
             t = self._tunnels.get(old.name)
             if t is None:
                 continue

@@ -303,7 +303,8 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
         return None
     if enc is not None:
         return None
-    candidates = engine.configs_for(dst, src)
+    offer = engine.responder_offer(dst, src)
+    candidates = offer.candidates
     if not candidates:
         engine.unauthenticated_log.info(now, "IKE_SA_INIT from %s:%d to %s:%d matches no tunnel; ignored", *src, *dst)
         return None
@@ -315,13 +316,10 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
     if not engine.admit_half_open(hdr, cookie.data if cookie is not None else None, nonce.data,
                                   src, dst, now):
         return None    # a COOKIE was asked for, or a half-open limit holds (no DH done)
-    ours: list[Proposal] = []
-    for c in candidates:
-        ours.extend(c.ike_proposals)
-    offer = sa_p.proposals
+    peer_offer = sa_p.proposals
     if not intermediate.peer_announced(msg):
-        offer = offer_without_intermediate(offer)   # RFC 9370 §2.2.1: no additional KE then
-    chosen = select_proposal(ours, offer)
+        peer_offer = offer_without_intermediate(peer_offer)   # RFC 9370 §2.2.1: no additional KE then
+    chosen = select_proposal(offer.proposals, peer_offer)
     if chosen is None or len(chosen.spi) not in (0,):
         n, total = offer_size(sa_p.proposals)
         engine.unauthenticated_log.info(now, "IKE_SA_INIT from %s: no acceptable proposal among %d (%d transforms)",
@@ -335,7 +333,7 @@ def respond_new(engine: "IkeEngine", data: bytes, hdr: Header, src: Endpoint, ds
         return None
     # The SA can end up with only those tunnels whose own proposals contain the chosen one
     # (it is chosen from their union: the peer's identity is not known before IKE_AUTH).
-    candidates = [c for c in candidates if contains(c.ike_proposals, chosen)]
+    candidates = offer.accepting(chosen)
     group = selected_group(chosen)
     if ke_p.dh_group != group:
         _stateless(engine, hdr, [Notify(NotifyType.INVALID_KE_PAYLOAD, data=group.to_bytes(2, "big"))],

@@ -48,10 +48,14 @@ def mode(config, candidates) -> str:
     "force" when one forces, else "auto"."""
     if config is not None:
         return config.nat_traversal
+    known = getattr(candidates, "nat_mode", None)     # engine.Candidates keeps it
+    if known is not None:
+        return known
     modes = {c.nat_traversal for c in candidates}
-    if modes == {"off"}:
-        return "off"
-    return "force" if "force" in modes else "auto"
+    m = "off" if modes == {"off"} else "force" if "force" in modes else "auto"
+    if hasattr(candidates, "nat_mode"):
+        candidates.nat_mode = m
+    return m
 
 
 def our_payloads(sa, spi_r: bytes, local: Endpoint, remote: Endpoint) -> list[Notify]:

@@ -196,6 +196,7 @@ class IkeSa:
         self.initiator = initiator          # original initiator of *this* IKE SA
         self.config = config                # responders learn it in IKE_AUTH
         self.candidates = candidates
+        self.registered = 0             # the engine's registration order
         self.local = local
         self.remote = remote
         self.spi_i = spi_i

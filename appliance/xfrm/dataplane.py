@@ -284,10 +284,13 @@ class Dataplane:
         self.hooks = UserHooks(hooks_dir, hook_timeout, netns, on_hook_result) if hooks_dir else None
         self._tunnels: dict[str, _Tunnel] = {}
         self._clamps: dict[str, nft.MssClamp] = {}
+        self._clamp_table = nft.ClampTable(netns) if nft_enabled else None
 
     def close(self) -> None:
         if self.hooks is not None:
             self.hooks.close()
+        if self._clamp_table is not None:
+            self._clamp_table.close()
         self.xfrm.close()
         self.links.close()
 
@@ -359,8 +362,10 @@ class Dataplane:
                      lambda b=back: self.xfrm.add_policy(b, update=True))
 
     def _apply_clamps(self, clamps: dict[str, nft.MssClamp]) -> None:
-        if self.nft_enabled:
-            nft.apply(clamps.values(), self.netns)
+        """The table goes from clamping self._clamps to `clamps`: only the tunnels that differ
+        are touched (one nft transaction), never the whole table unless its state is unknown."""
+        if self._clamp_table is not None:
+            self._clamp_table.sync(self._clamps, clamps)
         self._clamps = clamps
 
     def _hook_up(self, tx: _Transaction, t: _Tunnel, link: LinkInfo, child: ChildSa) -> TunnelMtu:
@@ -410,8 +415,9 @@ class Dataplane:
         t.active = child.spi_in
         t.policies = child.endpoints
         t.mtu = mtu
-        log.info("tunnel %s up on %s: Child SA %#010x/%#010x, MTU %d", tunnel, t.iface.ifname, child.spi_in,
-                 child.spi_out, mtu.mtu)
+        # debug: the daemon logs the same facts at INFO once the job is done (one line per SA)
+        log.debug("tunnel %s up on %s: Child SA %#010x/%#010x, MTU %d", tunnel, t.iface.ifname, child.spi_in,
+                  child.spi_out, mtu.mtu)
         self._fire("up", t, child)
         return mtu
 
@@ -605,6 +611,13 @@ class Dataplane:
                                        SaCounters.from_state(sout, True) if sout else None))
         return out
 
+    def packet_counters(self) -> dict[str, tuple[int, int]]:
+        """tunnel -> (packets decrypted, packets encrypted) on its interface, for every tunnel,
+        from one dump of the namespace's link counters whatever the number of tunnels (the
+        daemon's liveness poll; SA-by-SA reads cost two requests per tunnel, issue 13)."""
+        by_index = self.links.packet_counters()
+        return {name: by_index[t.index] for name, t in self._tunnels.items() if t.index in by_index}
+
     # --- tunnels (interfaces) ------------------------------------------------------------------
 
     def add_tunnel(self, iface: TunnelInterface) -> LinkInfo:
@@ -670,7 +683,9 @@ class Dataplane:
         self._tunnels.clear()
         created, adopted, removed, errors = [], [], [], []
         wanted = {t.ifname: t for t in tunnels}
-        for info in self.links.xfrm_links():
+        present = {}
+        for info in self.links.all_links():
+            present[info.ifname] = info
             if not info.ours:
                 continue
             want = wanted.get(info.ifname)
@@ -678,16 +693,28 @@ class Dataplane:
                 try:
                     self.links.delete(info.index)
                     removed.append(info.ifname)
+                    del present[info.ifname]
                 except _FAILURES as e:
                     errors.append(f"interface {info.ifname}: {_explain(e)}")
+        # interfaces that exist are adopted one by one; the missing ones (all of them on a fresh
+        # boot) are created in a few batched round trips (issue 13: 1,000 tunnels in seconds)
+        fresh = [iface for iface in tunnels if iface.ifname not in present]
+        made, failed = self.links.create_many(fresh) if fresh else ({}, {})
         for iface in tunnels:
-            existed = self.links.get(iface.ifname)
-            try:
-                info = self._adopt_or_create(iface)
-            except _FAILURES as e:
-                errors.append(f"tunnel {iface.tunnel!r}: {_explain(e)}")
+            if iface.ifname in failed:
+                errors.append(f"tunnel {iface.tunnel!r}: {_explain(failed[iface.ifname])}")
                 continue
-            (adopted if existed is not None and existed.index == info.index else created).append(iface.ifname)
+            info = made.get(iface.ifname)
+            if info is None:
+                existed = present.get(iface.ifname)
+                try:
+                    info = self._adopt_or_create(iface)
+                except _FAILURES as e:
+                    errors.append(f"tunnel {iface.tunnel!r}: {_explain(e)}")
+                    continue
+                (adopted if existed is not None and existed.index == info.index else created).append(iface.ifname)
+            else:
+                created.append(iface.ifname)
             self._tunnels[iface.tunnel] = _Tunnel(iface, info.index)
         stale: list[str] = []
         try:
@@ -695,7 +722,8 @@ class Dataplane:
             if self.nft_enabled:
                 previous = nft.read_clamps(self.netns) or []
                 stale = sorted({c.tunnel for c in previous})
-                nft.apply([], self.netns)
+                if self._clamp_table is not None:
+                    self._clamp_table.reset([])
         except _FAILURES as e:
             raise DataplaneError("(all)", "reconciling", _explain(e), code=getattr(e, "code", None)) from None
         self._clamps = {}
@@ -713,6 +741,8 @@ class Dataplane:
         self.xfrm.flush_ours()
         if self.nft_enabled:
             nft.remove(self.netns)
+            if self._clamp_table is not None:
+                self._clamp_table.forget()
         self._tunnels.clear()
         self._clamps = {}
 

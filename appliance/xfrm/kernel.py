@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -298,6 +299,28 @@ def policy_message(spec: PolicySpec) -> m.xfrm_userpolicy_info:
     return msg
 
 
+_SELECTOR = struct.Struct("=16s16sHHHHHBBBxxxiI")      # struct xfrm_selector (56)
+_POLICY_REST = struct.Struct("=8Q4QIIBBBB4x")          # lifetime cfg, cur, priority, index, dir, action, flags, share
+_TMPL = struct.Struct("=16sIB3xH2x16sIBBBxIII")        # struct xfrm_user_tmpl (64)
+_XFRMA_TMPL, _XFRMA_IF_ID = 5, 31
+
+
+def policy_body(spec: PolicySpec) -> bytes:
+    """The bytes policy_message(spec) encodes to (after the netlink header), built with struct:
+    six policies go in per Child SA and pyroute2's generic encoder cost more than the kernel's
+    work (issue 13). tests/unit/test_xfrm_messages.py checks both agree."""
+    net = spec.selector
+    a = addr_bytes(net.network_address)
+    sel = _SELECTOR.pack(a, a, 0, 0, 0, 0, AF_BY_VERSION[net.version], net.prefixlen, net.prefixlen, 0, 0, 0)
+    rest = _POLICY_REST.pack(m.XFRM_INF, m.XFRM_INF, m.XFRM_INF, m.XFRM_INF, 0, 0, 0, 0, 0, 0, 0, 0,
+                             spec.priority, 0, DIRECTIONS[spec.direction], m.XFRM_POLICY_ALLOW, 0, m.XFRM_SHARE_ANY)
+    tmpl = _TMPL.pack(addr_bytes(spec.tmpl_dst), 0, m.IPPROTO_ESP, AF_BY_VERSION[spec.tmpl_dst.version],
+                      addr_bytes(spec.tmpl_src), spec.reqid, m.XFRM_MODE_TUNNEL, m.XFRM_SHARE_ANY, 0,
+                      0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
+    return (sel + rest + struct.pack("=HH", 4 + len(tmpl), _XFRMA_TMPL) + tmpl
+            + struct.pack("=HHI", 8, _XFRMA_IF_ID, spec.if_id))
+
+
 def policy_id_message(direction: str, selector: ipaddress.IPv4Network | ipaddress.IPv6Network,
                       if_id: int, dst_selector: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
                       ) -> m.xfrm_userpolicy_id:
@@ -419,8 +442,8 @@ class Xfrm:
     @staticmethod
     def add_policy_request(spec: PolicySpec, update: bool = False) -> Request:
         if update:
-            return Request(policy_message(spec), m.XFRM_MSG_UPDPOLICY, 0, f"updating the {spec.describe()}")
-        return Request(policy_message(spec), m.XFRM_MSG_NEWPOLICY, NLM_F_CREATE | NLM_F_EXCL,
+            return Request(policy_body(spec), m.XFRM_MSG_UPDPOLICY, 0, f"updating the {spec.describe()}")
+        return Request(policy_body(spec), m.XFRM_MSG_NEWPOLICY, NLM_F_CREATE | NLM_F_EXCL,
                        f"adding the {spec.describe()}")
 
     @staticmethod

@@ -144,18 +144,27 @@ class Request:
 class XfrmSocket:
     """Requests to the kernel's XFRM netlink interface, from one thread at a time."""
 
+    PROTOCOL = NETLINK_XFRM
+
     def __init__(self, netns: str | None = None):
         self.netns = netns
-        self.sock = open_netlink_socket(NETLINK_XFRM, netns)
+        self.sock = open_netlink_socket(self.PROTOCOL, netns)
         _size_buffers(self.sock, 4 << 20)
         try:
             self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
         except OSError:  # pragma: no cover - every supported kernel has extended acks
             pass
+        self._setup()
         self.sock.bind((0, 0))
-        self.marshal = MarshalXfrm()
+        self.marshal = self._marshal()
         self._seq = itertools.count(int.from_bytes(os.urandom(2), "big") + 1)
         self._buf = bytearray(_RECV_BUFSIZE)
+
+    def _setup(self) -> None:
+        pass
+
+    def _marshal(self):
+        return MarshalXfrm()
 
     def close(self) -> None:
         self.sock.close()
@@ -168,8 +177,10 @@ class XfrmSocket:
 
     # --- low level -----------------------------------------------------------------------------
 
-    def _encode(self, msg: nlmsg, msg_type: int, flags: int) -> tuple[int, bytes]:
+    def _encode(self, msg: nlmsg | bytes, msg_type: int, flags: int) -> tuple[int, bytes]:
         seq = next(self._seq) & 0xFFFFFFFF
+        if isinstance(msg, bytes):      # a body already encoded (kernel.policy_body)
+            return seq, _NLMSG_HDR.pack(_NLMSG_HDR.size + len(msg), msg_type, flags, seq, 0) + msg
         msg["header"]["type"] = msg_type
         msg["header"]["flags"] = flags
         msg["header"]["sequence_number"] = seq
@@ -274,6 +285,41 @@ class XfrmSocket:
             size += len(data)
         flush()
         return results
+
+
+_NETLINK_GET_STRICT_CHK = 12
+
+
+class _RawMessages:
+    """A 'marshal' that hands each reply back as its raw bytes (header included)."""
+
+    @staticmethod
+    def parse(chunk: bytes) -> list[bytes]:
+        return [bytes(chunk)]
+
+
+class RtnlSocket(XfrmSocket):
+    """The same synchronous requests, acks, dumps and batches on NETLINK_ROUTE (interfaces,
+    addresses, routes). Messages are bytes: the caller gives the body after the netlink header
+    (appliance/xfrm/link.py builds and reads the few rtnetlink structures it needs with
+    struct) and gets each reply as raw bytes; decoding a whole link message with pyroute2
+    cost more than the kernel's work (issue 13). Strict checking is on, so a dump filtered by
+    ifindex is filtered by the kernel (Linux 4.20+), not by reading every object."""
+
+    PROTOCOL = socket.NETLINK_ROUTE
+
+    def _setup(self) -> None:
+        try:
+            self.sock.setsockopt(SOL_NETLINK, _NETLINK_GET_STRICT_CHK, 1)
+        except OSError:  # pragma: no cover - older kernels: dumps are filtered here instead
+            pass
+
+    def _marshal(self):
+        return _RawMessages()
+
+    def _encode(self, msg: bytes, msg_type: int, flags: int) -> tuple[int, bytes]:  # type: ignore[override]
+        seq = next(self._seq) & 0xFFFFFFFF
+        return seq, _NLMSG_HDR.pack(_NLMSG_HDR.size + len(msg), msg_type, flags, seq, 0) + msg
 
 
 class XfrmEventSocket:

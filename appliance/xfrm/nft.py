@@ -7,18 +7,33 @@ tunnel interface, in both directions, to what fits the tunnel's inner MTU:
     oifname "xfrm-b" meta nfproto ipv4 tcp flags syn / syn,rst
         tcp option maxseg size > 1406 tcp option maxseg size set 1406
 
-The table is always rewritten whole, in one ``nft -f`` transaction (create it, delete it, define
-it again): the kernel swaps old for new atomically, so no SYN ever sees a half-written table. Each
-rule's comment names its tunnel (``isthmus:<tunnel> out|in``), which is how :func:`read_clamps`
-finds what an earlier run left behind.
+At start-up (and to recover) the table is rewritten whole, in one ``nft -f`` transaction (create
+it, delete it, define it again): the kernel swaps old for new atomically, so no SYN ever sees a
+half-written table. Each rule's comment names its tunnel (``isthmus:<tunnel> out|in``), which is
+how :func:`read_clamps` finds what an earlier run left behind.
+
+After that, :class:`ClampTable` changes one tunnel's four rules at a time (issue 13: rewriting the
+table for every Child SA cost time in proportion to the number of tunnels): one transaction
+deletes the tunnel's old rules by handle and adds the new ones. The handles come from the kernel
+itself: a NETLINK_NETFILTER socket subscribed to the nf_tables notification group sees every
+committed NEWRULE with its handle and comment (what ``nft monitor`` reads). ``nft --echo`` would
+print them too, but to print it loads the whole ruleset first, which again grows with the tunnels.
+Whenever the handles of a tunnel are not known for sure (a lost notification, a failed
+transaction, someone else editing our table) the next change rewrites the table whole.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import json
+import socket
+import struct
 import subprocess
+import threading
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 FAMILY = "inet"
 TABLE = "isthmus"
@@ -40,6 +55,19 @@ class MssClamp:
     mss6: int
 
 
+def _rules(c: MssClamp, chain_ref: str | None = None) -> list[str]:
+    """The four rules of one tunnel (out/in x IPv4/IPv6), as rule text or, with `chain_ref`
+    (``inet isthmus mss_clamp``), as ``add rule`` commands."""
+    out = []
+    for direction, match in (("out", "oifname"), ("in", "iifname")):
+        for proto, mss in (("ipv4", c.mss4), ("ipv6", c.mss6)):
+            rule = (f'{match} "{c.ifname}" meta nfproto {proto} tcp flags syn / syn,rst '
+                    f"tcp option maxseg size > {mss} tcp option maxseg size set {mss} "
+                    f'comment "{COMMENT_PREFIX}{c.tunnel} {direction}"')
+            out.append(f"add rule {chain_ref} {rule}" if chain_ref else rule)
+    return out
+
+
 def render(clamps: Iterable[MssClamp]) -> str:
     """The whole table as one nft script that replaces any previous version atomically."""
     lines = [
@@ -50,12 +78,7 @@ def render(clamps: Iterable[MssClamp]) -> str:
         "\t\ttype filter hook forward priority mangle; policy accept;",
     ]
     for c in sorted(clamps, key=lambda c: (c.ifname, c.tunnel)):
-        for direction, match in (("out", "oifname"), ("in", "iifname")):
-            for proto, mss in (("ipv4", c.mss4), ("ipv6", c.mss6)):
-                lines.append(
-                    f'\t\t{match} "{c.ifname}" meta nfproto {proto} tcp flags syn / syn,rst '
-                    f"tcp option maxseg size > {mss} tcp option maxseg size set {mss} "
-                    f'comment "{COMMENT_PREFIX}{c.tunnel} {direction}"')
+        lines += [f"\t\t{r}" for r in _rules(c)]
     lines += ["\t}", "}", ""]
     return "\n".join(lines)
 
@@ -67,7 +90,67 @@ def _netns_prefix(netns: str | None) -> list[str]:
     return ["nsenter", f"--net={path}", "--"]
 
 
+class _LibNftables:
+    """libnftables (the library the nft command is made of), called in-process through ctypes:
+    the same script text as ``nft -f -``, without starting a program for every Child SA (a
+    fork and exec of nft cost more CPU than the whole IKE exchange in the lab guest, issue 13).
+    Used for the daemon's own namespace; another namespace (tests, benchmarks) goes through
+    ``nsenter ... nft``. One context per thread that uses it."""
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(ctypes.util.find_library("nftables") or "libnftables.so.1")
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+            getattr(lib, name).restype = ctypes.c_int
+        for name in ("nft_ctx_get_output_buffer", "nft_ctx_get_error_buffer"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+            getattr(lib, name).restype = ctypes.c_char_p
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        self.lib = lib
+        self._local = threading.local()
+
+    def _ctx(self) -> int:
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = self.lib.nft_ctx_new(0)
+            if not ctx:
+                raise NftError("nft: libnftables could not make a context")
+            self.lib.nft_ctx_buffer_output(ctx)
+            self.lib.nft_ctx_buffer_error(ctx)
+            self._local.ctx = ctx
+        return ctx
+
+    def run(self, script: str) -> str:
+        ctx = self._ctx()
+        rc = self.lib.nft_run_cmd_from_buffer(ctx, script.encode())
+        out = (self.lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
+        err = (self.lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+        if rc != 0:
+            raise NftError("nft: " + (err.strip() or f"libnftables returned {rc}"))
+        return out
+
+
+_LIB: _LibNftables | None = None
+_LIB_TRIED = False
+
+
+def _library() -> _LibNftables | None:
+    global _LIB, _LIB_TRIED
+    if not _LIB_TRIED:
+        _LIB_TRIED = True
+        try:
+            _LIB = _LibNftables()
+        except (OSError, AttributeError):   # no libnftables: the nft program does the same
+            _LIB = None
+    return _LIB
+
+
 def _nft(args: list[str], netns: str | None, stdin: str | None = None) -> str:
+    if netns is None and args == ["-f", "-"] and stdin is not None and (lib := _library()) is not None:
+        return lib.run(stdin)
     argv = _netns_prefix(netns) + ["nft", *args]
     try:
         r = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
@@ -76,7 +159,7 @@ def _nft(args: list[str], netns: str | None, stdin: str | None = None) -> str:
     except subprocess.TimeoutExpired:
         raise NftError(f"nft {' '.join(args)} did not finish in 30 s") from None
     if r.returncode != 0:
-        raise NftError((r.stderr or r.stdout).strip() or f"nft exited with status {r.returncode}")
+        raise NftError("nft: " + ((r.stderr or r.stdout).strip() or f"exited with status {r.returncode}"))
     return r.stdout
 
 
@@ -127,3 +210,156 @@ def parse_clamps(doc: dict) -> list[MssClamp]:
             entry[proto] = int(mss)
     return [MssClamp(tunnel=t, ifname=i, mss4=v.get("ipv4", 0), mss6=v.get("ipv6", 0))
             for (t, i), v in sorted(found.items())]
+
+
+# nf_tables notifications (linux/netfilter/nfnetlink.h, nf_tables.h, libnftnl's udata.h)
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+_NFT_MSG_NEWRULE = (10 << 8) | 6          # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWRULE
+_NFTA_RULE_TABLE, _NFTA_RULE_CHAIN, _NFTA_RULE_HANDLE, _NFTA_RULE_USERDATA = 1, 2, 3, 7
+_UDATA_RULE_COMMENT = 0
+_NFPROTO_INET = 1
+_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP = 270, 1
+
+
+def parse_rule_notifications(data: bytes) -> list[tuple[int, str]]:
+    """(handle, comment) of each NEWRULE of our table in a datagram of nf_tables notifications."""
+    out = []
+    offset = 0
+    while offset + 20 <= len(data):
+        length, mtype = struct.unpack_from("IH", data, offset)
+        if length < 16:
+            break
+        end = offset + length
+        if mtype == _NFT_MSG_NEWRULE and data[offset + 16] == _NFPROTO_INET:
+            table = chain = comment = None
+            handle = None
+            a = offset + 20
+            while a + 4 <= end:
+                alen, atype = struct.unpack_from("HH", data, a)
+                if alen < 4:
+                    break
+                val = data[a + 4:a + alen]
+                atype &= 0x3FFF
+                if atype == _NFTA_RULE_TABLE:
+                    table = val.split(b"\0", 1)[0].decode(errors="replace")
+                elif atype == _NFTA_RULE_CHAIN:
+                    chain = val.split(b"\0", 1)[0].decode(errors="replace")
+                elif atype == _NFTA_RULE_HANDLE and len(val) == 8:
+                    (handle,) = struct.unpack(">Q", val)
+                elif atype == _NFTA_RULE_USERDATA:
+                    u = 0
+                    while u + 2 <= len(val):
+                        utype, ulen = val[u], val[u + 1]
+                        if utype == _UDATA_RULE_COMMENT:
+                            comment = val[u + 2:u + 2 + ulen].split(b"\0", 1)[0].decode(errors="replace")
+                        u += 2 + ulen
+                a += (alen + 3) & ~3
+            if table == TABLE and chain == CHAIN and handle is not None and comment:
+                out.append((handle, comment))
+        offset += (length + 3) & ~3
+    return out
+
+
+class ClampTable:
+    """Our table in one network namespace, changed one tunnel at a time (see the module text).
+
+    ``sync(old, new)`` makes the table go from clamping `old` to clamping `new` (tunnel name ->
+    MssClamp), touching only the tunnels whose clamp differs. Used from one thread."""
+
+    def __init__(self, netns: str | None = None):
+        from appliance.xfrm.netlink import open_netlink_socket
+        self.netns = netns
+        self._handles: dict[str, list[int]] = {}     # tunnel -> handles of its four rules
+        self._known = False                          # the table is exactly what we last wrote
+        self._sock: socket.socket | None = None
+        try:
+            self._sock = open_netlink_socket(NETLINK_NETFILTER, netns)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self._sock.bind((0, 0))
+            self._sock.setsockopt(_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+            self._sock.setblocking(False)
+        except OSError:
+            # without notifications every change is a whole rewrite (as before issue 13)
+            if self._sock is not None:
+                self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _drain(self) -> dict[str, list[int]] | None:
+        """Handles of the rules added since the last drain, by tunnel; None: some were lost."""
+        found: dict[str, list[int]] = {}
+        if self._sock is None:
+            return None
+        lost = False
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    lost = True
+                    continue
+                raise
+            for handle, comment in parse_rule_notifications(data):
+                if comment.startswith(COMMENT_PREFIX):
+                    found.setdefault(comment[len(COMMENT_PREFIX):].rsplit(" ", 1)[0], []).append(handle)
+        return None if lost else found
+
+    def reset(self, clamps: Iterable[MssClamp]) -> None:
+        """Rewrite the whole table to clamp exactly `clamps`."""
+        clamps = list(clamps)
+        self._known = False
+        self._drain()                 # whatever happened before is of no interest now
+        apply(clamps, self.netns)
+        added = self._drain()
+        self._handles = {}
+        if added is not None and all(len(added.get(c.tunnel, ())) == 4 for c in clamps) and \
+                len(added) == len(clamps):
+            self._handles = added
+            self._known = True
+
+    def sync(self, old: Mapping[str, MssClamp], new: Mapping[str, MssClamp]) -> None:
+        changed = [t for t in set(old) | set(new) if old.get(t) != new.get(t)]
+        if not changed:
+            return
+        if not self._known or any(t in old and len(self._handles.get(t, ())) != 4 for t in changed):
+            self.reset(new.values())
+            return
+        ref = f"{FAMILY} {TABLE} {CHAIN}"
+        lines = []
+        for t in sorted(changed):
+            if t in old:
+                lines += [f"delete rule {ref} handle {h}" for h in self._handles[t]]
+            if t in new:
+                lines += _rules(new[t], ref)
+        self._drain()
+        try:
+            _nft(["-f", "-"], self.netns, stdin="\n".join(lines) + "\n")
+        except NftError:
+            # the transaction was aborted as a whole: nothing changed, but the table may not be
+            # what we think (that may be why it failed): the next change rewrites it whole
+            self._known = False
+            self._drain()
+            raise
+        added = self._drain()
+        if added is None:
+            self._known = False
+            return
+        for t in changed:
+            self._handles.pop(t, None)
+            if t in new:
+                if len(added.get(t, ())) != 4:
+                    self._known = False
+                    return
+                self._handles[t] = added[t]
+
+    def forget(self) -> None:
+        """The table was removed: the next change writes it whole."""
+        self._handles = {}
+        self._known = False

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import sys
 import re
 
 import pytest
@@ -133,6 +135,83 @@ def test_nft_table_is_replaced_whole_and_alone():
         assert nft.read_clamps(ns.name) is None
         nft.remove(ns.name)  # removing twice is fine
         assert "table inet other" in ns.run("nft list ruleset").stdout
+
+
+def _nft_handles(ns: Netns) -> tuple[int, dict[str, int]]:
+    """(table handle, rule comment + family -> rule handle) as `nft -j list` reports them."""
+    listing = json.loads(ns.run("nft -j list table inet isthmus").stdout)["nftables"]
+    table = next(x["table"]["handle"] for x in listing if "table" in x)
+    rules = {}
+    for x in listing:
+        if "rule" in x:
+            r = x["rule"]
+            proto = next(e["match"]["right"] for e in r["expr"] if "match" in e
+                         and e["match"]["left"] == {"meta": {"key": "nfproto"}})
+            rules[f"{r['comment']} {proto}"] = r["handle"]
+    return table, rules
+
+
+def test_nft_clamps_change_one_tunnel_at_a_time():
+    """Issue 13: a Child SA coming up or going down changes its tunnel's four rules only (the
+    table, and every other tunnel's rules, keep their handles); a table changed behind our back
+    is rewritten whole at the next change."""
+    b, c, d = (nft.MssClamp("to-b", "xfrm-b", 1406, 1386), nft.MssClamp("to-c", "xfrm-c", 1382, 1362),
+               nft.MssClamp("to-d", "xfrm-d", 1300, 1280))
+    with Netns("x") as ns:
+        table = nft.ClampTable(ns.name)
+        try:
+            table.reset([])
+            table.sync({}, {"to-b": b})
+            table.sync({"to-b": b}, {"to-b": b, "to-c": c})
+            assert nft.read_clamps(ns.name) == [b, c]
+            t0, rules0 = _nft_handles(ns)
+            assert len(rules0) == 8
+            c2 = nft.MssClamp("to-c", "xfrm-c", 1350, 1330)
+            table.sync({"to-b": b, "to-c": c}, {"to-b": b, "to-c": c2, "to-d": d})
+            assert nft.read_clamps(ns.name) == [b, c2, d]
+            t1, rules1 = _nft_handles(ns)
+            assert t1 == t0, "the table was rewritten"
+            assert {k: v for k, v in rules1.items() if "to-b" in k} == {k: v for k, v in rules0.items() if "to-b" in k}
+            assert not {v for k, v in rules1.items() if "to-c" in k} & set(rules0.values())
+            table.sync({"to-b": b, "to-c": c2, "to-d": d}, {"to-c": c2, "to-d": d})
+            assert nft.read_clamps(ns.name) == [c2, d]
+            assert _nft_handles(ns)[0] == t0
+            # someone deletes one of our rules: our delete by handle fails, the change is refused
+            # as a whole, and the next one rewrites the table
+            victim = _nft_handles(ns)[1]["isthmus:to-c out ipv4"]
+            ns.run(f"nft delete rule inet isthmus mss_clamp handle {victim}")
+            with pytest.raises(nft.NftError):
+                table.sync({"to-c": c2, "to-d": d}, {"to-d": d})
+            table.sync({"to-c": c2, "to-d": d}, {"to-d": d})
+            assert nft.read_clamps(ns.name) == [d]
+            assert _nft_handles(ns)[0] != t0
+        finally:
+            table.close()
+
+
+_IN_PROCESS = """
+import sys
+from appliance.xfrm import nft
+t = nft.ClampTable(None)
+t.reset([])
+b, c = nft.MssClamp("to-b", "xfrm-b", 1406, 1386), nft.MssClamp("to-c", "xfrm-c", 1382, 1362)
+t.sync({}, {"to-b": b, "to-c": c})
+t.sync({"to-b": b, "to-c": c}, {"to-c": c})
+try:
+    t.sync({"to-c": c}, {"to-c": c, "to-d": nft.MssClamp("to-d", 'x"y', 1300, 1280)})
+except nft.NftError as e:
+    print("refused:", str(e).splitlines()[0])
+"""
+
+
+def test_nft_in_the_daemons_own_namespace_runs_in_process():
+    """The daemon's namespace (netns None): libnftables in-process, no nft program - the child
+    has no PATH at all - and refusals still carry nft's words."""
+    with Netns("x") as ns:
+        r = ns.run(["env", "-i", f"PYTHONPATH={os.getcwd()}", sys.executable, "-c", _IN_PROCESS], check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.startswith("refused: nft: Error:"), r.stdout
+        assert nft.read_clamps(ns.name) == [nft.MssClamp("to-c", "xfrm-c", 1382, 1362)]
 
 
 def test_nft_refusal_carries_nfts_words():

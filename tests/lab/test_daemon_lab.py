@@ -379,22 +379,22 @@ def test_shutdown_without_delete_leaves_traffic_flowing_until_the_restart(region
     a.app.call("reload")
 
 
-def test_a_kernel_refusing_the_child_sa_is_reported_rolled_back_deleted_and_retried(regions, tmp_path):
-    """Fault injection: A's `nft` fails (a wrapper first on its PATH exits 1 while a flag file
-    exists), so the tunnel hook cannot install the MSS clamp. The data plane rolls the Child SA
-    back, the daemon publishes the reason, deletes the IKE SA with the peer and retries with
-    back-off; once nft works again the tunnel comes up by itself."""
+def test_a_kernel_refusing_the_child_sa_is_reported_rolled_back_deleted_and_retried(regions):
+    """Fault injection: the kernel refuses A's MSS clamp - another program (an `nft -i` session
+    kept open) owns a table named `inet isthmus` (nftables' `flags owner`: nobody else may
+    change or delete it) - so the tunnel hook cannot install the clamp. The data plane rolls the
+    Child SA back, the daemon publishes the reason, deletes the IKE SA with the peer and retries
+    with back-off; once the owner exits (the kernel then removes its table) the tunnel comes up
+    by itself."""
     a, b = regions.a, regions.b
     assert a.app.stop(signal.SIGTERM) == 0
-    real = subprocess.run(["sh", "-c", "command -v nft"], capture_output=True, text=True).stdout.strip()
-    flag = tmp_path / "nft-fails"
-    (tmp_path / "bin").mkdir()
-    wrapper = tmp_path / "bin" / "nft"
-    wrapper.write_text(f"#!/bin/sh\n[ -e {flag} ] && exit 1\nexec {real} \"$@\"\n")
-    wrapper.chmod(0o755)
-    flag.touch()
+    owner = subprocess.Popen(["ip", "netns", "exec", a.ns.name, "nft", "-i"], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    owner.stdin.write("add table inet isthmus { flags owner; }\n")
+    owner.stdin.flush()
+    wait_for("the owned table", lambda: "flags owner" in a.ns.run("nft list ruleset").stdout, 30, 0.1)
     mark = len(regions.events)
-    a.app.start(env={"PATH": f"{wrapper.parent}:{os.environ['PATH']}"})
+    a.app.start()
     regions.follow_events(a)
 
     def errors():
@@ -412,12 +412,13 @@ def test_a_kernel_refusing_the_child_sa_is_reported_rolled_back_deleted_and_retr
         # ... and the peer does not keep a pair nobody can use (A deleted the IKE SA with it)
         wait_for("B without a Child SA for to-a", lambda: not b.app.sas("to-a")["child_sas"], 30, 0.2)
     finally:
-        flag.unlink()
+        owner.stdin.close()
+        owner.wait(30)
     t0 = time.monotonic()
     a.app.wait_tunnel_up("to-b", timeout=120)
     b.app.wait_tunnel_up("to-a", timeout=60)
-    print(f"\nnft failing: {len(errors())} failed installs, rolled back each time; up {time.monotonic() - t0:.1f} s "
-          "after nft works again")
+    print(f"\nclamp refused: {len(errors())} failed installs, rolled back each time; up {time.monotonic() - t0:.1f} s "
+          "after the table's owner exited")
     assert regions.ping(count=3).returncode == 0
 
 

@@ -297,3 +297,25 @@ def test_struct_codec_matches_pyroute2s_generic_codec(spec):
     slow_pol.update({k: v for k, v in pol.items() if k not in ("header", "attrs")})
     slow_pol["attrs"] = [list(a) for a in pol["attrs"]]
     assert encode(slow_pol, m.XFRM_MSG_NEWPOLICY) == encode(pol, m.XFRM_MSG_NEWPOLICY)
+
+
+def test_policy_body_is_what_pyroute2_encodes():
+    """kernel.policy_body (struct, issue 13) and policy_message (pyroute2) give the same bytes."""
+    import ipaddress as _ip
+
+    from appliance.xfrm.kernel import PolicySpec, policy_body, policy_message
+
+    cases = [("out", "0.0.0.0/0", "192.0.2.2", "192.0.2.1", 0), ("in", "::/0", "192.0.2.1", "192.0.2.2", 7),
+             ("fwd", "10.1.0.0/16", "2001:db8::1", "2001:db8::2", 100),
+             ("out", "2001:db8:5::/48", "198.51.100.9", "203.0.113.4", 0xFFFF)]
+    for i, (d, sel, src, dst, prio) in enumerate(cases):
+        spec = PolicySpec(d, _ip.ip_network(sel), 0x49000000 + i, 0x49000100 + i, _ip.ip_address(src),
+                          _ip.ip_address(dst), prio)
+        msg = policy_message(spec)
+        msg["header"]["type"] = 19
+        msg["header"]["flags"] = 0
+        msg["header"]["sequence_number"] = 0
+        msg["header"]["pid"] = 0
+        msg.reset()
+        msg.encode()
+        assert policy_body(spec) == bytes(msg.data)[16:], spec
