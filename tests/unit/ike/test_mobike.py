@@ -330,3 +330,15 @@ def test_with_mobike_an_implicit_update_follows_a_new_port_but_never_a_new_addre
     a.rekey_child("to-b", net.now)
     net.run(5)
     assert sa_b.remote == (A_PUB, 52000) and len(_events(net, B_ADDR, ev.IkeSaAddressesUpdated)) == n
+
+
+def test_ike_sa_init_to_our_new_address_finds_the_tunnel_even_if_one_came_there_before_the_move():
+    # The responder's offer per address pair (issue 13) depends on the tunnel's local address:
+    # a request that reached the new address before rtnetlink told us (no tunnel then) must not
+    # leave that answer cached once the address is ours.
+    b = IkeEngine([tunnel("b", mobike=True)], random=random.Random(2).randbytes)
+    new = ("192.0.2.22", 500)
+    assert b.responder_offer(new, (A_ADDR, 500)).candidates == []
+    assert b.local_address_changed("to-a", new[0], T0) == "no-sa"
+    assert [c.name for c in b.responder_offer(new, (A_ADDR, 500)).candidates] == ["to-a"]
+    assert b.responder_offer((B_ADDR, 500), (A_ADDR, 500)).candidates == []
