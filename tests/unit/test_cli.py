@@ -325,8 +325,11 @@ def test_events_human_with_filters(daemon):
 
 def test_events_ctrl_c_exits_0(daemon):
     """The real console script in a subprocess, interrupted like a user would."""
+    # as from a terminal: SIGINT at its default even when the test run itself ignores it (a
+    # background job of a non-interactive shell, e.g. `(.ci/run &)`, inherits SIGINT ignored)
     proc = subprocess.Popen([str(BIN / "isthmus"), "--run-dir", daemon.run_dir, "events", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_until(lambda: daemon.srv.bus.subscribers == 1, timeout=30)
         daemon.srv.publish("ike_sa_up", "to-b", spi_i=5)
