@@ -140,6 +140,13 @@ def record(name: str, ike: str, esp: str, out: Path, pki_kind: str | None = None
                              for addr, port, public in nat.mappings() if port in (500, 4500)),
                             key=lambda m: m["inside"][1]),
                         "keepalive_interval": NAT_KEEPALIVE,
+                        # what each charon said over vici once the Child SA was up
+                        "strongswan_state": {role: {
+                            "local": [sa_.local_host, sa_.local_port],
+                            "remote": [sa_.remote_host, sa_.remote_port],
+                            "nat_local": sa_.nat_local, "nat_remote": sa_.nat_remote,
+                            "nat_fake": sa_.nat_fake, "child_encap": sa_.installed()[0].encap,
+                        } for role, sa_ in (("initiator", up), ("responder", seen))},
                     }
                     time.sleep(NAT_KEEPALIVE + 0.5)   # at least one keepalive in the capture
                 m = sa.mark()

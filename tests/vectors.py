@@ -359,6 +359,9 @@ class NatInfo:
     inside_addr: str
     mappings: dict[int, int]     # inside port -> public port
     keepalive_interval: float = 0.0
+    # per role ("initiator", "responder"): what that charon reported over vici with the Child
+    # SA up: local/remote [address, port], nat_local, nat_remote, nat_fake, child_encap
+    strongswan_state: dict = field(default_factory=dict)
 
     def inside(self, ep: Endpoint) -> Endpoint:
         """The initiator's own view of one of its public endpoints (others unchanged)."""
@@ -428,7 +431,8 @@ class StrongswanVector:
                    nat=None if nat is None else NatInfo(
                        public_addr=nat["public_addr"], inside_addr=nat["initiator_inside_addr"],
                        mappings={m["inside"][1]: m["public"][1] for m in nat["mappings"]},
-                       keepalive_interval=float(nat.get("keepalive_interval", 0))))
+                       keepalive_interval=float(nat.get("keepalive_interval", 0)),
+                       strongswan_state=nat.get("strongswan_state", {})))
 
 
 STRONGSWAN_PSK_X25519 = StrongswanVector(

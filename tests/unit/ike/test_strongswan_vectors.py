@@ -353,6 +353,13 @@ def test_natt_conversation_floats_to_4500_through_the_nat(nat_conv):
             assert payload == d.message, i
         assert d.header.length == len(d.message), i
     assert directions == {True, False}
+    # where each charon ended up (vici, with the Child SA up): floated, and ESP in UDP
+    st = nat.strongswan_state
+    assert (tuple(st["initiator"]["local"]), tuple(st["initiator"]["remote"])) == (
+        (nat.inside_addr, 4500), (v.responder_addr, 4500))
+    assert (tuple(st["responder"]["local"]), tuple(st["responder"]["remote"])) == (
+        (v.responder_addr, 4500), nat.public(4500))
+    assert st["initiator"]["child_encap"] and st["responder"]["child_encap"]
     # the exchange order of every recorded scenario: A's Child SA rekey, S's IKE SA rekey
     # (on the old SPIs), A's Child SA rekey and A's DELETE on the new IKE SA
     assert len(conv.msgs) == 18 and len(conv.ike_sas) == 2
@@ -437,7 +444,11 @@ def test_natt_detection_concludes_the_initiator_is_behind_the_nat(nat_conv):
     assert natd.check(m_resp, a_dst, a_src) == (True, True)
     # had A been where S saw it (no NAT), its NAT detection would find none at its end
     assert natd.check(m_resp, nat.public(500), a_src)[0] is False
-    # strongSwan's own conclusions
+    # strongSwan's own conclusions: its vici state and its log
+    st = nat.strongswan_state
+    assert (st["responder"]["nat_local"], st["responder"]["nat_remote"]) == (False, True)
+    assert (st["initiator"]["nat_local"], st["initiator"]["nat_remote"]) == (True, True)
+    assert not st["initiator"]["nat_fake"] and not st["responder"]["nat_fake"]
     a_log = (v.directory / v.logs["initiator"]).read_text()
     s_log = (v.directory / v.logs["responder"]).read_text()
     assert "local host is behind NAT" in a_log and "remote host is behind NAT" in s_log
