@@ -6,7 +6,8 @@ the vectors stay an independent oracle:
 * :func:`read_pcap` - a small classic-pcap reader (Ethernet / Linux cooked / raw IP, IPv4 and
   IPv6, UDP only). No scapy.
 * :func:`ike_datagrams` - the IKE messages of a pcap, with the RFC 3948 non-ESP marker stripped
-  from port-4500 datagrams (ESP packets and NAT-keepalives are skipped).
+  from port-4500 datagrams (ESP packets and NAT-keepalives are skipped); :func:`udp_4500_kind`
+  tells the three apart, :func:`natt_keepalives` lists the keepalives.
 * :func:`ike_header`, :func:`walk_payloads`, :func:`sk_payload` - a minimal RFC 7296 §3.1/§3.2
   walker over generic payload headers (NOT the codec: appliance/ike/message.py is that).
 * :func:`read_charon_log` - every hex dump a charon log printed at level 4
@@ -184,21 +185,45 @@ class IkeDatagram:
         return self.udp.sport == 4500 or self.udp.dport == 4500
 
 
+NON_ESP_MARKER = b"\x00\x00\x00\x00"
+
+
+def udp_4500_kind(payload: bytes) -> str:
+    """What a UDP datagram on port 4500 carries (RFC 3948 §2.1-§2.3): "keepalive" (the one
+    octet 0xFF), "ike" (the 4-octet non-ESP marker, then an IKE header) or "esp" (ESP in UDP:
+    the first four octets are the SPI, never zero)."""
+    if payload == b"\xff":
+        return "keepalive"
+    if len(payload) >= 4 and payload[:4] == NON_ESP_MARKER:
+        return "ike"
+    if len(payload) >= 8:     # SPI + sequence number at least (RFC 4303 §2)
+        return "esp"
+    raise ValueError(f"{len(payload)}-octet UDP 4500 datagram is neither a keepalive, IKE nor ESP")
+
+
+def _on_4500(d: UdpDatagram) -> bool:
+    return 4500 in (d.sport, d.dport)
+
+
 def ike_datagrams(path: str | Path) -> list[IkeDatagram]:
-    """The IKE messages of a capture on UDP 500/4500 (RFC 3948 §2.2 non-ESP marker removed)."""
+    """The IKE messages of a capture on UDP 500/4500 (RFC 3948 §2.2 non-ESP marker removed;
+    NAT keepalives and ESP-in-UDP on 4500 are skipped)."""
     out = []
     for d in read_pcap(path):
-        if 500 not in (d.sport, d.dport) and 4500 not in (d.sport, d.dport):
+        if 500 not in (d.sport, d.dport) and not _on_4500(d):
             continue
         p = d.payload
-        if 4500 in (d.sport, d.dport):
-            if p == b"\xff":  # NAT-keepalive (RFC 3948 §2.3)
+        if _on_4500(d):
+            if udp_4500_kind(p) != "ike":
                 continue
-            if p[:4] != b"\x00\x00\x00\x00":  # ESP
-                continue
-            p = p[4:]
+            p = p[len(NON_ESP_MARKER):]
         out.append(IkeDatagram(d, p, ike_header(p)))
     return out
+
+
+def natt_keepalives(path: str | Path) -> list[UdpDatagram]:
+    """The NAT keepalives (RFC 3948 §2.3) of a capture."""
+    return [d for d in read_pcap(path) if _on_4500(d) and udp_4500_kind(d.payload) == "keepalive"]
 
 
 @dataclass(frozen=True)
@@ -321,6 +346,34 @@ def dumps(log: list[LogDump], label: str) -> list[bytes]:
 
 
 # --------------------------------------------------------------------------- the vectors
+Endpoint = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class NatInfo:
+    """Both sides of the NAT in front of the initiator of a natt-* vector (vector.json "nat"):
+    the initiator's inside address, the NAT's public one and, per inside port, the public port
+    the NAT mapped it to (its conntrack table during the recording)."""
+
+    public_addr: str
+    inside_addr: str
+    mappings: dict[int, int]     # inside port -> public port
+    keepalive_interval: float = 0.0
+    # per role ("initiator", "responder"): what that charon reported over vici with the Child
+    # SA up: local/remote [address, port], nat_local, nat_remote, nat_fake, child_encap
+    strongswan_state: dict = field(default_factory=dict)
+
+    def inside(self, ep: Endpoint) -> Endpoint:
+        """The initiator's own view of one of its public endpoints (others unchanged)."""
+        for inside_port, public_port in self.mappings.items():
+            if ep == (self.public_addr, public_port):
+                return (self.inside_addr, inside_port)
+        return ep
+
+    def public(self, inside_port: int) -> Endpoint:
+        return (self.public_addr, self.mappings[inside_port])
+
+
 @dataclass(frozen=True)
 class StrongswanVector:
     """A recorded strongSwan conversation (see the directory's README)."""
@@ -336,6 +389,7 @@ class StrongswanVector:
     logs: dict[str, str] = field(default_factory=dict)  # role -> file name
     auth: str = "psk"            # or "pubkey": certificates (ca.pem, cert-A.pem, cert-S.pem)
     recorded_at: float = 0.0     # UNIX time of the recording (certificate validity)
+    nat: NatInfo | None = None   # natt-* vectors: the initiator is behind this NAT
 
     @property
     def pcap(self) -> Path:
@@ -347,6 +401,15 @@ class StrongswanVector:
     def datagrams(self) -> list[IkeDatagram]:
         return ike_datagrams(self.pcap)
 
+    def initiator_view(self, d: IkeDatagram) -> tuple[Endpoint, Endpoint]:
+        """(source, destination) of a captured datagram as the initiator sent or received it:
+        the capture is on the responder's side, so behind a NAT the initiator's public
+        endpoint is put back to its inside one."""
+        src, dst = (d.udp.src, d.udp.sport), (d.udp.dst, d.udp.dport)
+        if self.nat is None:
+            return src, dst
+        return self.nat.inside(src), self.nat.inside(dst)
+
     def available(self) -> bool:
         return self.pcap.exists()
 
@@ -357,13 +420,19 @@ class StrongswanVector:
 
         d = Path(directory)
         meta = json.loads((d / "vector.json").read_text())
+        nat = meta.get("nat")
         return cls(directory=d, psk=meta["psk"].encode(),
                    initiator_id=meta["initiator_id"].encode(),
                    responder_id=meta["responder_id"].encode(),
                    initiator_addr=meta["initiator_addr"], responder_addr=meta["responder_addr"],
                    ike_proposal=meta["ike_proposal"], esp_proposal=meta["esp_proposal"],
                    logs=meta["logs"], auth=meta.get("auth", "psk"),
-                   recorded_at=float(meta.get("recorded_at", 0)))
+                   recorded_at=float(meta.get("recorded_at", 0)),
+                   nat=None if nat is None else NatInfo(
+                       public_addr=nat["public_addr"], inside_addr=nat["initiator_inside_addr"],
+                       mappings={m["inside"][1]: m["public"][1] for m in nat["mappings"]},
+                       keepalive_interval=float(nat.get("keepalive_interval", 0)),
+                       strongswan_state=nat.get("strongswan_state", {})))
 
 
 STRONGSWAN_PSK_X25519 = StrongswanVector(

@@ -53,6 +53,7 @@ class Replay:
         self.log = vector.log("initiator")
         self.engine: IkeEngine | None = None
         self.events: list = []
+        self.sent: list = []      # what our engine sent (engine.Datagram)
         self._plain: dict[int, M.Message] = {}
 
     def msg(self, i: int) -> M.Message:
@@ -71,9 +72,10 @@ class Replay:
         return self._plain[i]
 
     def feed(self, i: int, now: float) -> None:
-        d = self.grams[i]
-        self.engine.receive_datagram(d.message, (d.udp.src, d.udp.sport), (d.udp.dst, d.udp.dport), now)
-        self.engine.datagrams_to_send()
+        """Datagram i as A received it (behind a NAT: at its inside endpoint)."""
+        src, dst = self.v.initiator_view(self.grams[i])
+        self.engine.receive_datagram(self.grams[i].message, src, dst, now)
+        self.sent += self.engine.datagrams_to_send()
         while (e := self.engine.next_event()) is not None:
             self.events.append(e)
 
@@ -114,9 +116,10 @@ def test_our_initiator_accepts_strongswans_answers(vector):
     g_ir = dumps(r.log, "shared Diffie Hellman secret")
 
     # IKE_SA_INIT: our SA, carrying A's SPI, nonce, KE and request octets (RealMessage1)
-    sa = IkeSa(engine, initiator=True, config=cfg, candidates=[cfg],
-               local=(vector.initiator_addr, r.grams[0].udp.sport),
-               remote=(vector.responder_addr, r.grams[0].udp.dport), spi_i=d0.spi_i, spi_r=bytes(8), now=now)
+    local, remote = vector.initiator_view(r.grams[0])    # A's own endpoints, as it sent it
+    assert (local[0], remote[0]) == (vector.initiator_addr, vector.responder_addr)
+    sa = IkeSa(engine, initiator=True, config=cfg, candidates=[cfg], local=local, remote=remote,
+               spi_i=d0.spi_i, spi_r=bytes(8), now=now)
     engine.register(sa)
     ex = IkeSaInit(d0.get(M.KE).dh_group)
     ex.ke = LoggedKe(d0.get(M.KE).dh_group, d0.get(M.KE).data, d1.get(M.KE).data, g_ir[0])
@@ -130,8 +133,17 @@ def test_our_initiator_accepts_strongswans_answers(vector):
     for name, label in (("SK_d", "Sk_d secret"), ("SK_ei", "Sk_ei secret"), ("SK_er", "Sk_er secret"),
                         ("SK_pi", "Sk_pi secret"), ("SK_pr", "Sk_pr secret")):
         assert getattr(sa.keys, name) == dumps(r.log, label)[0], name
-    # strongSwan's own NAT detection tells us whether it faked a NAT (kernel-libipsec vectors)
     assert isinstance(sa.pending.exchange, ike_auth.IkeAuth)
+    # NAT detection (§2.23): the recorded vectors' kernel-libipsec fakes strongSwan's SOURCE
+    # hash, so we see a NAT at its end (not in the shared vector, recorded with the kernel's
+    # XFRM); at ours only behind the natt-* vector's NAT (its DESTINATION hash names our public
+    # endpoint). With a NAT anywhere IKE_AUTH floats to 4500 (§2.23)
+    libipsec = vector is not STRONGSWAN_PSK_X25519
+    assert (sa.nat_local, sa.nat_remote) == (vector.nat is not None, libipsec)
+    port = 4500 if libipsec else 500
+    assert [(g.src, g.dst) for g in r.sent] == [((local[0], port), (remote[0], port))]
+    if vector.nat is not None:   # ... where A's IKE_AUTH left from: the NAT mapped it to its 4500 mapping
+        assert vector.initiator_view(r.grams[2]) == ((local[0], 4500), (remote[0], 4500))
 
     # IKE_AUTH: the pending request is made A's (its Child SA offer); strongSwan's answer in
     d2 = r.msg(2)
@@ -162,6 +174,10 @@ def test_our_initiator_accepts_strongswans_answers(vector):
     if vector.auth == "pubkey":   # strongSwan's CERT + RFC 7427 AUTH passed our validation
         assert sa.peer_cert_subject == "CN=b.example.net,O=Isthmus tests" and sa.peer_cert_chain
     first = r.events[1]
+    # behind a NAT (faked or not) the Child SA is ESP in UDP between the floated ports (RFC 3948)
+    # (the shared vector's strongSwan floated without a NAT: its answers come from 4500 there)
+    assert (first.udp_encap, first.local_port, first.remote_port) == (libipsec, 4500, 4500)
+    assert (first.local_addr, first.remote_addr) == (local[0], remote[0])
     child_keys = logged_child_keys(r.log)
     if child_keys:
         k = child_keys[0]
@@ -229,3 +245,43 @@ def test_our_initiator_accepts_strongswans_answers(vector):
     r.feed(13, now + 6)
     assert [type(e).__name__ for e in r.events] == ["ChildSaDeleted", "IkeSaDown"]
     assert engine.sas() == []
+
+
+NAT_VECTORS = [v for v in VECTORS if v.nat is not None]
+
+
+@pytest.mark.parametrize("vector", NAT_VECTORS, ids=lambda v: v.directory.name)
+def test_our_responder_sees_strongswan_behind_the_nat(vector):
+    """Our engine in S's place, given A's IKE_SA_INIT as it arrived through the NAT (from the
+    NAT's public address and the port it gave A's 500): its NAT detection (natd.py) finds S not
+    behind a NAT and A behind one, and its answer goes back to that public endpoint with a
+    NAT_DETECTION_DESTINATION_IP hash of it (the translated endpoint, as strongSwan's was).
+    (From this side a NAT and kernel-libipsec's faked SOURCE hash look the same: A's real
+    NAT is proven by S's DESTINATION hash, test_our_initiator_accepts_strongswans_answers.)"""
+    from appliance.ike import natd
+    from appliance.ike.constants import NotifyType
+
+    nat = vector.nat
+    req = vector.datagrams()[0]
+    src, dst = (req.udp.src, req.udp.sport), (req.udp.dst, req.udp.dport)
+    assert src == nat.public(500) and dst == (vector.responder_addr, 500)
+    cfg = TunnelConfig(name="a", local_addr=vector.responder_addr, remote_addr=nat.public_addr,
+                       local_id=Identity.parse(vector.responder_id.decode()),
+                       remote_id=Identity.parse(vector.initiator_id.decode()), psk=vector.psk, if_id=42,
+                       ike_proposals=tuple(parse_proposals(vector.ike_proposal, "ike")),
+                       esp_proposals=tuple(parse_proposals(vector.esp_proposal, "esp")),
+                       dpd=DpdConfig(interval=0), start=False)
+    engine = IkeEngine([cfg], random=random.Random(7).randbytes)
+    engine.receive_datagram(req.message, src, dst, 100.0)
+    (out,) = engine.datagrams_to_send()
+    assert (out.src, out.dst) == (dst, src)
+    answer = M.parse_message(out.data)[0]
+    assert answer.is_response and answer.spi_i == req.header.spi_i
+    (sa,) = engine._half_open.values()
+    assert (sa.nat_local, sa.nat_remote) == (False, True)
+    (dst_hash,) = [n.data for n in answer.notifies()
+                   if n.notify_type == NotifyType.NAT_DETECTION_DESTINATION_IP]
+    assert dst_hash == natd.payloads(answer.spi_i, answer.spi_r, dst, src)[1].data
+    # which A, at its inside endpoint, finds is not its own: A is behind a NAT
+    a_local = vector.initiator_view(req)[0]
+    assert natd.check(answer, a_local, dst) == (True, False)
