@@ -374,6 +374,13 @@ class IkeSa:
             if self.pending is None or hdr.message_id != self.pending.message_id:
                 log.debug("%s: dropping response %d without a request", self, hdr.message_id)
                 return
+            if hdr.exchange_type != self.pending.exchange.exchange_type:
+                # §1.2: a response is of its request's exchange type; another one answers
+                # nothing we asked (the header is covered by the ICV, so not even the peer's)
+                log.info("%s: dropping %s response %d to our %s request", self,
+                         _exchange_name(hdr.exchange_type), hdr.message_id,
+                         _exchange_name(self.pending.exchange.exchange_type))
+                return
         else:
             if not self._request_in_window(hdr.message_id):
                 return
@@ -432,6 +439,12 @@ class IkeSa:
             log.debug("%s: received %s", self, _Summary(msg))
             if self._refused_before_auth(msg, now):
                 return
+            if not self._request_type_known(msg):
+                # not a request we can answer: dropped without using up its message ID, so the
+                # peer's next genuine request (same ID) is not taken for a retransmission
+                log.info("%s: ignoring request %d of %s: not an exchange answered here", self, msg.message_id,
+                         _exchange_name(msg.exchange_type))
+                return
             if mobike.is_update(msg):
                 self.last_heard = now   # the addresses change in mobike.respond, not implicitly
             else:
@@ -440,6 +453,14 @@ class IkeSa:
             self.cipher_in_prev = None
             self._dispatch_request(msg, src, dst, now)
         self.engine.after_activity(self, now)
+
+    def _request_type_known(self, msg: Message) -> bool:
+        """The exchange types _dispatch_request answers (IKE_INTERMEDIATE only before IKE_AUTH)."""
+        t = msg.exchange_type
+        if t == ExchangeType.IKE_INTERMEDIATE:
+            return self.in_initial_exchanges
+        return t in (ExchangeType.IKE_AUTH, ExchangeType.CREATE_CHILD_SA, ExchangeType.IKE_FOLLOWUP_KE,
+                     ExchangeType.INFORMATIONAL)
 
     @property
     def in_initial_exchanges(self) -> bool:

@@ -474,3 +474,45 @@ def test_11c_peer_identity_is_escaped_before_any_log_line(caplog, b_remote):
     if b_remote is None:
         (up,) = _of(net, B_ADDR, ev.IkeSaUp)
         assert up.remote_id == "evil?12:00:00.000 INFO    isthmus.ike: forged line?[2J??"
+
+
+# ------------------------------------------------------------------ leftovers of the review
+
+
+def _sealed(sa, xchg: int, mid: int, *, response: bool) -> bytes:
+    """An authentic message from `sa`'s side (its own keys) with an empty SK payload."""
+    msg = M.Message(sa.spi_i, sa.spi_r, xchg, mid, response, sa.initiator, [], encrypted=True)
+    data, *more = sa._encode_datagrams(msg)
+    assert not more
+    return data
+
+
+def test_an_authentic_response_of_another_exchange_type_answers_nothing():
+    # §1.2: the response to a CREATE_CHILD_SA request is a CREATE_CHILD_SA response; an
+    # INFORMATIONAL one with the same message ID must not finish (and fail) the rekey
+    net = _up()
+    a, b = net.engines[A_ADDR], net.engines[B_ADDR]
+    sa_a, sa_b = a.current_sa("to-b"), b.current_sa("to-a")
+    a.rekey_child("to-b", net.now)
+    (req,) = a.datagrams_to_send()
+    assert M.parse_header(req.data).exchange_type == ExchangeType.CREATE_CHILD_SA
+    forged = _sealed(sa_b, ExchangeType.INFORMATIONAL, sa_a.pending.message_id, response=True)
+    a.receive_datagram(forged, req.dst, req.src, net.now)
+    assert sa_a.pending is not None and not _of(net, A_ADDR, ev.ChildSaRekeyed)
+    _drain(a)
+    b.receive_datagram(req.data, req.src, req.dst, net.now)   # the genuine exchange goes on
+    net.run(3)
+    assert _of(net, A_ADDR, ev.ChildSaRekeyed) and installed_pair_ok(net) == []
+
+
+def test_an_authentic_request_of_an_unknown_exchange_type_uses_up_no_message_id():
+    net = _up()
+    a, b = net.engines[A_ADDR], net.engines[B_ADDR]
+    sa_a, sa_b = a.current_sa("to-b"), b.current_sa("to-a")
+    before = sa_a.peer_mid
+    odd = _sealed(sa_b, 60, sa_b.my_mid, response=False)    # 60: unassigned exchange type
+    a.receive_datagram(odd, (B_ADDR, 500), (A_ADDR, 500), net.now)
+    assert sa_a.peer_mid == before and a.datagrams_to_send() == []
+    b.rekey_child("to-a", net.now)          # B's next genuine request carries that message ID
+    net.run(3)
+    assert _of(net, B_ADDR, ev.ChildSaRekeyed) and installed_pair_ok(net) == []
