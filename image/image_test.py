@@ -6,7 +6,9 @@ NoCloud seed, come up from cloud-init alone and bring up a tunnel between them.
 Region A (192.0.2.1, initiator) and region B (192.0.2.2, responder) get their config, PSK and
 management prefixes in cloud-init `write_files`; nothing else reaches them. A reporter shipped in
 the seed (runcmd) waits for the tunnel, prints `isthmus status` on the serial console, pings the
-peer's inside address across the XFRM interfaces, and on B checks the management plane: SSH with a
+peer's inside address across the XFRM interfaces, waits for the peer's LAN (an address on lo,
+announced with `bgp.announce`) to arrive in the kernel FIB over BGP across the tunnel and pings it
+from its own LAN address, prints `isthmus show bgp` and `show routes`, and on B checks the management plane: SSH with a
 password refused, the metrics port refused from A (not in B's metrics prefixes), a read-only user's
 `isthmus down` refused with its audit line. With --bad-config, B's config has an error and the
 test expects its file:line on B's console and no tunnel.
@@ -32,7 +34,8 @@ from pathlib import Path
 REPORTER = r"""#!/bin/sh
 # image-test reporter (from the NoCloud seed): results on the serial console, prefixed IMAGE-TEST.
 say() { echo "IMAGE-TEST $*" > /dev/ttyS0; }
-role=$1 peer_inside=$2 peer_wan=$3
+role=$1 peer_inside=$2 peer_wan=$3 lan=$4 peer_lan=$5
+ip addr add "$lan/32" dev lo   # this region's "LAN": announced over BGP (bgp.announce)
 say "$role: cloud-init final stage at uptime $(cut -d' ' -f1 /proc/uptime)"
 i=0
 while [ $i -lt 200 ]; do
@@ -48,6 +51,17 @@ say "$role: tunnel up at uptime $(cut -d' ' -f1 /proc/uptime)"
 isthmus status 2>&1 | sed "s/^/IMAGE-TEST $role: status: /" > /dev/ttyS0
 if ping -c 3 -W 3 "$peer_inside" >/dev/null 2>&1; then say "$role: ping $peer_inside over XFRM ok"; else say "$role: ping $peer_inside FAILED"; fi
 ip -s xfrm state 2>/dev/null | grep -c 'proto esp' | sed "s/^/IMAGE-TEST $role: esp states: /" > /dev/ttyS0
+# BGP over the tunnel: the peer's LAN must arrive in the kernel FIB on the XFRM interface
+peer_net="${peer_lan%.*}.0/24"
+i=0
+while [ $i -lt 60 ] && ! ip route show "$peer_net" | grep -q 'dev xfrm-'; do sleep 2; i=$((i+1)); done
+route=$(ip route show "$peer_net")
+case "$route" in *"dev xfrm-"*) say "$role: BGP route to the peer's LAN at uptime $(cut -d' ' -f1 /proc/uptime): $route";;
+                 *) say "$role: BGP route to the peer's LAN FAILED: '$route'";; esac
+isthmus show bgp 2>&1 | sed "s/^/IMAGE-TEST $role: bgp: /" > /dev/ttyS0
+isthmus show routes 2>&1 | sed "s/^/IMAGE-TEST $role: routes: /" > /dev/ttyS0
+if ping -c 3 -W 3 -I "$lan" "$peer_lan" >/dev/null 2>&1; then say "$role: ping LAN $lan -> LAN $peer_lan over BGP ok"
+else say "$role: ping LAN $lan -> LAN $peer_lan FAILED"; fi
 if [ "$role" = A ]; then
     sleep 20  # B checks its side meanwhile
     out=$(ssh -o BatchMode=yes -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboard-interactive \
@@ -74,19 +88,26 @@ say "$role: DONE"
 
 REGIONS = {
     "a": {"name": "region-a", "wan": "192.0.2.1", "peer_wan": "192.0.2.2", "inside": "169.254.21.1/30", "peer_inside": "169.254.21.2",
-          "tunnel": "to-b", "start": "true", "me": "a.example.net", "peer": "b.example.net", "mac": "52:54:00:12:00:01"},
+          "tunnel": "to-b", "start": "true", "me": "a.example.net", "peer": "b.example.net", "mac": "52:54:00:12:00:01",
+          "asn": 64601, "peer_as": 64602, "lan": "10.10.0.1", "peer_lan": "10.20.0.1"},
     "b": {"name": "region-b", "wan": "192.0.2.2", "peer_wan": "192.0.2.1", "inside": "169.254.21.2/30", "peer_inside": "169.254.21.1",
-          "tunnel": "to-a", "start": "false", "me": "b.example.net", "peer": "a.example.net", "mac": "52:54:00:12:00:02"},
+          "tunnel": "to-a", "start": "false", "me": "b.example.net", "peer": "a.example.net", "mac": "52:54:00:12:00:02",
+          "asn": 64602, "peer_as": 64601, "lan": "10.20.0.1", "peer_lan": "10.10.0.1"},
 }
 
 
 def config(r: dict, bad: bool) -> str:
     remote = "peer-a.invalid" if bad else r["peer_wan"]
-    return (f"appliance: {{name: {r['name']}}}\n"
+    lan, peer_lan = (x.rsplit(".", 1)[0] + ".0/24" for x in (r["lan"], r["peer_lan"]))
+    return (f"appliance: {{name: {r['name']}, router_id: {r['wan']}}}\n"
             f"tunnels:\n  {r['tunnel']}:\n    remote: {remote}\n    local: {r['wan']}\n"
             f"    local_id: {r['me']}\n    remote_id: {r['peer']}\n"
             f"    auth: {{psk_file: secrets/{r['tunnel']}.psk}}\n    start: {r['start']}\n"
-            f"    interface: {{name: xfrm-{r['tunnel'][-1]}, address: {r['inside']}}}\n")
+            f"    interface: {{name: xfrm-{r['tunnel'][-1]}, address: {r['inside']}}}\n"
+            f"    bgp: {{peer_as: {r['peer_as']}, peer_address: {r['peer_inside']}, import: from-peer, export: to-peer}}\n"
+            f"bgp:\n  asn: {r['asn']}\n  announce: [{lan}]\n  policies:\n"
+            f"    from-peer: {{prefixes: [{{prefix: {peer_lan}}}]}}\n"
+            f"    to-peer: {{prefixes: [{{prefix: {lan}}}]}}\n")
 
 
 def indent(text: str, n: int) -> str:
@@ -111,7 +132,7 @@ def seed(work: Path, key: str, r: dict, psk: str, pubkey: str, bad: bool) -> Pat
         "  - path: /etc/isthmus/management.nft\n    content: |\n" + indent(mgmt, 6) +
         "  - path: /usr/local/sbin/image-test-report\n    permissions: '0755'\n    content: |\n" + indent(REPORTER, 6) +
         "runcmd:\n"
-        f"  - [sh, -c, 'setsid /usr/local/sbin/image-test-report {key.upper()} {r['peer_inside']} {r['peer_wan']} "
+        f"  - [sh, -c, 'setsid /usr/local/sbin/image-test-report {key.upper()} {r['peer_inside']} {r['peer_wan']} {r['lan']} {r['peer_lan']} "
         ">/dev/null 2>&1 < /dev/null &']\n")
     iso = work / f"seed-{key}.iso"
     subprocess.run(["genisoimage", "-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock",
@@ -188,6 +209,7 @@ def main() -> int:
             time.sleep(1)  # A listens before B connects
         seen: dict[str, set[str]] = {"a": set(), "b": set()}
         up_at: dict[str, float] = {}
+        bgp_at: dict[str, float] = {}
         while time.monotonic() - t0 < a.timeout:
             time.sleep(3)
             for key in REGIONS:
@@ -199,6 +221,8 @@ def main() -> int:
                         print(f"  {line}", flush=True)
                         if "tunnel up" in line and key not in up_at:
                             up_at[key] = time.monotonic() - t0
+                        if "BGP route to the peer's LAN at" in line and key not in bgp_at:
+                            bgp_at[key] = time.monotonic() - t0
                 if a.bad_config and key == "b":
                     for line in re.findall(r"[^\r\n]*isthmus\.yaml:\d+:[^\r\n]*", text):
                         if ("bad", line) not in seen[key]:
@@ -220,6 +244,10 @@ def main() -> int:
                       "ping A->B over XFRM": any("A: ping" in s and s.endswith("ok") for s in lines),
                       "ping B->A over XFRM": any("B: ping" in s and s.endswith("ok") for s in lines),
                       "status shows the tunnel up": any(re.search(r"A: status: .*to-b.*up", s) for s in lines),
+                      "A learned B's LAN over BGP": any("A: BGP route to the peer's LAN at" in s for s in lines),
+                      "B learned A's LAN over BGP": any("B: BGP route to the peer's LAN at" in s for s in lines),
+                      "LAN A -> LAN B over the BGP route": any("A: ping LAN" in s and s.endswith("over BGP ok") for s in lines),
+                      "LAN B -> LAN A over the BGP route": any("B: ping LAN" in s and s.endswith("over BGP ok") for s in lines),
                       "ssh password refused": any("password refused: ok" in s for s in lines),
                       "metrics dropped from a non-metrics address": any("metrics port of B from A" in s and s.endswith("dropped: ok") for s in lines),
                       "metrics listening on B": any("B: metrics port listening" in s for s in lines),
@@ -231,6 +259,8 @@ def main() -> int:
             print(f"image-test: {'ok  ' if ok else 'FAIL'} {name}")
         for key, t in sorted(up_at.items()):
             print(f"image-test: region {key.upper()}: boot to tunnel up {t:.0f} s (TCG, both guests on this machine)")
+        for key, t in sorted(bgp_at.items()):
+            print(f"image-test: region {key.upper()}: boot to the peer's LAN in the FIB {t:.0f} s")
         print(f"image-test: {time.monotonic() - t0:.0f} s in all; consoles in {work}")
         return 0 if all(checks.values()) else 1
     finally:
