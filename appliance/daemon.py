@@ -257,7 +257,8 @@ class Daemon:
 
         try:
             self.selector = SourceSelector()
-            self.address_watch = AddressWatch(self._loop, self._local_addresses_changed)
+            self.address_watch = AddressWatch(self._loop, self._local_addresses_changed,
+                                              xfrm_interfaces=self.selector.xfrm_ifindexes)
         except OSError as e:
             log.warning("address changes are not followed (MOBIKE): rtnetlink unavailable: %s", e)
             self.address_watch = None
@@ -265,18 +266,21 @@ class Daemon:
     def _local_addresses_changed(self) -> None:
         """Our addresses or routes changed: every mobike tunnel whose route to the peer now
         leaves from another address of ours moves there (engine.local_address_changed). A
-        configured `local:` is kept as long as it exists."""
+        configured `local:` is kept as long as it exists. One look at the kernel for all
+        tunnels (addresses once, a route lookup per distinct peer address), never per tunnel."""
         if self.engine is None or self.selector is None:
             return
-        for name, plan in list(self.plans.items()):
-            if not plan.tunnel.mobike:
-                continue
+        mobile = [(name, plan) for name, plan in self.plans.items() if plan.tunnel.mobike]
+        if not mobile:
+            return
+        ours, sources = self.selector.lookup(str(plan.tunnel.remote) for _, plan in mobile)
+        for name, plan in mobile:
             current = self.engine.local_address(name)
             pinned = plan.tunnel.local is not None
-            if pinned and current is not None and self.selector.has_address(current):
+            if pinned and current is not None and current in ours:
                 continue
             remote = str(plan.tunnel.remote)
-            new = self.selector.source_for(remote)
+            new = sources.get(remote)
             if new is None:
                 log.warning("no usable route to the peer %s any more (outside our XFRM interfaces); the "
                             "tunnel stays at %s", remote, current, extra={"tunnel": name})
