@@ -335,6 +335,17 @@ class Dataplane:
                             up=bool(info and info.up), mtu=t.mtu, child_sas=tuple(t.children), outbound=t.active,
                             endpoints=t.policies)
 
+    def known(self, tunnel: str) -> TunnelStatus:
+        """`status` from the data plane's own records, without asking the kernel (the per-event
+        path, issue 13): `up` says whether the tunnel has a Child SA (its interface is up then)."""
+        t = self._tunnel(tunnel, "reading the status")
+        return TunnelStatus(tunnel=tunnel, ifname=t.iface.ifname, if_id=t.iface.if_id, ifindex=t.index,
+                            up=bool(t.children), mtu=t.mtu, child_sas=tuple(t.children), outbound=t.active,
+                            endpoints=t.policies)
+
+    def has_tunnel(self, tunnel: str) -> bool:
+        return tunnel in self._tunnels
+
     def tunnels(self) -> list[str]:
         return sorted(self._tunnels)
 
@@ -361,30 +372,33 @@ class Dataplane:
             tx.added(f"the move of the {back.direction} policy {back.selector}",
                      lambda b=back: self.xfrm.add_policy(b, update=True))
 
-    def _apply_clamps(self, clamps: dict[str, nft.MssClamp]) -> None:
+    def _apply_clamps(self, clamps: dict[str, nft.MssClamp], changed: Iterable[str] | None = None) -> None:
         """The table goes from clamping self._clamps to `clamps`: only the tunnels that differ
-        are touched (one nft transaction), never the whole table unless its state is unknown."""
+        (`changed`, when the caller knows them) are touched (one nft transaction), never the
+        whole table unless its state is unknown."""
         if self._clamp_table is not None:
-            self._clamp_table.sync(self._clamps, clamps)
+            self._clamp_table.sync(self._clamps, clamps, changed)
         self._clamps = clamps
 
     def _hook_up(self, tx: _Transaction, t: _Tunnel, link: LinkInfo, child: ChildSa) -> TunnelMtu:
         """MTU from the transform, interface up, MSS clamp in the nft table."""
         mtu = tunnel_mtu(t.iface, child, self.links.underlay_mtu(child.endpoints.remote))
-        if link.mtu != mtu.mtu:
-            self.links.set_mtu(link.index, mtu.mtu)
-            tx.added(f"the MTU of {link.ifname} ({mtu.mtu}, was {link.mtu})",
-                     lambda: self.links.set_mtu(link.index, link.mtu))
-        if not link.up:
-            self.links.set_up(link.index, True)
-            tx.added(f"{link.ifname} up", lambda: self.links.set_up(link.index, False))
+        new_mtu = mtu.mtu if link.mtu != mtu.mtu else None
+        if new_mtu is not None or not link.up:
+            # one RTM_NEWLINK for both (issue 13: every round trip counts per Child SA)
+            self.links.set_link(link.index, mtu=new_mtu, up=True if not link.up else None)
+            tx.added(f"{link.ifname} " + ", ".join(
+                     ([f"MTU {mtu.mtu} (was {link.mtu})"] if new_mtu is not None else [])
+                     + (["up"] if not link.up else [])),
+                     lambda: self.links.set_link(link.index, mtu=link.mtu if new_mtu is not None else None,
+                                                 up=False if not link.up else None))
         # the kernel drops IPv6 addresses when an interface goes down (keep_addr_on_down=0)
         self.links.sync_addresses(link.index, t.iface.addresses)
         clamp = nft.MssClamp(t.iface.tunnel, t.iface.ifname, mtu.mss4, mtu.mss6)
         if self._clamps.get(t.iface.tunnel) != clamp:
             before = dict(self._clamps)
-            self._apply_clamps({**self._clamps, t.iface.tunnel: clamp})
-            tx.added("the MSS clamp", lambda: self._apply_clamps(before))
+            self._apply_clamps({**self._clamps, t.iface.tunnel: clamp}, (t.iface.tunnel,))
+            tx.added("the MSS clamp", lambda: self._apply_clamps(before, (t.iface.tunnel,)))
         return mtu
 
     def _fire(self, event: str, t: _Tunnel, child: ChildSa | None, old: ChildSa | None = None) -> None:
@@ -535,7 +549,7 @@ class Dataplane:
                     problems.append(str(err))
         if tunnel in self._clamps:
             attempt("removing the MSS clamp",
-                    lambda: self._apply_clamps({k: v for k, v in self._clamps.items() if k != tunnel}))
+                    lambda: self._apply_clamps({k: v for k, v in self._clamps.items() if k != tunnel}, (tunnel,)))
         attempt(f"setting {t.iface.ifname} down", lambda: self.links.set_up(t.index, False))
         t.children.clear()
         t.out_installed.clear()

@@ -324,8 +324,12 @@ class ClampTable:
             self._handles = added
             self._known = True
 
-    def sync(self, old: Mapping[str, MssClamp], new: Mapping[str, MssClamp]) -> None:
-        changed = [t for t in set(old) | set(new) if old.get(t) != new.get(t)]
+    def sync(self, old: Mapping[str, MssClamp], new: Mapping[str, MssClamp],
+             among: Iterable[str] | None = None) -> None:
+        """`among`: the only tunnels that can differ, when the caller knows (a Child SA's
+        install touches one): then nothing walks all the tunnels."""
+        keys = set(old) | set(new) if among is None else set(among)
+        changed = [t for t in keys if old.get(t) != new.get(t)]
         if not changed:
             return
         if not self._known or any(t in old and len(self._handles.get(t, ())) != 4 for t in changed):
