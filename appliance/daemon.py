@@ -49,7 +49,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -66,13 +66,21 @@ from appliance.ike.sa import IkeState
 from appliance.ikesockets import IkeSockets, SocketsError
 from appliance.logs import register_secret, setup_logging
 from appliance.metrics import IsthmusMetrics, MetricsServer, Registry, parse_listen
-from appliance.crl_fetch import CrlFetcher
 from appliance.entropy import KernelRandom
 from appliance.static_routes import static_metric
 from appliance.tunnels import TunnelPlan, diff_plans, plan_tunnels
-from bgp.manager import RouteManager, bgp_wanted
+
+if TYPE_CHECKING:   # imported when needed: not every appliance has BGP or certificates (start-up, issue 13)
+    from appliance.crl_fetch import CrlFetcher
+    from bgp.manager import RouteManager
 
 log = logging.getLogger("isthmus.daemon")
+
+
+def bgp_wanted(config: Config) -> bool:
+    """Does this config need the route manager (a bgp: section and a tunnel with a bgp block)?
+    (bgp.manager.bgp_wanted, without importing the route manager.)"""
+    return config.bgp is not None and any(t.bgp is not None for t in config.tunnels.values())
 
 PID_FILE = "isthmusd.pid"
 DEFAULT_HOOKS_DIR = "/etc/isthmus/hooks"
@@ -147,13 +155,20 @@ class Daemon:
         self._held: dict[str, list] = {}         # datagrams of a tunnel waiting for its jobs
         self._tasks: list[asyncio.Future] = []
         # CRL distribution points (appliance/crl_fetch.py): fetched in their own threads, bounded
-        self.crl_fetcher = CrlFetcher()
+        self._crl_fetcher: CrlFetcher | None = None     # made with the first URL to fetch
         self._crl_executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="isthmus-crl")
         self._crl_urls: dict[str, None] = {}
         self._crl_inflight: set[str] = set()
         # MOBIKE (appliance/mobility.py): our address changes, from rtnetlink
         self.address_watch = None
         self.selector = None
+
+    @property
+    def crl_fetcher(self) -> "CrlFetcher":
+        if self._crl_fetcher is None:
+            from appliance.crl_fetch import CrlFetcher
+            self._crl_fetcher = CrlFetcher()
+        return self._crl_fetcher
 
     # ================================================================== life cycle
     async def run(self) -> int:
@@ -341,6 +356,8 @@ class Daemon:
         with a bgp block. A failure here is logged: the tunnels still work without BGP."""
         if not bgp_wanted(config):
             return
+        from bgp.manager import RouteManager
+
         mgr = RouteManager(config, self.run_dir / "bgp", publish=self.bus.publish, metrics=self.metrics,
                            clock=self.clock)
         try:
