@@ -228,7 +228,7 @@ class IsthmusResponder:
     def __init__(self, ns: Netns, workdir: Path, n: int, profile: str | None = None, code: str | None = None):
         self.ns, self.n, self.profile = ns, n, profile
         self.app = BenchAppliance("R", ns.name, workdir)
-        self.app.code = code
+        self.app.code = COMPILED.get(code or str(TOP), code)
         if code:
             self.label = "isthmusd (baseline)"
         self.app.write_psk("bench.psk", PSK)
@@ -236,9 +236,7 @@ class IsthmusResponder:
 
     def start(self) -> float:
         """Seconds from the process start to ready with all N interfaces present."""
-        env = dict(BYTECODE)
-        if self.profile:
-            env["ISTHMUS_PROFILE"] = self.profile
+        env = {"ISTHMUS_PROFILE": self.profile} if self.profile else None
         t0 = time.monotonic()
         self.app.start(wait=False, env=env)
         pin(self.app.proc.pid, 0)
@@ -282,20 +280,22 @@ class IsthmusResponder:
         self.ns.run("ip xfrm state flush; ip xfrm policy flush", check=False, timeout=600)
 
 
-BYTECODE: dict[str, str] = {}
+COMPILED: dict[str, str] = {}     # source tree -> its byte-compiled copy
 
 
 def byte_compile(tmp: Path, code: str | None = None) -> None:
     """The image runs isthmusd byte-compiled (pip install writes the .pyc files); the lab guest
     mounts the source read-only with PYTHONDONTWRITEBYTECODE, so every start would compile every
-    module again under TCG. Compile once, untimed, into a cache prefix the daemon reads."""
-    prefix = tmp / "pycache"
-    for top in ([Path(code)] if code else []) + [TOP]:
+    module again under TCG. So the daemon runs from a copy of `appliance` and `bgp` compiled
+    once, untimed (a PYTHONPYCACHEPREFIX would hide the standard library's own .pyc files)."""
+    import shutil
+    for k, top in enumerate([TOP] + ([Path(code)] if code else [])):
+        dest = tmp / f"compiled{k}"
         for pkg in ("appliance", "bgp"):
             if (top / pkg).is_dir():
-                subprocess.run([sys.executable, "-m", "compileall", "-q", str(top / pkg)], check=True,
-                               env={**os.environ, "PYTHONPYCACHEPREFIX": str(prefix)}, capture_output=True)
-    BYTECODE["PYTHONPYCACHEPREFIX"] = str(prefix)
+                shutil.copytree(top / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(dest)], check=True, capture_output=True)
+        COMPILED[str(top)] = str(dest)
 
 
 def one(responder_cls, n: int, tmp: Path, tag: str, profile: str | None = None, code: str | None = None) -> dict:

@@ -51,9 +51,10 @@ PREFIX: dict[str, str] = {}
 
 
 def run(code: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *flags, "-c", code], cwd=TOP, capture_output=True, text=True,
-                          env={**os.environ, **PREFIX, "PYTHONPATH": os.pathsep.join(
-                              [str(TOP)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])})
+    return subprocess.run([sys.executable, *flags, "-c", code], cwd="/", capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [PREFIX.get("PYTHONPATH", str(TOP))]
+                              + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])})
 
 
 def main() -> int:
@@ -76,9 +77,9 @@ def main() -> int:
             print(r.stderr)
             return 1
         # byte-compiled, as the image installs it (the lab mounts the source without .pyc files)
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(TOP / "appliance"), str(TOP / "bgp")],
-                       env={**os.environ, "PYTHONPYCACHEPREFIX": str(Path(d) / "pyc")}, capture_output=True)
-        PREFIX["PYTHONPYCACHEPREFIX"] = str(Path(d) / "pyc")
+        from tests.bench.lab_responder_scale import COMPILED, byte_compile
+        byte_compile(Path(d))
+        PREFIX["PYTHONPATH"] = COMPILED[str(TOP)]
         t0 = time.monotonic()
         run("import appliance.daemon")
         imports = time.monotonic() - t0 - bare
