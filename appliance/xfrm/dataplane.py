@@ -355,22 +355,24 @@ class Dataplane:
         self.xfrm.add_sa(spec)
         tx.added(f"the {spec.describe()}", lambda: self.xfrm.delete_sa(spec.dst, spec.spi, missing_ok=True))
 
-    def _add_policies(self, tx: _Transaction, t: _Tunnel, ep: Endpoints, sas: tuple[SaSpec, ...] = ()) -> None:
-        """The tunnel's six policies - and `sas` before them - in one batch (one round trip,
-        issue 13); what went in is undone if anything failed, the first failure is raised."""
-        specs = _policy_specs(t, ep)
+    def _add_batch(self, tx: _Transaction, sas: tuple[SaSpec, ...], policies: list[PolicySpec]) -> None:
+        """`sas` or `policies` in one netlink batch (one round trip, issue 13); what went in is
+        undone with the transaction if anything failed, the first failure is raised."""
         results = self.xfrm.batch([self.xfrm.add_sa_request(s) for s in sas]
-                                  + [self.xfrm.add_policy_request(s) for s in specs])
+                                  + [self.xfrm.add_policy_request(s) for s in policies])
         for sa, err in zip(sas, results):
             if err is None:
                 tx.added(f"the {sa.describe()}", lambda s=sa: self.xfrm.delete_sa(s.dst, s.spi, missing_ok=True))
-        for spec, err in zip(specs, results[len(sas):]):
+        for spec, err in zip(policies, results[len(sas):]):
             if err is None:
                 tx.added(f"the {spec.direction} policy {spec.selector}",
                          lambda s=spec: self.xfrm.delete_policy(s.direction, s.selector, s.if_id, missing_ok=True))
         for err in results:
             if err is not None:
                 raise err
+
+    def _add_policies(self, tx: _Transaction, t: _Tunnel, ep: Endpoints) -> None:
+        self._add_batch(tx, (), _policy_specs(t, ep))
 
     def _move_policies(self, tx: _Transaction, t: _Tunnel, old: Endpoints, new: Endpoints) -> None:
         for spec, back in zip(_policy_specs(t, new), _policy_specs(t, old)):
@@ -424,7 +426,9 @@ class Dataplane:
         tx = _Transaction(tunnel, action)
         try:
             link = self._present_link(t)
-            self._add_policies(tx, t, child.endpoints, (_spec(t, child, outbound=False), _spec(t, child, outbound=True)))
+            # both SAs in one batch, then (if they went in) the six policies in another
+            self._add_batch(tx, (_spec(t, child, outbound=False), _spec(t, child, outbound=True)), [])
+            self._add_policies(tx, t, child.endpoints)
             mtu = self._hook_up(tx, t, link, child)
         except _FAILURES as e:
             raise tx.failed(e) from None
