@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import json
 import os
 import socket
@@ -320,25 +321,39 @@ def _table_chain() -> bytes:
     return _nla(1, TABLE.encode() + b"\0") + _nla(2, CHAIN.encode() + b"\0")
 
 
+@functools.lru_cache(maxsize=None)
+def _fixed(what: str) -> bytes:
+    """The expressions every rule shares, encoded once (a tunnel's install is four rules of 13
+    expressions: encoding them all each time cost more than libnftables did)."""
+    return {
+        "out": _meta(_META_OIFNAME), "in": _meta(_META_IIFNAME),
+        "ipv4": _meta(_META_NFPROTO) + _cmp(_CMP_EQ, bytes((_NFPROTO["ipv4"],))),
+        "ipv6": _meta(_META_NFPROTO) + _cmp(_CMP_EQ, bytes((_NFPROTO["ipv6"],))),
+        "syn": (_meta(_META_L4PROTO) + _cmp(_CMP_EQ, bytes((socket.IPPROTO_TCP,)))
+                + _expr("payload", _be32(1, _NFT_REG_1), _be32(2, _PAYLOAD_TRANSPORT), _be32(3, 13), _be32(4, 1))
+                + _expr("bitwise", _be32(1, _NFT_REG_1), _be32(2, _NFT_REG_1), _be32(3, 1),
+                        _nest(4, _nla(_NFTA_DATA_VALUE, b"\x06")), _nest(5, _nla(_NFTA_DATA_VALUE, b"\x00")))
+                + _cmp(_CMP_EQ, b"\x02") + _maxseg(False)),
+        "write": _maxseg(True),
+        "head": _nfgen(_NFPROTO_INET) + _table_chain(),
+    }[what]
+
+
 def rule_messages(c: MssClamp) -> list[tuple[int, int, bytes]]:
     """(type, flags, body) of the NEWRULE messages of one tunnel, the rules `_rules(c)` describes,
     in the same order."""
     out = []
-    name = c.ifname.encode()
-    for direction, key in (("out", _META_OIFNAME), ("in", _META_IIFNAME)):
+    name = _cmp(_CMP_EQ, c.ifname.encode().ljust(16, b"\0"))
+    clamp = {}
+    for mss in {c.mss4, c.mss6}:
+        v = struct.pack(">H", mss)
+        clamp[mss] = (_cmp(_CMP_GT, v) + _expr("immediate", _be32(1, _NFT_REG_1), _nest(2, _nla(_NFTA_DATA_VALUE, v)))
+                      + _fixed("write"))
+    for direction in ("out", "in"):
         for proto, mss in (("ipv4", c.mss4), ("ipv6", c.mss6)):
-            exprs = (_meta(key), _cmp(_CMP_EQ, name.ljust(16, b"\0")),
-                     _meta(_META_NFPROTO), _cmp(_CMP_EQ, bytes((_NFPROTO[proto],))),
-                     _meta(_META_L4PROTO), _cmp(_CMP_EQ, bytes((socket.IPPROTO_TCP,))),
-                     _expr("payload", _be32(1, _NFT_REG_1), _be32(2, _PAYLOAD_TRANSPORT), _be32(3, 13), _be32(4, 1)),
-                     _expr("bitwise", _be32(1, _NFT_REG_1), _be32(2, _NFT_REG_1), _be32(3, 1),
-                           _nest(4, _nla(_NFTA_DATA_VALUE, b"\x06")), _nest(5, _nla(_NFTA_DATA_VALUE, b"\x00"))),
-                     _cmp(_CMP_EQ, b"\x02"),
-                     _maxseg(False), _cmp(_CMP_GT, struct.pack(">H", mss)),
-                     _expr("immediate", _be32(1, _NFT_REG_1), _nest(2, _nla(_NFTA_DATA_VALUE, struct.pack(">H", mss)))),
-                     _maxseg(True))
+            exprs = _fixed(direction) + name + _fixed(proto) + _fixed("syn") + clamp[mss]
             comment = f"{COMMENT_PREFIX}{c.tunnel} {direction}".encode() + b"\0"
-            body = (_nfgen(_NFPROTO_INET) + _table_chain() + _nest(_NFTA_RULE_EXPRESSIONS, *exprs)
+            body = (_fixed("head") + _nla(_NFTA_RULE_EXPRESSIONS | _NLA_F_NESTED, exprs)
                     + _nla(_NFTA_RULE_USERDATA, bytes((_UDATA_RULE_COMMENT, len(comment))) + comment))
             out.append((_NFT_MSG_NEWRULE, _NLM_F_CREATE | _NLM_F_APPEND, body))
     return out
