@@ -36,6 +36,7 @@ import collections
 import contextlib
 import errno
 import json
+import math
 import logging
 import os
 import socket
@@ -91,10 +92,26 @@ def socket_path(run_dir: str | os.PathLike[str] | None = None) -> Path:
     return resolve_run_dir(run_dir) / SOCKET_NAME
 
 
+_STAMP_SECOND: list = [None, ""]     # the last whole second formatted, and its text
+
+
 def utc_timestamp(t: float | None = None) -> str:
-    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-28T08:27:06.123Z``."""
-    dt = datetime.fromtimestamp(time.time() if t is None else t, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-28T08:27:06.123Z`` (the datetime module's
+    rounding; the date and time of day formatted once per second: every log line and event has
+    one, issue 13)."""
+    t = time.time() if t is None else t
+    frac, whole = math.modf(t)
+    us = round(frac * 1e6)
+    sec = int(whole)
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    elif us < 0:
+        sec, us = sec - 1, us + 1_000_000
+    cached = _STAMP_SECOND
+    if cached[0] != sec:
+        cached[1] = datetime.fromtimestamp(sec, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
+        cached[0] = sec
+    return f"{cached[1]}{us // 1000:03d}Z"
 
 
 def format_spi(spi: int, size: int = 4) -> str:

@@ -35,6 +35,14 @@ to the peers), then routes, SAs, policies, MSS rules and interfaces of ours are 
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":
+    # start-up (python -m appliance.daemon): no cyclic GC while the imports, the config and the
+    # plans build their objects (it cost ~40% of loading a 1,000-tunnel config); Daemon._start
+    # turns it on again and freezes what start-up made (issue 13)
+    gc.disable()
+
 import asyncio
 import dataclasses
 import concurrent.futures
@@ -49,7 +57,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -66,13 +74,21 @@ from appliance.ike.sa import IkeState
 from appliance.ikesockets import IkeSockets, SocketsError
 from appliance.logs import register_secret, setup_logging
 from appliance.metrics import IsthmusMetrics, MetricsServer, Registry, parse_listen
-from appliance.crl_fetch import CrlFetcher
 from appliance.entropy import KernelRandom
 from appliance.static_routes import static_metric
 from appliance.tunnels import TunnelPlan, diff_plans, plan_tunnels
-from bgp.manager import RouteManager, bgp_wanted
+
+if TYPE_CHECKING:   # imported when needed: not every appliance has BGP or certificates (start-up, issue 13)
+    from appliance.crl_fetch import CrlFetcher
+    from bgp.manager import RouteManager
 
 log = logging.getLogger("isthmus.daemon")
+
+
+def bgp_wanted(config: Config) -> bool:
+    """Does this config need the route manager (a bgp: section and a tunnel with a bgp block)?
+    (bgp.manager.bgp_wanted, without importing the route manager.)"""
+    return config.bgp is not None and any(t.bgp is not None for t in config.tunnels.values())
 
 PID_FILE = "isthmusd.pid"
 DEFAULT_HOOKS_DIR = "/etc/isthmus/hooks"
@@ -147,13 +163,20 @@ class Daemon:
         self._held: dict[str, list] = {}         # datagrams of a tunnel waiting for its jobs
         self._tasks: list[asyncio.Future] = []
         # CRL distribution points (appliance/crl_fetch.py): fetched in their own threads, bounded
-        self.crl_fetcher = CrlFetcher()
+        self._crl_fetcher: CrlFetcher | None = None     # made with the first URL to fetch
         self._crl_executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="isthmus-crl")
         self._crl_urls: dict[str, None] = {}
         self._crl_inflight: set[str] = set()
         # MOBIKE (appliance/mobility.py): our address changes, from rtnetlink
         self.address_watch = None
         self.selector = None
+
+    @property
+    def crl_fetcher(self) -> "CrlFetcher":
+        if self._crl_fetcher is None:
+            from appliance.crl_fetch import CrlFetcher
+            self._crl_fetcher = CrlFetcher()
+        return self._crl_fetcher
 
     # ================================================================== life cycle
     async def run(self) -> int:
@@ -180,8 +203,14 @@ class Daemon:
 
     async def _start(self) -> None:
         try:
-            config = load_config(self.config_path)
-            plans = plan_tunnels(config)
+            try:
+                gc_was_on = gc.isenabled()
+                gc.disable()             # the config's objects are all alive: nothing to find
+                config = load_config(self.config_path)
+                plans = plan_tunnels(config)
+            finally:
+                if gc_was_on:
+                    gc.enable()
         except ConfigReadError as e:
             raise StartError(str(e)) from None
         except ConfigError as e:
@@ -247,6 +276,9 @@ class Daemon:
         await self._start_bgp(config)
         self._start_mobility()
         self._engine_call(self.engine.start)
+        # what start-up built lives as long as the daemon: out of the collector's way from now on
+        gc.enable()
+        gc.freeze()
         self._tasks.append(asyncio.ensure_future(self._liveness()))
         self._tasks.append(asyncio.ensure_future(self._crl_refresh()))
 
@@ -257,7 +289,8 @@ class Daemon:
 
         try:
             self.selector = SourceSelector()
-            self.address_watch = AddressWatch(self._loop, self._local_addresses_changed)
+            self.address_watch = AddressWatch(self._loop, self._local_addresses_changed,
+                                              xfrm_interfaces=self.selector.xfrm_ifindexes)
         except OSError as e:
             log.warning("address changes are not followed (MOBIKE): rtnetlink unavailable: %s", e)
             self.address_watch = None
@@ -265,18 +298,21 @@ class Daemon:
     def _local_addresses_changed(self) -> None:
         """Our addresses or routes changed: every mobike tunnel whose route to the peer now
         leaves from another address of ours moves there (engine.local_address_changed). A
-        configured `local:` is kept as long as it exists."""
+        configured `local:` is kept as long as it exists. One look at the kernel for all
+        tunnels (addresses once, a route lookup per distinct peer address), never per tunnel."""
         if self.engine is None or self.selector is None:
             return
-        for name, plan in list(self.plans.items()):
-            if not plan.tunnel.mobike:
-                continue
+        mobile = [(name, plan) for name, plan in self.plans.items() if plan.tunnel.mobike]
+        if not mobile:
+            return
+        ours, sources = self.selector.lookup(str(plan.tunnel.remote) for _, plan in mobile)
+        for name, plan in mobile:
             current = self.engine.local_address(name)
             pinned = plan.tunnel.local is not None
-            if pinned and current is not None and self.selector.has_address(current):
+            if pinned and current is not None and current in ours:
                 continue
             remote = str(plan.tunnel.remote)
-            new = self.selector.source_for(remote)
+            new = sources.get(remote)
             if new is None:
                 log.warning("no usable route to the peer %s any more (outside our XFRM interfaces); the "
                             "tunnel stays at %s", remote, current, extra={"tunnel": name})
@@ -337,6 +373,8 @@ class Daemon:
         with a bgp block. A failure here is logged: the tunnels still work without BGP."""
         if not bgp_wanted(config):
             return
+        from bgp.manager import RouteManager
+
         mgr = RouteManager(config, self.run_dir / "bgp", publish=self.bus.publish, metrics=self.metrics,
                            clock=self.clock)
         try:

@@ -173,19 +173,19 @@ class DataplaneWorker:
                 return DpResult("failed", name, e.spi_in, e.spi_out,
                                 error=f"tunnel {name!r} is not (or no longer) configured; Child SA not installed")
             return DpResult("ignored", name)
-        if name not in dp.tunnels():
+        if not dp.has_tunnel(name):
             if not isinstance(e, ev.ChildSaInstalled):
                 return DpResult("ignored", name)
             # the interface could not be made at start (or was removed under us): try again, so
             # the error names what the kernel says about it now
             dp.add_tunnel(plan.interface)
-        status = dp.status(name)
+        status = dp.known(name)
         ifname = plan.interface.ifname
         if isinstance(e, ev.ChildSaInstalled):
             child = kernel_child(e)
             if not status.child_sas:
                 mtu = dp.install(name, child)
-                problems = self.routes.install(dp.status(name).ifindex, plan.routes)
+                problems = self.routes.install(dp.known(name).ifindex, plan.routes) if plan.routes else []
                 installed = tuple(p for p in plan.routes if p not in {x.prefix for x in problems})
                 return DpResult("up", name, e.spi_in, e.spi_out, mtu=mtu, interface=ifname, routes=installed,
                                 route_problems=problems)

@@ -331,6 +331,64 @@ def _human_value(v: Any) -> str:
 _installed: logging.Handler | None = None
 
 
+class LineBatchingHandler(logging.StreamHandler):
+    """A StreamHandler that, inside a running asyncio loop, writes and flushes once at the end of
+    the loop's current round of callbacks instead of once per line: a burst of lines (a Child SA
+    coming up logs three) is one write(2), not one each, whatever the stream's own buffering
+    (issue 13: in the lab guest, with PYTHONUNBUFFERED, every line was a write that cost more
+    than formatting it). Anywhere else (other threads, no loop) each line is written and flushed
+    at once, as StreamHandler does; so is everything pending at exit (logging's shutdown)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._flush_pending = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except RecursionError:  # pragma: no cover - as logging.StreamHandler
+            raise
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
+            return
+        loop = None
+        aio = sys.modules.get("asyncio")
+        if aio is not None and threading.current_thread() is threading.main_thread():
+            try:
+                loop = aio.get_running_loop()
+            except RuntimeError:
+                loop = None
+        self._lines.append(line)
+        if loop is None:
+            self.flush()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            try:
+                loop.call_soon(self._flush_soon)
+            except RuntimeError:   # the loop is closing
+                self._flush_pending = False
+                self.flush()
+
+    def _flush_soon(self) -> None:
+        self._flush_pending = False
+        self.flush()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            if self._lines:
+                text, self._lines = "".join(self._lines), []
+                try:
+                    self.stream.write(text)
+                except Exception:  # noqa: BLE001 - as logging: a broken stream must not break us
+                    pass
+            if self.stream and hasattr(self.stream, "flush"):
+                self.stream.flush()
+        finally:
+            self.release()
+
+
 def setup_logging(level: str | int = "info", fmt: str = "auto", stream: TextIO | None = None) -> logging.Handler:
     """Send every log record to ``stream`` (default stdout) in ``fmt``: ``json``, ``human`` or
     ``auto`` (human on a terminal, JSON otherwise — journald, files, pipes). Replaces the handler
@@ -346,7 +404,7 @@ def setup_logging(level: str | int = "info", fmt: str = "auto", stream: TextIO |
         if not isinstance(lvl, int):
             raise ValueError(f"log level {level!r}; allowed: debug, info, warning, error, critical")
         level = lvl
-    handler = logging.StreamHandler(stream)
+    handler = LineBatchingHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
     root = logging.getLogger()
     if _installed is not None:
@@ -365,6 +423,6 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
-__all__ = ["REDACTED", "HumanFormatter", "JsonFormatter", "bind", "forget_registered_secrets", "is_secret_name",
+__all__ = ["REDACTED", "HumanFormatter", "JsonFormatter", "LineBatchingHandler", "bind", "forget_registered_secrets", "is_secret_name",
            "log_context", "message_of", "register_secret", "register_secret_type", "safe", "scrub",
            "setup_logging"]

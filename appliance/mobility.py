@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -37,22 +38,67 @@ MAIN_TABLE = 254
 DEBOUNCE = 0.1   # seconds: a renumbering is several messages in a row (address, routes)
 
 
-def relevant(data: bytes) -> bool:
+IFLA_LINKINFO, IFLA_INFO_KIND, RTA_OIF = 18, 1, 4
+
+
+def _attrs(data: bytes, off: int, end: int):
+    """(type, payload start, payload end) of the netlink attributes in data[off:end]."""
+    while off + 4 <= end:
+        alen, atype = struct.unpack_from("=HH", data, off)
+        if alen < 4 or off + alen > end:
+            return
+        yield atype & 0x3FFF, off + 4, off + alen
+        off += (alen + 3) & ~3
+
+
+def _link_kind(data: bytes, off: int, end: int) -> bytes | None:
+    for atype, a, b in _attrs(data, off + 16 + 16, end):        # after struct ifinfomsg
+        if atype == IFLA_LINKINFO:
+            for itype, c, d in _attrs(data, a, b):
+                if itype == IFLA_INFO_KIND:
+                    return data[c:d].rstrip(b"\0")
+    return None
+
+
+def relevant(data: bytes, xfrm: set[int] | None = None) -> bool:
     """Does this batch of rtnetlink messages hold something that can change our source address?
-    Routes of our own protocols do not."""
+    Routes of our own protocols do not, nor anything on an XFRM interface: the source is never
+    chosen through one (SourceSelector), and each Child SA's install changes its interface's
+    state, addresses and connected routes (issue 13: at 200 tunnels every install made every
+    mobike tunnel look its source up again). `xfrm`, the ifindexes of the XFRM interfaces, is
+    kept up to date from the link messages seen here."""
+    xfrm = set() if xfrm is None else xfrm
+    hit = False
     off = 0
     while off + 16 <= len(data):
         length, kind = struct.unpack_from("=IH", data, off)
         if length < 16:
             break
-        if kind in (RTM_NEWADDR, RTM_DELADDR, RTM_NEWLINK, RTM_DELLINK):
-            return True
-        if kind in (RTM_NEWROUTE, RTM_DELROUTE) and off + 16 + 6 <= len(data):
+        end = min(off + length, len(data))
+        if kind in (RTM_NEWLINK, RTM_DELLINK) and off + 32 <= end:
+            index = struct.unpack_from("=i", data, off + 16 + 4)[0]
+            if index in xfrm or _link_kind(data, off, end) == b"xfrm":
+                if kind == RTM_NEWLINK:
+                    xfrm.add(index)
+                else:
+                    xfrm.discard(index)
+            else:
+                hit = True
+        elif kind in (RTM_NEWLINK, RTM_DELLINK):
+            hit = True
+        elif kind in (RTM_NEWADDR, RTM_DELADDR):
+            # struct ifaddrmsg: family prefixlen flags scope index(u32)
+            if off + 24 > end or struct.unpack_from("=I", data, off + 16 + 4)[0] not in xfrm:
+                hit = True
+        elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and off + 16 + 6 <= end:
             protocol = data[off + 16 + 5]        # struct rtmsg: family dst_len src_len tos table protocol
             if protocol not in OUR_ROUTE_PROTOCOLS:
-                return True
+                oif = next((struct.unpack_from("=I", data, a)[0] for t, a, b in _attrs(data, off + 16 + 12, end)
+                            if t == RTA_OIF and b - a >= 4), None)
+                if oif is None or oif not in xfrm:
+                    hit = True
         off += (length + 3) & ~3
-    return False
+    return hit
 
 
 @dataclass(frozen=True)
@@ -105,6 +151,35 @@ def choose_source(remote: str, routes: Iterable[Route], addresses: Iterable[Addr
     return mine[0].address if mine else None
 
 
+def xfrm_ifindexes() -> set[int]:
+    """ifindexes of every XFRM interface of our network namespace: one RTM_GETLINK dump on a
+    socket of its own, only the index and IFLA_INFO_KIND read."""
+    out: set[int] = set()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(10.0)
+        sock.bind((0, 0))
+        skip_stats = struct.pack("=HHI", 8, 29, 1 << 3)          # IFLA_EXT_MASK: RTEXT_FILTER_SKIP_STATS
+        body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0) + skip_stats
+        RTM_GETLINK, NLM_F_REQUEST, NLM_F_DUMP, NLMSG_DONE, NLMSG_ERROR = 18, 1, 0x300, 3, 2
+        sock.send(struct.pack("=IHHII", 16 + len(body), RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
+        while True:
+            data = sock.recv(1 << 16)
+            off = 0
+            while off + 16 <= len(data):
+                length, kind, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, off)
+                if length < 16:
+                    return out
+                end = min(off + length, len(data))
+                if kind == NLMSG_DONE:
+                    return out
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", data, off + 16)
+                    raise OSError(-code, f"listing interfaces: {os.strerror(-code)}")
+                if kind == RTM_NEWLINK and off + 32 <= end and _link_kind(data, off, end) == b"xfrm":
+                    out.add(struct.unpack_from("=i", data, off + 16 + 4)[0])
+                off += (length + 3) & ~3
+
+
 class SourceSelector:
     """Route lookups in the daemon's network namespace. pyroute2's IPRoute belongs to one
     thread and cannot run inside an asyncio loop's thread: it lives in a thread of its own, and
@@ -140,6 +215,23 @@ class SourceSelector:
 
     def has_address(self, address: str) -> bool:
         return self._call(lambda: any(a.address == address and a.usable for a in self.addresses()))
+
+    def xfrm_ifindexes(self) -> set[int]:
+        """The XFRM interfaces' ifindexes, from one link dump read here (no pyroute2 decoding:
+        at start-up a 1,000-tunnel appliance has 1,000 of them)."""
+        return xfrm_ifindexes()
+
+    def lookup(self, remotes: Iterable[str]) -> tuple[set[str], dict[str, str | None]]:
+        """One look at the kernel for many tunnels: our usable addresses, and the source towards
+        each distinct remote (one link and one address dump, one route lookup per remote)."""
+        return self._call(self._lookup, list(dict.fromkeys(remotes)))
+
+    def _lookup(self, remotes: list[str]) -> tuple[set[str], dict[str, str | None]]:
+        avoid = xfrm_ifindexes()
+        addresses = self.addresses()
+        routes: dict[int, list[Route]] = {}
+        sources = {r: self._source(r, avoid, addresses, routes) for r in remotes}
+        return {a.address for a in addresses if a.usable}, sources
 
     def xfrm_interfaces(self) -> set[int]:
         out = set()
@@ -177,26 +269,35 @@ class SourceSelector:
         return out
 
     def _source_for(self, remote: str) -> str | None:
-        avoid = self.xfrm_interfaces()
-        addresses = self.addresses()
+        return self._source(remote, self.xfrm_interfaces(), self.addresses(), {})
+
+    def _source(self, remote: str, avoid: set[int], addresses: list[Address],
+                routes: dict[int, list[Route]]) -> str | None:
         try:
             (r,) = self._ipr.route("get", dst=remote)
         except Exception:  # noqa: BLE001 - unreachable: no route at all (or several answers)
             r = None
         if r is not None:
             oif, src = r.get_attr("RTA_OIF"), r.get_attr("RTA_PREFSRC")
-            if oif not in avoid and src is not None and any(a.address == src and a.usable for a in addresses):
+            if oif not in avoid and src is not None and any(
+                    a.address == src and a.usable and a.ifindex not in avoid for a in addresses):
                 return src
         family = socket.AF_INET6 if ipaddress.ip_address(remote).version == 6 else socket.AF_INET
-        return choose_source(remote, self.routes(family), addresses, avoid)
+        if family not in routes:
+            routes[family] = self.routes(family)
+        return choose_source(remote, routes[family], addresses, avoid)
 
 
 class AddressWatch:
     """Calls `on_change()` on the event loop DEBOUNCE s after the last relevant rtnetlink message."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_change: Callable[[], None],
-                 debounce: float = DEBOUNCE) -> None:
+                 debounce: float = DEBOUNCE, xfrm_interfaces: Callable[[], set[int]] | None = None) -> None:
         self._loop = loop
+        # the XFRM interfaces' ifindexes (their changes are not ours to follow): read once here
+        # and again when messages were lost, followed from the link messages meanwhile
+        self._xfrm_interfaces = xfrm_interfaces
+        self.xfrm: set[int] = set()
         self._on_change = on_change
         self._debounce = debounce
         self._handle: asyncio.TimerHandle | None = None
@@ -204,6 +305,8 @@ class AddressWatch:
                                    socket.NETLINK_ROUTE)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self._sock.bind((0, GROUPS))
+        if xfrm_interfaces is not None:    # after the bind: no link message falls in between
+            self.xfrm = set(xfrm_interfaces())
         loop.add_reader(self._sock.fileno(), self._readable)
 
     def _readable(self) -> None:
@@ -216,10 +319,16 @@ class AddressWatch:
             except OSError as e:   # ENOBUFS: messages were lost; look again to be sure
                 log.debug("rtnetlink: %s", e)
                 hit = True
+                if self._xfrm_interfaces is not None:
+                    try:
+                        self.xfrm = set(self._xfrm_interfaces())
+                    except Exception as e2:  # noqa: BLE001 - then every change counts
+                        log.debug("reading the XFRM interfaces: %s", e2)
+                        self.xfrm = set()
                 break
             if not data:
                 break
-            hit = hit or relevant(data)
+            hit = relevant(data, self.xfrm) or hit
         if hit:
             if self._handle is not None:
                 self._handle.cancel()

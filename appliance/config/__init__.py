@@ -32,7 +32,7 @@ from appliance.config.errors import ConfigError, ConfigReadError, Issue
 from appliance.config.model import (DEFAULT_CONFIG_PATH, ApplianceSettings, BgpPolicy, BgpSettings, CertAuth,
                                     Config, DpdSettings, EspSettings, Identity, IkeSettings, InterfaceSettings,
                                     MaxPrefix, PrefixMatch, PskAuth, Tunnel, TunnelBgp)
-from appliance.config.secrets import Secret, default_secret_owners
+from appliance.config.secrets import Secret, default_secret_owners, forget_read_secrets
 from appliance.config.validate import Ctx, ProposalParser, build
 from appliance.config.yamlmarks import YamlSyntaxError, load_marked
 
@@ -78,7 +78,10 @@ def parse_config(text: str, path: str | os.PathLike[str], *, base_dir: str | os.
     except YamlSyntaxError as exc:
         raise ConfigError([Issue(shown, exc.line, "", f"not valid YAML: {exc.problem} (column {exc.column})")]) \
             from None
-    config = build(data, duplicates, ctx, Path(shown))
+    try:
+        config = build(data, duplicates, ctx, Path(shown))
+    finally:
+        forget_read_secrets()     # the file reads shared by this parse's tunnels, not kept after it
     if config is None:
         raise ConfigError(ctx.issues)
     return config

@@ -89,9 +89,31 @@ def check_secret_file(path: Path, owners: Iterable[int], what: str) -> os.stat_r
     return st
 
 
+_READ: dict[tuple, Secret] = {}
+
+
 def read_secret_file(path: Path, owners: Iterable[int], what: str) -> Secret:
-    """Check and read a secret file. A single trailing newline (LF or CRLF) is not part of it."""
-    check_secret_file(path, owners, what)
+    """Check and read a secret file. A single trailing newline (LF or CRLF) is not part of it.
+    The file is checked every time; within one parse of the config (until forget_read_secrets)
+    its bytes are read again only when its stat changed: many tunnels often share one PSK file."""
+    st = check_secret_file(path, owners, what)
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    known = _READ.get(key)
+    if known is not None:
+        return known
+    secret = _read_secret(path, what)
+    if len(_READ) >= 1024:
+        _READ.clear()
+    _READ[key] = secret
+    return secret
+
+
+def forget_read_secrets() -> None:
+    """Drop the reads kept by read_secret_file (parse_config does after each parse)."""
+    _READ.clear()
+
+
+def _read_secret(path: Path, what: str) -> Secret:
     try:
         data = path.read_bytes()
     except OSError as exc:

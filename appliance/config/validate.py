@@ -12,8 +12,9 @@ import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Iterable
-from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network,
-                       ip_address, ip_interface, ip_network)
+import functools
+import ipaddress
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,12 @@ from appliance.config.secrets import SecretFileError, read_secret_file
 from appliance.ike.policy import DosProtection
 from appliance.config.yamlmarks import DuplicateKey, MarkedMap, MarkedSeq
 from appliance.xfrm.model import IF_ID_MAX, IF_ID_MIN, derive_if_id
+
+# Addresses and networks are immutable: a 1,000-tunnel config spells the same few (0.0.0.0/0,
+# the peer, our address) a thousand times, and under TCG each parse costs (issue 13, start-up).
+ip_address = functools.lru_cache(maxsize=8192)(ipaddress.ip_address)
+ip_interface = functools.lru_cache(maxsize=8192)(ipaddress.ip_interface)
+ip_network = functools.lru_cache(maxsize=8192)(ipaddress.ip_network)
 
 ProposalParser = Callable[[str, str], Any]
 

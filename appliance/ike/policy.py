@@ -335,11 +335,16 @@ class DosProtection:
             raise PolicyError("dos protection: invalid_ike_spi_rate must be > 0 per second or None")
 
 
+@functools.lru_cache(maxsize=4096)
+def _network(v: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(v, strict=False)
+
+
 def _nets(values: tuple[str, ...], what: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     out = []
     for v in values:
         try:
-            out.append(ipaddress.ip_network(v, strict=False))
+            out.append(_network(v) if isinstance(v, str) else ipaddress.ip_network(v, strict=False))
         except ValueError:
             raise PolicyError(f"{what} {v!r} is not a network (e.g. 0.0.0.0/0, ::/0, 10.0.0.0/8)") from None
     return tuple(out)

@@ -335,6 +335,17 @@ class Dataplane:
                             up=bool(info and info.up), mtu=t.mtu, child_sas=tuple(t.children), outbound=t.active,
                             endpoints=t.policies)
 
+    def known(self, tunnel: str) -> TunnelStatus:
+        """`status` from the data plane's own records, without asking the kernel (the per-event
+        path, issue 13): `up` says whether the tunnel has a Child SA (its interface is up then)."""
+        t = self._tunnel(tunnel, "reading the status")
+        return TunnelStatus(tunnel=tunnel, ifname=t.iface.ifname, if_id=t.iface.if_id, ifindex=t.index,
+                            up=bool(t.children), mtu=t.mtu, child_sas=tuple(t.children), outbound=t.active,
+                            endpoints=t.policies)
+
+    def has_tunnel(self, tunnel: str) -> bool:
+        return tunnel in self._tunnels
+
     def tunnels(self) -> list[str]:
         return sorted(self._tunnels)
 
@@ -344,10 +355,15 @@ class Dataplane:
         self.xfrm.add_sa(spec)
         tx.added(f"the {spec.describe()}", lambda: self.xfrm.delete_sa(spec.dst, spec.spi, missing_ok=True))
 
-    def _add_policies(self, tx: _Transaction, t: _Tunnel, ep: Endpoints) -> None:
-        specs = _policy_specs(t, ep)
-        results = self.xfrm.batch([self.xfrm.add_policy_request(s) for s in specs])
-        for spec, err in zip(specs, results):
+    def _add_batch(self, tx: _Transaction, sas: tuple[SaSpec, ...], policies: list[PolicySpec]) -> None:
+        """`sas` or `policies` in one netlink batch (one round trip, issue 13); what went in is
+        undone with the transaction if anything failed, the first failure is raised."""
+        results = self.xfrm.batch([self.xfrm.add_sa_request(s) for s in sas]
+                                  + [self.xfrm.add_policy_request(s) for s in policies])
+        for sa, err in zip(sas, results):
+            if err is None:
+                tx.added(f"the {sa.describe()}", lambda s=sa: self.xfrm.delete_sa(s.dst, s.spi, missing_ok=True))
+        for spec, err in zip(policies, results[len(sas):]):
             if err is None:
                 tx.added(f"the {spec.direction} policy {spec.selector}",
                          lambda s=spec: self.xfrm.delete_policy(s.direction, s.selector, s.if_id, missing_ok=True))
@@ -355,36 +371,42 @@ class Dataplane:
             if err is not None:
                 raise err
 
+    def _add_policies(self, tx: _Transaction, t: _Tunnel, ep: Endpoints) -> None:
+        self._add_batch(tx, (), _policy_specs(t, ep))
+
     def _move_policies(self, tx: _Transaction, t: _Tunnel, old: Endpoints, new: Endpoints) -> None:
         for spec, back in zip(_policy_specs(t, new), _policy_specs(t, old)):
             self.xfrm.add_policy(spec, update=True)
             tx.added(f"the move of the {back.direction} policy {back.selector}",
                      lambda b=back: self.xfrm.add_policy(b, update=True))
 
-    def _apply_clamps(self, clamps: dict[str, nft.MssClamp]) -> None:
+    def _apply_clamps(self, clamps: dict[str, nft.MssClamp], changed: Iterable[str] | None = None) -> None:
         """The table goes from clamping self._clamps to `clamps`: only the tunnels that differ
-        are touched (one nft transaction), never the whole table unless its state is unknown."""
+        (`changed`, when the caller knows them) are touched (one nft transaction), never the
+        whole table unless its state is unknown."""
         if self._clamp_table is not None:
-            self._clamp_table.sync(self._clamps, clamps)
+            self._clamp_table.sync(self._clamps, clamps, changed)
         self._clamps = clamps
 
     def _hook_up(self, tx: _Transaction, t: _Tunnel, link: LinkInfo, child: ChildSa) -> TunnelMtu:
         """MTU from the transform, interface up, MSS clamp in the nft table."""
         mtu = tunnel_mtu(t.iface, child, self.links.underlay_mtu(child.endpoints.remote))
-        if link.mtu != mtu.mtu:
-            self.links.set_mtu(link.index, mtu.mtu)
-            tx.added(f"the MTU of {link.ifname} ({mtu.mtu}, was {link.mtu})",
-                     lambda: self.links.set_mtu(link.index, link.mtu))
-        if not link.up:
-            self.links.set_up(link.index, True)
-            tx.added(f"{link.ifname} up", lambda: self.links.set_up(link.index, False))
+        new_mtu = mtu.mtu if link.mtu != mtu.mtu else None
+        if new_mtu is not None or not link.up:
+            # one RTM_NEWLINK for both (issue 13: every round trip counts per Child SA)
+            self.links.set_link(link.index, mtu=new_mtu, up=True if not link.up else None)
+            tx.added(f"{link.ifname} " + ", ".join(
+                     ([f"MTU {mtu.mtu} (was {link.mtu})"] if new_mtu is not None else [])
+                     + (["up"] if not link.up else [])),
+                     lambda: self.links.set_link(link.index, mtu=link.mtu if new_mtu is not None else None,
+                                                 up=False if not link.up else None))
         # the kernel drops IPv6 addresses when an interface goes down (keep_addr_on_down=0)
         self.links.sync_addresses(link.index, t.iface.addresses)
         clamp = nft.MssClamp(t.iface.tunnel, t.iface.ifname, mtu.mss4, mtu.mss6)
         if self._clamps.get(t.iface.tunnel) != clamp:
             before = dict(self._clamps)
-            self._apply_clamps({**self._clamps, t.iface.tunnel: clamp})
-            tx.added("the MSS clamp", lambda: self._apply_clamps(before))
+            self._apply_clamps({**self._clamps, t.iface.tunnel: clamp}, (t.iface.tunnel,))
+            tx.added("the MSS clamp", lambda: self._apply_clamps(before, (t.iface.tunnel,)))
         return mtu
 
     def _fire(self, event: str, t: _Tunnel, child: ChildSa | None, old: ChildSa | None = None) -> None:
@@ -404,8 +426,8 @@ class Dataplane:
         tx = _Transaction(tunnel, action)
         try:
             link = self._present_link(t)
-            self._add_sa(tx, _spec(t, child, outbound=False))
-            self._add_sa(tx, _spec(t, child, outbound=True))
+            # both SAs in one batch, then (if they went in) the six policies in another
+            self._add_batch(tx, (_spec(t, child, outbound=False), _spec(t, child, outbound=True)), [])
             self._add_policies(tx, t, child.endpoints)
             mtu = self._hook_up(tx, t, link, child)
         except _FAILURES as e:
@@ -535,7 +557,7 @@ class Dataplane:
                     problems.append(str(err))
         if tunnel in self._clamps:
             attempt("removing the MSS clamp",
-                    lambda: self._apply_clamps({k: v for k, v in self._clamps.items() if k != tunnel}))
+                    lambda: self._apply_clamps({k: v for k, v in self._clamps.items() if k != tunnel}, (tunnel,)))
         attempt(f"setting {t.iface.ifname} down", lambda: self.links.set_up(t.index, False))
         t.children.clear()
         t.out_installed.clear()

@@ -254,6 +254,62 @@ def sa_message(spec: SaSpec) -> m.xfrm_usersa_info:
     return msg
 
 
+_LFT_CFG = struct.Struct("=8Q")
+_SA_TAIL = struct.Struct("=IIIIIHBBB7x")               # stats (3), seq, reqid, family, mode, replay_window, flags
+_ALGO = struct.Struct("=64sI")                         # struct xfrm_algo
+_ALGO2 = struct.Struct("=64sII")                       # struct xfrm_algo_auth / xfrm_algo_aead
+_LFT_CUR = struct.Struct("=4Q")
+_XFRMA_ALG_CRYPT, _XFRMA_ENCAP, _XFRMA_LTIME_VAL, _XFRMA_ALG_AEAD = 2, 4, 9, 18
+_XFRMA_ALG_AUTH_TRUNC, _XFRMA_REPLAY_ESN_VAL = 20, 23
+
+
+def _nla(atype: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return struct.pack("=HH", n, atype) + payload + b"\0" * (-n % 4)
+
+
+def sa_body(spec: SaSpec) -> bytes:
+    """The bytes sa_message(spec) encodes to (after the netlink header), built with struct: two
+    SAs go in per Child SA and pyroute2's generic encoder cost more than the kernel's work
+    (issue 13). tests/unit/test_xfrm_messages.py checks both agree."""
+    lt = spec.lifetime
+    body = [bytes(56),                                   # selector: AF_UNSPEC, all zero
+            addr_bytes(spec.dst), spec.spi.to_bytes(4, "big"), bytes((m.IPPROTO_ESP, 0, 0, 0)),
+            addr_bytes(spec.src),
+            _LFT_CFG.pack(_limit(lt.soft_bytes), _limit(lt.hard_bytes), _limit(lt.soft_packets),
+                          _limit(lt.hard_packets), lt.soft_seconds or 0, lt.hard_seconds or 0, 0, 0),
+            bytes(32),
+            _SA_TAIL.pack(0, 0, 0, 0, spec.reqid, spec.family, m.XFRM_MODE_TUNNEL, 0,
+                          m.XFRM_STATE_AF_UNSPEC | (m.XFRM_STATE_ESN if spec.esn else 0))]
+    alg, key = spec.algorithms, spec.keys
+    if alg.aead:
+        body.append(_nla(_XFRMA_ALG_AEAD, _ALGO2.pack(alg.encryption.encode(), len(key.encryption) * 8,
+                                                      alg.icv_bits) + key.encryption))
+    else:
+        body.append(_nla(_XFRMA_ALG_CRYPT, _ALGO.pack(alg.encryption.encode(), len(key.encryption) * 8)
+                         + key.encryption))
+        body.append(_nla(_XFRMA_ALG_AUTH_TRUNC, _ALGO2.pack((alg.integrity or "").encode(),
+                                                            len(key.integrity) * 8, alg.icv_bits) + key.integrity))
+    if spec.encap is not None:
+        body.append(_nla(_XFRMA_ENCAP, struct.pack("=H", m.UDP_ENCAP_ESPINUDP)
+                         + struct.pack(">HH", spec.encap[0], spec.encap[1]) + bytes(18)))
+    if spec.replay_window or spec.esn:
+        r = spec.replay or ReplayState()
+        words = (spec.replay_window + 31) // 32
+        if spec.outbound:
+            head = (words, r.oseq, 0, r.oseq_hi, 0, spec.replay_window)
+            bitmap = [0] * words
+        else:
+            head = (words, 0, r.seq, 0, r.seq_hi, spec.replay_window)
+            bitmap = list(r.bitmap[:words]) + [0] * (words - len(r.bitmap[:words]))
+        body.append(_nla(_XFRMA_REPLAY_ESN_VAL, struct.pack(f"=6I{words}I", *head, *bitmap)))
+    if spec.current is not None:
+        c = spec.current
+        body.append(_nla(_XFRMA_LTIME_VAL, _LFT_CUR.pack(c.bytes, c.packets, c.add_time, c.use_time)))
+    body.append(struct.pack("=HHI", 8, _XFRMA_IF_ID, spec.if_id))
+    return b"".join(body)
+
+
 def sa_id_message(dst: IPAddress, spi: int) -> m.xfrm_usersa_id:
     msg = m.xfrm_usersa_id()
     msg["daddr"] = addr_bytes(dst)
@@ -432,8 +488,8 @@ class Xfrm:
     @staticmethod
     def add_sa_request(spec: SaSpec, update: bool = False) -> Request:
         if update:
-            return Request(sa_message(spec), m.XFRM_MSG_UPDSA, 0, f"updating the {spec.describe()}")
-        return Request(sa_message(spec), m.XFRM_MSG_NEWSA, NLM_F_CREATE | NLM_F_EXCL, f"adding the {spec.describe()}")
+            return Request(sa_body(spec), m.XFRM_MSG_UPDSA, 0, f"updating the {spec.describe()}")
+        return Request(sa_body(spec), m.XFRM_MSG_NEWSA, NLM_F_CREATE | NLM_F_EXCL, f"adding the {spec.describe()}")
 
     @staticmethod
     def delete_sa_request(dst: IPAddress, spi: int) -> Request:

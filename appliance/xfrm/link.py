@@ -333,6 +333,14 @@ class Links:
         self._set(index, f"setting interface #{index} {'up' if up else 'down'}", flags=IFF_UP if up else 0,
                   change=IFF_UP)
 
+    def set_link(self, index: int, mtu: int | None = None, up: bool | None = None) -> None:
+        """MTU and/or up/down in one RTM_NEWLINK (a Child SA's install does both)."""
+        attrs = _u32(IFLA_MTU, mtu) if mtu is not None else b""
+        what = " and ".join(x for x in (f"the MTU to {mtu}" if mtu is not None else "",
+                                        ("up" if up else "down") if up is not None else "") if x)
+        self._set(index, f"setting interface #{index} {what}", attrs, flags=IFF_UP if up else 0,
+                  change=IFF_UP if up is not None else 0)
+
     def set_mtu(self, index: int, mtu: int) -> None:
         self._set(index, f"setting the MTU of interface #{index} to {mtu}", _u32(IFLA_MTU, mtu))
 

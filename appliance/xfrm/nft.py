@@ -27,7 +27,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -261,6 +263,169 @@ def parse_rule_notifications(data: bytes) -> list[tuple[int, str]]:
     return out
 
 
+# One tunnel's rules as nf_tables netlink messages (linux/netfilter/nf_tables.h), sent as one
+# batch (one transaction) on our own NETLINK_NETFILTER socket: what libnftables does for the
+# script `_rules()` renders, without parsing the script and loading its cache each time (issue 13:
+# libnftables cost ~20 ms of the data plane thread per Child SA in the lab guest).
+# tests/host/test_xfrm_host.py checks that the kernel lists these rules exactly as nft's own.
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_CREATE, _NLM_F_APPEND = 0x1, 0x4, 0x400, 0x800
+_NLMSG_ERROR = 2
+_NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END, _NFNL_SUBSYS_NFTABLES = 16, 17, 10
+_NFT_MSG_DELRULE = (10 << 8) | 8
+_NLA_F_NESTED = 0x8000
+_NFTA_RULE_EXPRESSIONS = 4
+_NFTA_LIST_ELEM, _NFTA_EXPR_NAME, _NFTA_EXPR_DATA, _NFTA_DATA_VALUE = 1, 1, 2, 1
+_NFT_REG_1 = 1
+_META_IIFNAME, _META_OIFNAME, _META_NFPROTO, _META_L4PROTO = 6, 7, 15, 16
+_CMP_EQ, _CMP_GT = 0, 4
+_PAYLOAD_TRANSPORT = 2
+_TCPOPT_MAXSEG, _EXTHDR_OP_TCPOPT = 2, 1
+_NFPROTO = {"ipv4": 2, "ipv6": 10}
+
+
+def _nla(atype: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return struct.pack("=HH", n, atype) + payload + b"\0" * (-n % 4)
+
+
+def _nest(atype: int, *parts: bytes) -> bytes:
+    return _nla(atype | _NLA_F_NESTED, b"".join(parts))
+
+
+def _be32(atype: int, v: int) -> bytes:
+    return _nla(atype, struct.pack(">I", v))
+
+
+def _expr(name: str, *attrs: bytes) -> bytes:
+    return _nest(_NFTA_LIST_ELEM, _nla(_NFTA_EXPR_NAME, name.encode() + b"\0"), _nest(_NFTA_EXPR_DATA, *attrs))
+
+
+def _cmp(op: int, value: bytes) -> bytes:
+    return _expr("cmp", _be32(1, _NFT_REG_1), _be32(2, op), _nest(3, _nla(_NFTA_DATA_VALUE, value)))
+
+
+def _meta(key: int) -> bytes:
+    return _expr("meta", _be32(2, key), _be32(1, _NFT_REG_1))
+
+
+def _maxseg(write: bool) -> bytes:
+    return _expr("exthdr", _be32(7 if write else 1, _NFT_REG_1), _nla(2, bytes((_TCPOPT_MAXSEG,))),
+                 _be32(3, 2), _be32(4, 2), _be32(6, _EXTHDR_OP_TCPOPT))
+
+
+def _nfgen(family: int, res_id: int = 0) -> bytes:
+    return struct.pack("=BB", family, 0) + struct.pack(">H", res_id)
+
+
+def _table_chain() -> bytes:
+    return _nla(1, TABLE.encode() + b"\0") + _nla(2, CHAIN.encode() + b"\0")
+
+
+@functools.lru_cache(maxsize=None)
+def _fixed(what: str) -> bytes:
+    """The expressions every rule shares, encoded once (a tunnel's install is four rules of 13
+    expressions: encoding them all each time cost more than libnftables did)."""
+    return {
+        "out": _meta(_META_OIFNAME), "in": _meta(_META_IIFNAME),
+        "ipv4": _meta(_META_NFPROTO) + _cmp(_CMP_EQ, bytes((_NFPROTO["ipv4"],))),
+        "ipv6": _meta(_META_NFPROTO) + _cmp(_CMP_EQ, bytes((_NFPROTO["ipv6"],))),
+        "syn": (_meta(_META_L4PROTO) + _cmp(_CMP_EQ, bytes((socket.IPPROTO_TCP,)))
+                + _expr("payload", _be32(1, _NFT_REG_1), _be32(2, _PAYLOAD_TRANSPORT), _be32(3, 13), _be32(4, 1))
+                + _expr("bitwise", _be32(1, _NFT_REG_1), _be32(2, _NFT_REG_1), _be32(3, 1),
+                        _nest(4, _nla(_NFTA_DATA_VALUE, b"\x06")), _nest(5, _nla(_NFTA_DATA_VALUE, b"\x00")))
+                + _cmp(_CMP_EQ, b"\x02") + _maxseg(False)),
+        "write": _maxseg(True),
+        "head": _nfgen(_NFPROTO_INET) + _table_chain(),
+    }[what]
+
+
+def rule_messages(c: MssClamp) -> list[tuple[int, int, bytes]]:
+    """(type, flags, body) of the NEWRULE messages of one tunnel, the rules `_rules(c)` describes,
+    in the same order."""
+    out = []
+    name = _cmp(_CMP_EQ, c.ifname.encode().ljust(16, b"\0"))
+    clamp = {}
+    for mss in {c.mss4, c.mss6}:
+        v = struct.pack(">H", mss)
+        clamp[mss] = (_cmp(_CMP_GT, v) + _expr("immediate", _be32(1, _NFT_REG_1), _nest(2, _nla(_NFTA_DATA_VALUE, v)))
+                      + _fixed("write"))
+    for direction in ("out", "in"):
+        for proto, mss in (("ipv4", c.mss4), ("ipv6", c.mss6)):
+            exprs = _fixed(direction) + name + _fixed(proto) + _fixed("syn") + clamp[mss]
+            comment = f"{COMMENT_PREFIX}{c.tunnel} {direction}".encode() + b"\0"
+            body = (_fixed("head") + _nla(_NFTA_RULE_EXPRESSIONS | _NLA_F_NESTED, exprs)
+                    + _nla(_NFTA_RULE_USERDATA, bytes((_UDATA_RULE_COMMENT, len(comment))) + comment))
+            out.append((_NFT_MSG_NEWRULE, _NLM_F_CREATE | _NLM_F_APPEND, body))
+    return out
+
+
+def delete_rule_message(handle: int) -> tuple[int, int, bytes]:
+    return _NFT_MSG_DELRULE, 0, _nfgen(_NFPROTO_INET) + _table_chain() + _nla(_NFTA_RULE_HANDLE, struct.pack(">Q", handle))
+
+
+class NftNetlink:
+    """A NETLINK_NETFILTER socket sending nf_tables batches: all messages or none (one
+    transaction), each acknowledged. Used from one thread."""
+
+    def __init__(self, netns: str | None = None):
+        from appliance.xfrm.netlink import open_netlink_socket
+        self.sock = open_netlink_socket(NETLINK_NETFILTER, netns)
+        self.sock.bind((0, 0))
+        self.sock.settimeout(5.0)
+        self._seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def transaction(self, messages: list[tuple[int, int, bytes]]) -> None:
+        """Send `messages` as one batch; raises NftError with the kernel's reason if it refused
+        (then nothing of it was applied)."""
+        if not messages:
+            return
+        parts, pending = [], set()
+
+        def msg(mtype: int, flags: int, body: bytes) -> int:
+            self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
+            parts.append(struct.pack("=IHHII", 16 + len(body), mtype, flags | _NLM_F_REQUEST, self._seq, 0) + body)
+            return self._seq
+        msg(_NFNL_MSG_BATCH_BEGIN, 0, _nfgen(socket.AF_UNSPEC, _NFNL_SUBSYS_NFTABLES))
+        for mtype, flags, body in messages:
+            pending.add(msg(mtype, flags | _NLM_F_ACK, body))
+        msg(_NFNL_MSG_BATCH_END, 0, _nfgen(socket.AF_UNSPEC, _NFNL_SUBSYS_NFTABLES))
+        try:
+            self.sock.sendall(b"".join(parts))
+        except OSError as e:
+            raise NftError(f"nft: sending an nf_tables transaction: {e}") from None
+        first_error: int | None = None
+        while pending:
+            try:
+                data = self.sock.recv(1 << 16)
+            except (TimeoutError, socket.timeout):
+                if first_error is not None:
+                    break           # an aborted batch may not answer every message
+                self.sock.settimeout(5.0)
+                raise NftError("nft: no answer from the kernel to an nf_tables transaction in 5 s") from None
+            except OSError as e:
+                self.sock.settimeout(5.0)
+                raise NftError(f"nft: reading the answer to an nf_tables transaction: {e}") from None
+            off = 0
+            while off + 16 <= len(data):
+                length, mtype, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
+                if length < 16:
+                    break
+                if mtype == _NLMSG_ERROR and seq in pending and off + 20 <= len(data):
+                    pending.discard(seq)
+                    (code,) = struct.unpack_from("=i", data, off + 16)
+                    if code < 0 and first_error is None:
+                        first_error = -code
+                        self.sock.settimeout(0.2)
+                off += (length + 3) & ~3
+        self.sock.settimeout(5.0)
+        if first_error is not None:
+            raise NftError(f"nft: the kernel refused the transaction: {os.strerror(first_error)} "
+                           f"({errno.errorcode.get(first_error, first_error)})")
+
+
 class ClampTable:
     """Our table in one network namespace, changed one tunnel at a time (see the module text).
 
@@ -284,11 +449,20 @@ class ClampTable:
             if self._sock is not None:
                 self._sock.close()
             self._sock = None
+        self._nl: NftNetlink | None = None
+        if self._sock is not None:
+            try:
+                self._nl = NftNetlink(netns)
+            except OSError:         # then the changes go through nft scripts
+                self._nl = None
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
 
     def _drain(self) -> dict[str, list[int]] | None:
         """Handles of the rules added since the last drain, by tunnel; None: some were lost."""
@@ -324,23 +498,32 @@ class ClampTable:
             self._handles = added
             self._known = True
 
-    def sync(self, old: Mapping[str, MssClamp], new: Mapping[str, MssClamp]) -> None:
-        changed = [t for t in set(old) | set(new) if old.get(t) != new.get(t)]
+    def sync(self, old: Mapping[str, MssClamp], new: Mapping[str, MssClamp],
+             among: Iterable[str] | None = None) -> None:
+        """`among`: the only tunnels that can differ, when the caller knows (a Child SA's
+        install touches one): then nothing walks all the tunnels."""
+        keys = set(old) | set(new) if among is None else set(among)
+        changed = [t for t in keys if old.get(t) != new.get(t)]
         if not changed:
             return
         if not self._known or any(t in old and len(self._handles.get(t, ())) != 4 for t in changed):
             self.reset(new.values())
             return
         ref = f"{FAMILY} {TABLE} {CHAIN}"
-        lines = []
+        lines, messages = [], []
         for t in sorted(changed):
             if t in old:
                 lines += [f"delete rule {ref} handle {h}" for h in self._handles[t]]
+                messages += [delete_rule_message(h) for h in self._handles[t]]
             if t in new:
                 lines += _rules(new[t], ref)
+                messages += rule_messages(new[t])
         self._drain()
         try:
-            _nft(["-f", "-"], self.netns, stdin="\n".join(lines) + "\n")
+            if self._nl is not None:
+                self._nl.transaction(messages)
+            else:
+                _nft(["-f", "-"], self.netns, stdin="\n".join(lines) + "\n")
         except NftError:
             # the transaction was aborted as a whole: nothing changed, but the table may not be
             # what we think (that may be why it failed): the next change rewrites it whole

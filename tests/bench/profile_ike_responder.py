@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
           + (" (under cProfile)" if prof else ""))
     if prof:
         pstats.Stats(prof).sort_stats(a.sort).print_stats(a.limit)
+        if os.environ.get("ISTHMUS_PROFILE_CALLERS"):
+            pstats.Stats(prof).print_callers(os.environ["ISTHMUS_PROFILE_CALLERS"])
     return 0
 
 

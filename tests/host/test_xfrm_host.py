@@ -198,10 +198,36 @@ b, c = nft.MssClamp("to-b", "xfrm-b", 1406, 1386), nft.MssClamp("to-c", "xfrm-c"
 t.sync({}, {"to-b": b, "to-c": c})
 t.sync({"to-b": b, "to-c": c}, {"to-c": c})
 try:
-    t.sync({"to-c": c}, {"to-c": c, "to-d": nft.MssClamp("to-d", 'x"y', 1300, 1280)})
+    t.reset([c, nft.MssClamp("to-d", 'x"y', 1300, 1280)])     # a whole rewrite is an nft script
 except nft.NftError as e:
     print("refused:", str(e).splitlines()[0])
 """
+
+
+def test_nft_netlink_rules_are_the_ones_nft_makes():
+    """A tunnel's rules sent as our own nf_tables messages (issue 13) are, byte code and
+    comment, what nft itself makes of the script (`nft --debug=netlink` lists both), and a
+    refused transaction carries the kernel's reason."""
+    import re
+
+    b = nft.MssClamp("to-b", "xfrm-b", 1406, 1386)
+    b2 = nft.MssClamp("to-b", "xfrm-b", 1300, 1280)
+    with Netns("x") as ns:
+        table = nft.ClampTable(ns.name)
+        try:
+            assert table._nl is not None
+            table.reset([b])                  # an nft script
+            listing = lambda: re.sub(r"(?m)^(inet isthmus mss_clamp)[ 0-9]*$", r"\1",
+                                     ns.run("nft --debug=netlink list table inet isthmus").stdout)
+            by_nft = listing()
+            table.sync({"to-b": b}, {"to-b": b2})
+            table.sync({"to-b": b2}, {"to-b": b})     # our messages
+            assert listing() == by_nft
+            assert nft.read_clamps(ns.name) == [b]
+            with pytest.raises(nft.NftError, match="No such file or directory"):
+                table._nl.transaction([nft.delete_rule_message(999_999)])
+        finally:
+            table.close()
 
 
 def test_nft_in_the_daemons_own_namespace_runs_in_process():

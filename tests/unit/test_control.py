@@ -491,3 +491,21 @@ def test_slow_subscriber_does_not_stall_the_daemon(tmp_path):
         nums = [o for o in order if o != "D"]
         assert nums == sorted(nums)  # never reordered
         assert order[-1] == n
+
+
+def test_utc_timestamp_is_datetimes_rounding():
+    """utc_timestamp formats the second once (issue 13); the text is what datetime gives."""
+    import random
+    from datetime import datetime, timezone
+
+    from appliance.control import utc_timestamp
+
+    def ref(t):
+        dt = datetime.fromtimestamp(t, tz=timezone.utc)
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    rnd = random.Random(13)
+    cases = [0.0, 1e-7, 0.9999995, 0.9999994, 1764752226.0005, 1764752226.9999996]
+    cases += [rnd.uniform(0, 4e9) for _ in range(3000)]
+    cases += [rnd.randint(0, 2**32) + rnd.choice([0.0, 0.0005, 0.9995, 0.99999949, 0.99999951]) for _ in range(3000)]
+    for t in cases:
+        assert utc_timestamp(t) == ref(t), t

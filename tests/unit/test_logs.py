@@ -272,3 +272,40 @@ def test_scrub_leaves_words_ending_in_b_alone():
 
     assert scrub('reconciled: ["xfrm-b", "x"]') == 'reconciled: ["xfrm-b", "x"]'
     assert scrub("keys=[b'\\x01\\x02', b\"k\"]") == "keys=[<bytes>, <bytes>]"
+
+
+def test_lines_logged_in_one_loop_round_are_flushed_once_and_outside_a_loop_each():
+    import asyncio
+    import io
+
+    from appliance.logs import LineBatchingHandler
+
+    class Stream(io.StringIO):
+        flushes = 0
+
+        def flush(self):
+            Stream.flushes += 1
+            super().flush()
+
+    stream = Stream()
+    h = LineBatchingHandler(stream)
+    lg = logging.getLogger("isthmus.test.batching")
+    lg.propagate = False
+    lg.addHandler(h)
+    lg.setLevel(logging.INFO)
+    try:
+        lg.info("one")
+        assert Stream.flushes == 1 and stream.getvalue() == "one\n"
+
+        async def burst():
+            lg.info("two")
+            lg.info("three")
+            assert Stream.flushes == 1          # written, not yet flushed
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            return Stream.flushes
+
+        assert asyncio.run(burst()) == 2
+        assert stream.getvalue() == "one\ntwo\nthree\n"
+    finally:
+        lg.removeHandler(h)

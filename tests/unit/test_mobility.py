@@ -6,7 +6,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from appliance.mobility import (IFA_F_SECONDARY, IFA_F_TENTATIVE, RTM_DELADDR, RTM_NEWADDR, RTM_NEWROUTE,
+from appliance.mobility import (IFA_F_SECONDARY, IFA_F_TENTATIVE, RTM_DELADDR, RTM_DELLINK, RTM_NEWADDR,
+                                RTM_NEWLINK, RTM_NEWROUTE,
                                 Address, Route, choose_source, relevant)
 
 ETH0, ETH1, XFRM = 2, 3, 9
@@ -34,6 +35,45 @@ def test_address_messages_and_foreign_routes_are_relevant_our_own_routes_are_not
     assert not relevant(_nlmsg(RTM_NEWROUTE, _rtmsg(73)) + _nlmsg(RTM_NEWROUTE, _rtmsg(74)))
     assert relevant(_nlmsg(RTM_NEWROUTE, _rtmsg(74)) + _nlmsg(RTM_DELADDR, b"\0" * 8))
     assert not relevant(b"\x01\x02")                            # truncated: nothing to act on
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def _ifinfomsg(index: int, kind: bytes | None) -> bytes:
+    body = struct.pack("=BBHiII", 0, 0, 1, index, 0, 0)
+    if kind is not None:
+        body += _nla(18 | 0x8000, _nla(1, kind + b"\0"))          # IFLA_LINKINFO { IFLA_INFO_KIND }
+    return body
+
+
+def _ifaddrmsg(index: int) -> bytes:
+    return struct.pack("=BBBBI", 2, 30, 0, 0, index)
+
+
+def _route_via(protocol: int, oif: int) -> bytes:
+    return _rtmsg(protocol) + _nla(4, struct.pack("=I", oif))     # RTA_OIF
+
+
+def test_changes_on_xfrm_interfaces_are_not_relevant_and_the_set_follows_the_links():
+    xfrm = {XFRM}
+    # a Child SA's install: the interface goes up, gets its /30 and its connected route
+    assert not relevant(_nlmsg(RTM_NEWLINK, _ifinfomsg(XFRM, b"xfrm")), xfrm)
+    assert not relevant(_nlmsg(RTM_NEWADDR, _ifaddrmsg(XFRM)) + _nlmsg(RTM_NEWROUTE, _route_via(2, XFRM)), xfrm)
+    # the same on an underlay interface is
+    assert relevant(_nlmsg(RTM_NEWADDR, _ifaddrmsg(ETH0)), xfrm)
+    assert relevant(_nlmsg(RTM_NEWROUTE, _route_via(2, ETH0)), xfrm)
+    assert relevant(_nlmsg(RTM_NEWLINK, _ifinfomsg(ETH0, b"veth")), xfrm)
+    # a new XFRM interface joins the set, its addresses then count for nothing; gone, it leaves
+    assert not relevant(_nlmsg(RTM_NEWLINK, _ifinfomsg(12, b"xfrm")) + _nlmsg(RTM_NEWADDR, _ifaddrmsg(12)), xfrm)
+    assert xfrm == {XFRM, 12}
+    assert not relevant(_nlmsg(RTM_DELLINK, _ifinfomsg(12, b"xfrm")), xfrm)
+    assert xfrm == {XFRM}
+    assert relevant(_nlmsg(RTM_NEWADDR, _ifaddrmsg(12)), xfrm)
+    # one relevant message in a batch of irrelevant ones is enough, and the batch is read whole
+    assert relevant(_nlmsg(RTM_NEWADDR, _ifaddrmsg(ETH0)) + _nlmsg(RTM_NEWLINK, _ifinfomsg(13, b"xfrm")), xfrm)
+    assert 13 in xfrm
 
 
 def test_the_connected_subnet_gives_its_address():

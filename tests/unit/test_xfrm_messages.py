@@ -319,3 +319,27 @@ def test_policy_body_is_what_pyroute2_encodes():
         msg.reset()
         msg.encode()
         assert policy_body(spec) == bytes(msg.data)[16:], spec
+
+
+@settings(max_examples=150, deadline=None)
+@given(sa_specs(), st.booleans(), st.booleans())
+def test_sa_body_is_what_pyroute2_encodes(spec, with_replay, with_current):
+    """kernel.sa_body (struct, issue 13) and sa_message (pyroute2) give the same bytes."""
+    import dataclasses as _dc
+
+    from appliance.xfrm.kernel import LifetimeCurrent, ReplayState, sa_body
+
+    if with_replay:
+        spec = _dc.replace(spec, replay=ReplayState(oseq=7, seq=1234, oseq_hi=1, seq_hi=2,
+                                                    bitmap=(0xFFFF0000, 5, 0xFFFFFFFF)))
+    if with_current:
+        spec = _dc.replace(spec, current=LifetimeCurrent(bytes=10_000, packets=77, add_time=1_700_000_000,
+                                                         use_time=1_700_000_100))
+    msg = sa_message(spec)
+    msg["header"]["type"] = m.XFRM_MSG_NEWSA
+    msg["header"]["flags"] = 0
+    msg["header"]["sequence_number"] = 0
+    msg["header"]["pid"] = 0
+    msg.reset()
+    msg.encode()
+    assert sa_body(spec) == bytes(msg.data)[16:]
